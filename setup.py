@@ -1,0 +1,35 @@
+"""tmanet-trt: TMANet from a PyTorch checkpoint to streaming ONNX Runtime / TensorRT engines.
+
+The top-level folders are the toolkit's subpackages; they are mapped into the ``tmanet`` namespace
+(``export/`` -> ``tmanet.export`` ...) next to the small core package ``tmanet/``.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ("export", "engines", "runtime", "training", "calibration")
+
+setup(
+    name="tmanet-trt",
+    version="0.1.0",
+    description="TMANet video segmentation: checkpoints -> split ONNX -> TensorRT, with a streaming runtime",
+    python_requires=">=3.10",
+    packages=["tmanet", "tmanet.model"] + [f"tmanet.{p}" for p in SUBPACKAGES],
+    package_dir={"tmanet": "tmanet", **{f"tmanet.{p}": p for p in SUBPACKAGES}},
+    package_data={"tmanet": ["data/*"]},
+    install_requires=[
+        # 2.13.0 is the CPU wheel on these machines; a bare "torch" pulls a multi-GB CUDA build.
+        "torch==2.13.0",
+        "numpy>=1.24",
+        "onnx>=1.17",
+        "onnxscript>=0.2",
+        "onnxruntime>=1.20",
+        "av>=12",
+        "pillow>=10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes"],
+        "tensorrt": ["tensorrt", "polygraphy"],
+    },
+    entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},
+)

@@ -1,0 +1,118 @@
+"""The TMA decode head and the auxiliary FCN head, in the official (mmseg) key layout."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Queries per attention chunk: bounds the score matrix to chunk x (T*h*w) instead of (h*w) x (T*h*w).
+DEFAULT_QUERY_CHUNK = 1024
+
+
+class ConvModule(nn.Module):
+    """conv (no bias) -> BN -> ReLU, keys ``conv.*`` and ``bn.*`` as in mmcv."""
+
+    def __init__(self, cin, cout, kernel_size):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class SequenceConv(nn.ModuleList):
+    """One ConvModule per memory slot: slot i has its own weights (keys ``{i}.conv.*``)."""
+
+    def __init__(self, cin, cout, kernel_size, sequence_num):
+        super().__init__([ConvModule(cin, cout, kernel_size) for _ in range(sequence_num)])
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [m(x) for m, x in zip(self, xs)]
+
+
+def encoder(cin, cout, sequence_num=None):
+    """1x1 then 3x3 ConvModule; per-slot weights when ``sequence_num`` is given."""
+    if sequence_num is None:
+        return nn.Sequential(ConvModule(cin, cout, 1), ConvModule(cout, cout, 3))
+    return nn.Sequential(SequenceConv(cin, cout, 1, sequence_num), SequenceConv(cout, cout, 3, sequence_num))
+
+
+def memory_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
+                memory_values: Sequence[torch.Tensor], query_chunk: int | None = DEFAULT_QUERY_CHUNK):
+    """Official MemoryModule (``matmul_norm=False``): softmax(q . k) over all T*h*w memory positions, no
+    1/sqrt(C) scaling; positions are flattened slot-major, then row, then column.
+
+    The queries are processed ``query_chunk`` at a time: each query's softmax is independent of the others,
+    so chunking changes peak memory, not the result.
+    """
+    b, ck, h, w = query_key.shape
+    keys = torch.cat([k.flatten(2) for k in memory_keys], dim=2)                     # B, Ck, T*h*w
+    values = torch.cat([v.flatten(2) for v in memory_values], dim=2).transpose(1, 2)  # B, T*h*w, Cv
+    queries = query_key.flatten(2).transpose(1, 2)                                   # B, h*w, Ck
+    n = h * w
+    step = n if not query_chunk or query_chunk >= n else query_chunk
+    reads = [torch.softmax(torch.bmm(queries[:, s:s + step], keys), dim=-1) @ values for s in range(0, n, step)]
+    read = reads[0] if len(reads) == 1 else torch.cat(reads, dim=1)                  # B, h*w, Cv
+    return read.transpose(1, 2).reshape(b, values.shape[2], h, w)
+
+
+class TMAHead(nn.Module):
+    def __init__(self, in_channels, sequence_num, key_channels, value_channels, channels, num_classes,
+                 aggregation="concat", dropout=0.1, query_chunk=DEFAULT_QUERY_CHUNK):
+        super().__init__()
+        self.sequence_num = sequence_num
+        self.aggregation = aggregation
+        self.query_chunk = query_chunk
+        # Registration order follows the official checkpoints' key order.
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.memory_key_conv = encoder(in_channels, key_channels, sequence_num)
+        self.memory_value_conv = encoder(in_channels, value_channels, sequence_num)
+        self.query_key_conv = encoder(in_channels, key_channels)
+        self.query_value_conv = encoder(in_channels, value_channels)
+        agg_channels = value_channels * 2 if aggregation == "concat" else value_channels
+        self.bottleneck = ConvModule(agg_channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+
+    def encode_query(self, feat):
+        return self.query_key_conv(feat), self.query_value_conv(feat)
+
+    def encode_memory(self, feats: Sequence[torch.Tensor]):
+        """``feats[i]`` is the backbone output of memory slot i (frame t-T+i, oldest first)."""
+        if len(feats) != self.sequence_num:
+            raise ValueError(f"expected {self.sequence_num} memory frames, got {len(feats)}")
+        return self.memory_key_conv(feats), self.memory_value_conv(feats)
+
+    def encode_all_slots(self, feat):
+        """One frame's memory key/value under every slot's weights: ``[B, T, C, h, w]`` each."""
+        feats = [feat] * self.sequence_num
+        keys, values = self.encode_memory(feats)
+        return torch.stack(keys, 1), torch.stack(values, 1)
+
+    def decode(self, query_key, query_value, memory_keys, memory_values):
+        read = memory_read(query_key, memory_keys, memory_values, self.query_chunk)
+        if self.aggregation == "concat":
+            x = torch.cat([query_value, read], dim=1)  # query first, as in the official head
+        else:
+            x = query_value + read
+        return self.conv_seg(self.dropout(self.bottleneck(x)))
+
+    def forward(self, feat, memory_feats):
+        qk, qv = self.encode_query(feat)
+        mk, mv = self.encode_memory(memory_feats)
+        return self.decode(qk, qv, mk, mv)
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head on layer3 (training only): ConvModule 3x3 -> dropout -> 1x1 conv_seg."""
+
+    def __init__(self, in_channels, channels, num_classes, dropout=0.1):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.convs = nn.Sequential(ConvModule(in_channels, channels, 3))
+        self.dropout = nn.Dropout2d(dropout)
+
+    def forward(self, x):
+        return self.conv_seg(self.dropout(self.convs(x)))
