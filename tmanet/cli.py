@@ -1,0 +1,54 @@
+"""The ``tmanet`` command. Each subcommand lives beside the code it drives and registers itself here.
+
+A command module exposes ``register(subparsers)``, which adds its parser(s) with ``set_defaults(func=...)``;
+``func(args)`` returns the exit status. Heavy imports stay inside ``func`` so ``tmanet --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES = (
+    "tmanet.export.cli",        # export
+    "tmanet.runtime.cli",       # run, bench
+    "tmanet.calibration.cli",   # calibrate, compare
+    "tmanet.engines.cli",       # build
+    "tmanet.training.cli",      # train, eval
+)
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one message, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tmanet", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # that part of the toolkit is not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from .checkpoints import CheckpointError
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, CheckpointError, FileNotFoundError) as e:
+        print(f"tmanet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
