@@ -41,11 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # Only our logger speaks at INFO: the exporter's libraries are chatty at that level.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("tmanet").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from tmanet.export import ExportCheckError, ManifestError
+
     from .checkpoints import CheckpointError
     try:
         return int(args.func(args) or 0)
-    except (UserError, CheckpointError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, ManifestError, ExportCheckError, FileNotFoundError) as e:
         print(f"tmanet {args.command}: error: {e}", file=sys.stderr)
         return 2
 
