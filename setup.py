@@ -16,8 +16,7 @@ setup(
     package_dir={"tmanet": "tmanet", **{f"tmanet.{p}": p for p in SUBPACKAGES}},
     package_data={"tmanet": ["data/*"]},
     install_requires=[
-        # 2.13.0 is the CPU wheel on these machines; a bare "torch" pulls a multi-GB CUDA build.
-        "torch==2.13.0",
+        "torch>=2.4",  # CPU machines: requirements/cpu.txt pins 2.13.0 (make does it)
         "numpy>=1.24",
         "onnx>=1.17",
         "onnxscript>=0.2",
