@@ -38,8 +38,9 @@ def run(args) -> int:
     if args.check_frames:
         import numpy as np
 
-        from tmanet.runtime.video_io import read_frames
-        frames = np.stack([f for f, _ in zip(read_frames(args.check_frames), range(model.config.sequence_num + 2))])
+        from tmanet.runtime.video_io import open_frames
+        source = open_frames(args.check_frames, max_frames=model.config.sequence_num + 2)
+        frames = np.stack([frame for frame, _ in source])
         if frames.shape[1:3] != (args.height, args.width):
             raise UserError(f"--check-frames are {frames.shape[2]}x{frames.shape[1]}, the export is "
                             f"{args.width}x{args.height}")
