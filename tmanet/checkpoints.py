@@ -34,10 +34,15 @@ def read_checkpoint(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # weights_only refuses any global it does not allow: that is the unsafe case. Other unpickling
+        # errors mean the bytes are not a checkpoint at all.
+        lines = [line for line in str(e).splitlines() if "global" in line.lower()]
+        if not lines:
+            raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint") from None
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects beyond tensors and plain containers, which "
-            f"could run code when unpickled (weights_only=True). Re-save only the state_dict. Details: "
-            f"{str(e).splitlines()[0]}") from None
+            f"could run code when unpickled (weights_only=True). Re-save only the state_dict. "
+            f"({lines[0].strip()})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint ({e})") from None
 

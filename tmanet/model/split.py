@@ -84,7 +84,8 @@ class FrameEncoder(nn.Module):
     def forward(self, frames: torch.Tensor):
         """uint8 ``[B,H,W,3]`` -> query_key ``[B,Ck,h,w]``, query_value ``[B,Cv,h,w]``,
         memory_key ``[B,T,Ck,h,w]``, memory_value ``[B,T,Cv,h,w]``."""
-        x = (frames.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        # Cast before the transpose: TensorRT handles uint8 only at the I/O boundary.
+        x = (frames.float().permute(0, 3, 1, 2) - self.mean) / self.std
         feat = self.backbone(x)[1]
         reduced = F.relu(self.reduce(feat))
         n_key = (self.sequence_num + 1) * self.key_channels
@@ -105,7 +106,7 @@ class MemoryHead(nn.Module):
         self.aggregation = cfg.aggregation
         self.align_corners = cfg.align_corners
         self.out_size = tuple(int(s) for s in out_size)
-        self.query_chunk = DEFAULT_QUERY_CHUNK if query_chunk is None else query_chunk
+        self.query_chunk = DEFAULT_QUERY_CHUNK if query_chunk is None else query_chunk  # 0: unchunked
         self.bottleneck = _folded(head.bottleneck)
         self.conv_seg = copy.deepcopy(head.conv_seg)
         self.eval()

@@ -41,19 +41,20 @@ def encoder(cin, cout, sequence_num=None):
 
 
 def memory_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
-                memory_values: Sequence[torch.Tensor], query_chunk: int | None = DEFAULT_QUERY_CHUNK):
+                memory_values: Sequence[torch.Tensor], query_chunk: int | None = None):
     """Official MemoryModule (``matmul_norm=False``): softmax(q . k) over all T*h*w memory positions, no
     1/sqrt(C) scaling; positions are flattened slot-major, then row, then column.
 
-    The queries are processed ``query_chunk`` at a time: each query's softmax is independent of the others,
-    so chunking changes peak memory, not the result.
+    The queries are processed ``query_chunk`` at a time (None: the default 1024; 0: all at once): each
+    query's softmax is independent of the others, so chunking changes peak memory, not the result.
     """
     b, ck, h, w = query_key.shape
     keys = torch.cat([k.flatten(2) for k in memory_keys], dim=2)                     # B, Ck, T*h*w
     values = torch.cat([v.flatten(2) for v in memory_values], dim=2).transpose(1, 2)  # B, T*h*w, Cv
     queries = query_key.flatten(2).transpose(1, 2)                                   # B, h*w, Ck
     n = h * w
-    step = n if not query_chunk or query_chunk >= n else query_chunk
+    chunk = DEFAULT_QUERY_CHUNK if query_chunk is None else query_chunk
+    step = n if chunk <= 0 or chunk >= n else chunk
     reads = [torch.softmax(torch.bmm(queries[:, s:s + step], keys), dim=-1) @ values for s in range(0, n, step)]
     read = reads[0] if len(reads) == 1 else torch.cat(reads, dim=1)                  # B, h*w, Cv
     return read.transpose(1, 2).reshape(b, values.shape[2], h, w)
@@ -61,7 +62,7 @@ def memory_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
 
 class TMAHead(nn.Module):
     def __init__(self, in_channels, sequence_num, key_channels, value_channels, channels, num_classes,
-                 aggregation="concat", dropout=0.1, query_chunk=DEFAULT_QUERY_CHUNK):
+                 aggregation="concat", dropout=0.1, query_chunk=None):
         super().__init__()
         self.sequence_num = sequence_num
         self.aggregation = aggregation
