@@ -1,0 +1,268 @@
+"""Execution backends of the streaming runtime: one class per engine, one small interface.
+
+A backend runs the two graphs of an export directory (``frame_encoder`` and ``memory_head``) and allocates
+the memory the ring buffer lives in; everything stateful (the ring, streams, slide windows) is the
+segmenter's, shared by every backend. The interface (see :class:`Backend`):
+
+- ``zeros(shape)``: float32 zeros in the backend's memory (host numpy for ORT, a torch tensor on the
+  device for torch, device memory for TensorRT); the segmenter builds the :class:`MemoryRing` with it.
+- ``encode(frames)``: uint8 host frames ``[b, H, W, 3]`` -> ``(query_key, query_value, memory_key,
+  memory_value)`` in backend memory. They may be preallocated buffers overwritten by the next call.
+- ``head(query_key, query_value, slot_keys, slot_values, logits)``: the T memory slots are views into the
+  ring (slot i = frame t-T+i); returns host ``mask [b, H, W]`` uint8 and ``logits [b, C, H, W]`` float32
+  (or None when not asked for), valid until the next call.
+
+Backends are found by name in :data:`BACKENDS`. A module can add one with :func:`register_backend`;
+``"trt"`` resolves lazily to ``tmanet.engines.trt_backend``, which registers itself when imported.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+FRAME_ENCODER = "frame_encoder.onnx"
+MEMORY_HEAD = "memory_head.onnx"
+ENCODER_OUTPUTS = ("query_key", "query_value", "memory_key", "memory_value")
+HEAD_OUTPUTS = ("mask", "logits")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine (missing library or device)."""
+
+
+class Backend:
+    """Base class: what the segmenter needs from an engine. ``batch`` is the fixed engine batch or None
+    when the export's batch is dynamic (any batch up to ``max_batch``)."""
+    name = "base"
+
+    def __init__(self, export_dir, manifest: dict, device: str = "cpu"):
+        self.export_dir = Path(export_dir)
+        self.manifest = manifest
+        self.device = device
+        self.sequence_num = int(manifest["sequence_num"])
+        self.input_size = tuple(int(s) for s in manifest["input_size"])
+        self.feature_size = tuple(int(s) for s in manifest["feature_size"])
+        self.num_classes = int(manifest["num_classes"])
+        self.key_channels = int(manifest["key_channels"])
+        self.value_channels = int(manifest["value_channels"])
+        b = manifest.get("batch", 1)
+        self.batch = None if b == "dynamic" else int(b)
+        self.max_batch = int(manifest.get("max_batch", 64)) if self.batch is None else self.batch
+
+    def zeros(self, shape):
+        raise NotImplementedError
+
+    def encode(self, frames: np.ndarray):
+        raise NotImplementedError
+
+    def head(self, query_key, query_value, slot_keys, slot_values, logits: bool = True):
+        raise NotImplementedError
+
+    def close(self):
+        """Release engines and buffers (the object is unusable afterwards)."""
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.device})"
+
+
+# -- registry ---------------------------------------------------------------------------------------------
+BACKENDS: dict[str, Callable[..., Backend]] = {}
+# Backends living in other modules, imported on first use; importing the module must register the name.
+LAZY_BACKENDS = {"trt": ("tmanet.engines.trt_backend", "TensorRT")}
+
+
+def register_backend(name: str, factory: Callable[..., Backend]):
+    """Make ``factory(export_dir, manifest, device, **options) -> Backend`` available as ``name``."""
+    BACKENDS[name] = factory
+    return factory
+
+
+def get_backend(name: str) -> Callable[..., Backend]:
+    if name in BACKENDS:
+        return BACKENDS[name]
+    if name in LAZY_BACKENDS:
+        module, title = LAZY_BACKENDS[name]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            what = "it is not part of this installation" if e.name == module else f"{e}"
+            raise BackendUnavailable(f"{title} backend not available: {module} cannot be imported ({what})") from None
+        except ImportError as e:
+            raise BackendUnavailable(f"{title} backend not available: {e}") from None
+        if name not in BACKENDS:
+            raise BackendUnavailable(f"{title} backend not available: {module} did not register {name!r}")
+        return BACKENDS[name]
+    known = sorted(set(BACKENDS) | set(LAZY_BACKENDS))
+    raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known)}")
+
+
+def available_backends() -> list[str]:
+    return sorted(set(BACKENDS) | set(LAZY_BACKENDS))
+
+
+# -- ONNX Runtime (CPU) -----------------------------------------------------------------------------------
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime on the CPU with IOBinding: every input and output is bound by address to a numpy array
+    the runtime owns (the ring's slot views, preallocated outputs), so nothing is copied per frame beyond
+    the graphs' own work. A binding is kept per set of addresses: the ring has T+1 rotation states, so
+    after T+1 frames every head call reuses a ready binding."""
+    name = "ort"
+
+    def __init__(self, export_dir, manifest, device="cpu", threads: int | None = None,
+                 inter_threads: int | None = None):
+        super().__init__(export_dir, manifest, device)
+        if device != "cpu":
+            raise BackendUnavailable(f"the ort backend runs on the CPU only (got device {device!r}); "
+                                     "use backend 'torch' or 'trt' on a GPU")
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendUnavailable(f"onnxruntime is not installed: {e}") from None
+        self.ort = ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of convs: parallel within ops
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        if inter_threads:
+            opts.inter_op_num_threads = int(inter_threads)
+        opts.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        self.threads = threads
+        self.encoder = ort.InferenceSession(str(self.export_dir / FRAME_ENCODER), opts, providers=providers)
+        self.memory_head = ort.InferenceSession(str(self.export_dir / MEMORY_HEAD), opts, providers=providers)
+        T = self.sequence_num
+        self.head_inputs = (["query_key", "query_value"] + [f"memory_key_{i}" for i in range(T)]
+                            + [f"memory_value_{i}" for i in range(T)])
+        got = [i.name for i in self.memory_head.get_inputs()]
+        if got != self.head_inputs:
+            raise ValueError(f"{self.export_dir / MEMORY_HEAD}: inputs {got}, expected {self.head_inputs}")
+        self._out_types = {o.name: _ORT_TYPES[o.type] for o in
+                           self.encoder.get_outputs() + self.memory_head.get_outputs()}
+        self._buffers: dict[tuple, dict[str, np.ndarray]] = {}
+        self._bindings: dict[tuple, object] = {}
+        self.last_head_binding = None  # for inspection: the binding the last head call ran
+
+    def zeros(self, shape):
+        return np.zeros(shape, np.float32)
+
+    def _outputs(self, kind: str, b: int) -> dict[str, np.ndarray]:
+        """Preallocated outputs of one graph for batch ``b``."""
+        key = (kind, b)
+        if key not in self._buffers:
+            h, w = self.feature_size
+            H, W = self.input_size
+            T, ck, cv = self.sequence_num, self.key_channels, self.value_channels
+            shapes = ({"query_key": (b, ck, h, w), "query_value": (b, cv, h, w), "memory_key": (b, T, ck, h, w),
+                       "memory_value": (b, T, cv, h, w)} if kind == "encoder" else
+                      {"mask": (b, H, W), "logits": (b, self.num_classes, H, W)})
+            self._buffers[key] = {n: np.empty(s, self._out_types[n]) for n, s in shapes.items()}
+        return self._buffers[key]
+
+    def _binding(self, session, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
+        """An IOBinding of these exact arrays, by address, reused while the addresses are the same."""
+        arrays = list(inputs.items()) + list(outputs.items())
+        key = (id(session),) + tuple((n, a.ctypes.data, a.shape, a.dtype.str) for n, a in arrays)
+        binding = self._bindings.get(key)
+        if binding is None:
+            if len(self._bindings) > 256:  # stale addresses after re-allocations: start over
+                self._bindings.clear()
+            binding = session.io_binding()
+            for name, a in inputs.items():
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"input {name} must be C-contiguous to be bound by address")
+                binding.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            for name, a in outputs.items():
+                binding.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            self._bindings[key] = binding
+        return binding
+
+    def encode(self, frames):
+        out = self._outputs("encoder", frames.shape[0])
+        self.encoder.run_with_iobinding(self._binding(self.encoder, {"frames": frames}, out))
+        return out["query_key"], out["query_value"], out["memory_key"], out["memory_value"]
+
+    def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
+        out = self._outputs("head", query_key.shape[0])
+        inputs = dict(zip(self.head_inputs, [query_key, query_value, *slot_keys, *slot_values]))
+        binding = self._binding(self.memory_head, inputs, out)
+        self.memory_head.run_with_iobinding(binding)
+        self.last_head_binding = binding
+        return out["mask"], (out["logits"] if logits else None)
+
+    def close(self):
+        self._bindings.clear()
+        self._buffers.clear()
+        self.encoder = self.memory_head = None
+
+    def describe(self):
+        threads = self.threads or "default"
+        return f"ort {self.ort.__version__} (CPUExecutionProvider, {threads} threads)"
+
+
+# -- PyTorch (reference) ----------------------------------------------------------------------------------
+def resolve_checkpoint(export_dir: Path, manifest: dict) -> Path:
+    path = manifest.get("checkpoint")
+    if not path:
+        raise BackendUnavailable(f"the torch backend rebuilds the model from the checkpoint, but "
+                                 f"{export_dir}/manifest.json records none (export with a checkpoint path)")
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = export_dir / p
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {path} named in {export_dir}/manifest.json does not exist")
+    return p
+
+
+class TorchBackend(Backend):
+    """The PyTorch split (``model.split`` at the export size) rebuilt from the manifest's checkpoint: the
+    reference for the other backends, on the CPU or a CUDA device."""
+    name = "torch"
+
+    def __init__(self, export_dir, manifest, device="cpu", model=None, threads: int | None = None):
+        super().__init__(export_dir, manifest, device)
+        import torch
+
+        from tmanet.checkpoints import load_model
+        from tmanet.presets import ModelConfig
+        self.torch = torch
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(f"device {device!r} asked for, but torch sees no CUDA device")
+        if threads:
+            torch.set_num_threads(int(threads))
+        if model is None:
+            model = load_model(resolve_checkpoint(self.export_dir, manifest),
+                               ModelConfig.from_dict(manifest["config"]))
+        self.device_obj = torch.device(device)
+        encoder, head = model.eval().split(self.input_size, query_chunk=manifest.get("query_chunk"))
+        self.encoder = encoder.to(self.device_obj)
+        self.memory_head = head.to(self.device_obj)
+
+    def zeros(self, shape):
+        return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device_obj)
+
+    def encode(self, frames):
+        if not frames.flags.writeable:  # torch wants writable memory even for inputs it only reads
+            frames = frames.copy()
+        with self.torch.inference_mode():
+            x = self.torch.from_numpy(frames).to(self.device_obj, non_blocking=True)
+            return self.encoder(x)
+
+    def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
+        with self.torch.inference_mode():
+            mask, out = self.memory_head(query_key, query_value, *slot_keys, *slot_values)
+            return mask.cpu().numpy(), (out.cpu().numpy() if logits else None)
+
+    def describe(self):
+        return f"torch {self.torch.__version__} ({self.device_obj}, {self.torch.get_num_threads()} threads)"
+
+
+register_backend("ort", OrtBackend)
+register_backend("torch", TorchBackend)
+

@@ -1,0 +1,163 @@
+"""``tmanet run`` (segment a video, an image folder or a .npy clip) and ``tmanet bench``."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("tmanet")
+
+BACKEND_CHOICES = ("ort", "torch", "trt")
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "run", help="segment a video, a folder of images or a .npy clip with an export",
+        description="Stream frames through an export directory and write an overlay video, masks and/or "
+                    "logits. Whole mode needs frames of the export size (no resizing is done: resize the "
+                    "input, re-export at its size, or use --mode slide for larger frames).")
+    p.add_argument("export_dir", metavar="DIR", help="export directory (manifest.json + ONNX files)")
+    p.add_argument("--input", "-i", required=True, metavar="PATH",
+                   help="video file, folder of png/jpg frames (sorted by name) or .npy clip (F,H,W,3) uint8")
+    _engine_args(p)
+    p.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                   help="whole: frames of the export size; slide: larger frames as overlapping crops of the "
+                        "export size, each crop with its own memory (official slide protocol)")
+    p.add_argument("--stride", type=int, nargs="+", metavar="S",
+                   help="slide stride (one value or H W); default: the preset's overlap ratio")
+    p.add_argument("--output", "-o", metavar="VIDEO", help="write an overlay video (e.g. overlay.mp4)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0..1)")
+    p.add_argument("--save-masks", metavar="DIR", help="write one palette PNG per frame (pixel = class id)")
+    p.add_argument("--save-logits", metavar="F.npy", help="write all logits as one (F, C, H, W) float32 .npy")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument("--max-gap", type=float, default=1.0, metavar="S",
+                   help="reset the memory when consecutive video timestamps are more than S seconds apart "
+                        "(0 disables)")
+    p.set_defaults(func=run_command)
+
+    b = subparsers.add_parser(
+        "bench", help="latency, throughput and memory of the streaming runtime",
+        description="Stream synthetic frames at the export size and report per-stage latency "
+                    "(p50/p90/p99), frames/s and peak memory; --compare-official also times the official "
+                    "protocol (torch eager, backbone on 1+T frames per output frame) on the same weights "
+                    "and frames in the same run.")
+    b.add_argument("export_dir", metavar="DIR", help="export directory")
+    _engine_args(b)
+    b.add_argument("--frames", type=int, default=50, metavar="N", help="timed frames (default 50)")
+    b.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed frames first (default 5)")
+    b.add_argument("--compare-official", action="store_true",
+                   help="also time the official protocol (needs the manifest's checkpoint)")
+    b.add_argument("--official-frames", type=int, metavar="N",
+                   help="timed frames of the official protocol (default: --frames)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames")
+    b.add_argument("--json", metavar="F", help="write the report as JSON")
+    b.add_argument("--plot", metavar="F.png", help="write a bar chart of the stage latencies (PNG)")
+    b.set_defaults(func=bench_command)
+
+
+def _engine_args(p):
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
+                   help="ort: ONNX Runtime CPU (default); torch: the PyTorch reference (needs the checkpoint "
+                        "named in the manifest); trt: TensorRT engines")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the torch/trt backends")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort/torch (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _open(args, **kwargs):
+    from tmanet.cli import UserError
+    from tmanet.export.manifest import ManifestError
+
+    from .backends import BackendUnavailable
+    from .segmenter import StreamingSegmenter
+    options = {"threads": args.threads} if args.threads else {}
+    try:
+        return StreamingSegmenter.open(args.export_dir, backend=args.backend, device=args.device, **kwargs,
+                                       **options)
+    except (ManifestError, BackendUnavailable, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def run_command(args) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from tmanet.cli import UserError
+
+    from .video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
+    if not (args.output or args.save_masks or args.save_logits):
+        log.info("no --output, --save-masks or --save-logits: segmenting without writing results")
+    if not 0 <= args.alpha <= 1:
+        raise UserError(f"--alpha must be in 0..1, got {args.alpha}")
+    if args.stride and len(args.stride) not in (1, 2):
+        raise UserError("--stride takes one value or two (H W)")
+    stride = None if not args.stride else (args.stride * 2)[:2]
+    try:
+        source = open_frames(args.input, args.max_frames)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    seg = _open(args, mode=args.mode, stride=stride, return_logits=bool(args.save_logits),
+                max_gap=args.max_gap or None)
+    palette = seg.palette
+    described = seg.backend.describe()
+    writer = VideoWriter(args.output, fps=source.fps or 25.0) if args.output else None
+    logits_file = NpyWriter(args.save_logits) if args.save_logits else None
+    mask_dir = None
+    if args.save_masks:
+        from pathlib import Path
+        mask_dir = Path(args.save_masks)
+        mask_dir.mkdir(parents=True, exist_ok=True)
+    count, started, busy = 0, time.perf_counter(), 0.0
+    try:
+        bar = tqdm(source, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
+        for frame, timestamp in bar:
+            t0 = time.perf_counter()
+            try:
+                res = seg.push(frame, timestamp=timestamp)
+            except ValueError as e:
+                raise UserError(f"frame {count} of {args.input}: {e}") from None
+            busy += time.perf_counter() - t0
+            if writer is not None:
+                writer.write(overlay(frame, res.mask, palette, args.alpha))
+            if mask_dir is not None:
+                save_mask_png(res.mask, mask_dir / f"{count:06d}.png", palette)
+            if logits_file is not None:
+                logits_file.append(res.logits)
+            count += 1
+    finally:
+        if writer is not None:
+            writer.close()
+        if logits_file is not None:
+            logits_file.close()
+        seg.close()
+    wall = time.perf_counter() - started
+    if count == 0:
+        raise UserError(f"{args.input}: no frames")
+    print(f"{count} frames, {described}, mode {seg.mode}: {count / busy:.2f} frames/s segmenting "
+          f"({count / wall:.2f} frames/s with reading and writing)")
+    for what, where in (("overlay", args.output), ("masks", args.save_masks), ("logits", args.save_logits)):
+        if where:
+            print(f"  {what}: {where}")
+    return 0
+
+
+def bench_command(args) -> int:
+    from tmanet.cli import UserError
+    from tmanet.export.manifest import ManifestError
+
+    from .backends import BackendUnavailable
+    from .bench import format_report, plot_report, run_bench, write_json
+    try:
+        report = run_bench(args.export_dir, backend=args.backend, device=args.device, frames=args.frames,
+                           warmup=args.warmup, compare_official=args.compare_official,
+                           official_frames=args.official_frames, threads=args.threads, seed=args.seed,
+                           progress=not args.no_progress)
+    except (ManifestError, BackendUnavailable, ValueError) as e:
+        raise UserError(str(e)) from None
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"report: {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"plot: {args.plot}")
+    return 0

@@ -1,0 +1,257 @@
+"""Frame sources and result sinks for ``tmanet run``.
+
+Sources (one interface, :func:`open_frames`): a video file (PyAV), a folder of images (png/jpg, sorted by
+name) or a ``.npy`` clip ``(F, H, W, 3)`` uint8. Each yields ``(frame, timestamp)`` with frame a uint8 RGB
+``(H, W, 3)`` array and timestamp in seconds (video: the frame's presentation time; others: None).
+
+Sinks: an overlay video (the class palette blended over the frames), one palette PNG per mask (pixel values
+are the class ids, the palette makes them viewable), and a logits ``.npy`` written frame by frame.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
+
+
+class FrameSource:
+    """Iterable of ``(frame, timestamp)``; ``count`` (frames, None if unknown), ``fps`` (None if unknown),
+    ``kind`` and ``path`` describe it."""
+
+    def __init__(self, path, kind, count, fps, iterate):
+        self.path, self.kind, self.count, self.fps = Path(path), kind, count, fps
+        self._iterate = iterate
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, float | None]]:
+        return self._iterate()
+
+    def __len__(self):
+        if self.count is None:
+            raise TypeError("frame count unknown")
+        return self.count
+
+
+def open_frames(path, max_frames: int | None = None) -> FrameSource:
+    """The frames of a video file, an image folder or a ``.npy`` clip (at most ``max_frames``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if path.is_dir():
+        source = _image_folder(path)
+    elif path.suffix.lower() == ".npy":
+        source = _npy_clip(path)
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"{path} is a single image: give the folder of frames, a video or a .npy clip")
+    else:
+        source = _video(path)
+    if max_frames is not None:
+        inner = source._iterate
+        source.count = max_frames if source.count is None else min(source.count, max_frames)
+
+        def limited():
+            for i, item in enumerate(inner()):
+                if i >= max_frames:
+                    return
+                yield item
+        source._iterate = limited
+    return source
+
+
+def _npy_clip(path: Path) -> FrameSource:
+    clip = np.load(path, mmap_mode="r")
+    if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
+        raise ValueError(f"{path}: expected a uint8 RGB clip (F, H, W, 3), got {clip.dtype} {clip.shape}")
+
+    def frames():
+        for f in clip:
+            yield np.ascontiguousarray(f), None
+    return FrameSource(path, "npy", len(clip), None, frames)
+
+
+def _image_folder(path: Path) -> FrameSource:
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in this folder")
+
+    def frames():
+        from PIL import Image
+        size = None
+        for f in files:
+            with Image.open(f) as im:
+                frame = np.array(im.convert("RGB"))  # a writable copy (asarray would be read-only)
+            if size is None:
+                size = frame.shape
+            elif frame.shape != size:
+                raise ValueError(f"{f}: {frame.shape[1]}x{frame.shape[0]} image in a folder of "
+                                 f"{size[1]}x{size[0]} frames (all frames must have one size)")
+            yield frame, None
+    return FrameSource(path, "images", len(files), None, frames)
+
+
+def _video(path: Path) -> FrameSource:
+    import av
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            count = stream.frames or None
+            fps = float(stream.average_rate) if stream.average_rate else None
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{path}: cannot read as a video ({e})") from None
+
+    def frames():
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else (i / fps if fps else None)
+                yield frame.to_ndarray(format="rgb24"), t
+    return FrameSource(path, "video", count, fps, frames)
+
+
+# -- sinks ------------------------------------------------------------------------------------------------
+def colorize(mask: np.ndarray, palette) -> np.ndarray:
+    """Class ids ``(H, W)`` -> RGB ``(H, W, 3)`` uint8; ids beyond the palette are black."""
+    lut = np.zeros((256, 3), np.uint8)
+    pal = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
+    lut[:len(pal)] = pal
+    return lut[mask]
+
+
+def overlay(frame: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
+    """The palette colours of ``mask`` blended over ``frame`` (``alpha`` = weight of the colours)."""
+    colour = colorize(mask, palette).astype(np.float32)
+    return (frame.astype(np.float32) * (1 - alpha) + colour * alpha + 0.5).astype(np.uint8)
+
+
+def pick_codec(preferred=("libx264", "mpeg4")) -> str:
+    import av
+    for name in preferred:
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except Exception:  # not compiled into this FFmpeg build
+            continue
+    raise RuntimeError(f"none of the video encoders {preferred} is available in this PyAV/FFmpeg build")
+
+
+class VideoWriter:
+    """RGB frames into a video file (libx264 if available, else mpeg4; yuv420p). Odd frame sizes are padded
+    by one edge row/column, since yuv420p needs even dimensions."""
+
+    def __init__(self, path, fps: float = 25.0, codec: str | None = None):
+        import av
+        from fractions import Fraction
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.codec = codec or pick_codec()
+        self._container = av.open(str(self.path), mode="w")
+        self._rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(25)
+        self._stream = None
+        self.frames = 0
+
+    def write(self, rgb: np.ndarray):
+        import av
+        h, w = rgb.shape[:2]
+        if h % 2 or w % 2:
+            rgb = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        if self._stream is None:
+            self._stream = self._container.add_stream(self.codec, rate=self._rate)
+            self._stream.width, self._stream.height = rgb.shape[1], rgb.shape[0]
+            self._stream.pix_fmt = "yuv420p"
+            if self.codec == "libx264":
+                self._stream.options = {"crf": "20", "preset": "veryfast"}
+            else:
+                self._stream.bit_rate = 8_000_000
+        elif (rgb.shape[1], rgb.shape[0]) != (self._stream.width, self._stream.height):
+            raise ValueError(f"frame {rgb.shape[1]}x{rgb.shape[0]} in a {self._stream.width}x"
+                             f"{self._stream.height} video")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def close(self):
+        if self._container is None:
+            return
+        if self._stream is not None:
+            for packet in self._stream.encode():  # flush the encoder
+                self._container.mux(packet)
+        self._container.close()
+        self._container = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def save_mask_png(mask: np.ndarray, path, palette=None):
+    """A palette ('P') PNG: pixel values are the class ids; the palette shows them in the preset colours."""
+    from PIL import Image
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"mask must be uint8 (H, W), got {mask.dtype} {mask.shape}")
+    im = Image.frombytes("P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes())
+    if palette is not None:
+        flat = np.zeros((256, 3), np.uint8)
+        pal = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
+        flat[:len(pal)] = pal
+        im.putpalette(flat.reshape(-1).tolist())
+    im.save(path)
+
+
+class NpyWriter:
+    """Arrays of one shape appended to a ``.npy`` file as they come (the frame count need not be known,
+    nothing is held in memory): the header reserves room for the shape and is rewritten on close."""
+    HEADER_BYTES = 256  # a multiple of 64, as the format asks
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "wb")
+        self._file.write(b"\0" * self.HEADER_BYTES)
+        self.shape = None
+        self.dtype = None
+        self.count = 0
+
+    def append(self, array: np.ndarray):
+        array = np.ascontiguousarray(array)
+        if self.shape is None:
+            self.shape, self.dtype = array.shape, array.dtype
+        elif array.shape != self.shape or array.dtype != self.dtype:
+            raise ValueError(f"array {array.dtype} {array.shape} differs from the first {self.dtype} {self.shape}")
+        self._file.write(array.tobytes())
+        self.count += 1
+
+    def _header(self) -> bytes:
+        shape = (self.count, *(self.shape or ()))
+        descr = np.lib.format.dtype_to_descr(self.dtype or np.dtype(np.float32))
+        text = repr({"descr": descr, "fortran_order": False, "shape": shape})
+        body_len = self.HEADER_BYTES - 10  # magic (6) + version (2) + header length (2)
+        if len(text) + 1 > body_len:
+            raise ValueError(f"shape {shape} does not fit the reserved .npy header")
+        text = text.ljust(body_len - 1) + "\n"
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", body_len) + text.encode("latin1")
+
+    def close(self):
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.write(self._header())
+        self._file.close()
+        self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

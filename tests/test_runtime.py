@@ -1,0 +1,471 @@
+"""The streaming runtime: parity with the official golden (set A) and with ``TMANet.predict_clip`` for the ORT
+and torch backends, stream handling (push_batch, resets, timestamps, bad input), slide mode, zero-copy
+binding of the ring into the ORT head, and the backend registry."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tmanet.model import FrameResult
+from tmanet.runtime import StreamingSegmenter
+from tmanet.runtime.backends import (BACKENDS, BackendUnavailable, OrtBackend, get_backend,
+                                     register_backend)
+from tmanet.runtime.segmenter import default_stride
+from tmanet.synthetic_weights import make_clip
+
+ATOL = 1e-3          # set A: float32 tolerance recommended by the reference (rtol 0)
+MASK_MARGIN = 2e-3   # set A: masks must agree where the golden top-2 margin is at least this
+TINY_ATOL = 1e-4     # tiny model (logit std ~2.4): ORT/torch vs the unsplit model, measured ~1e-6
+H, W = 64, 128       # export size of the tiny models
+
+
+def tiny_export(tmp_path_factory, make_tiny_model, batch=1, dynamic=False):
+    """A tiny-model export shared by the runtime test files through the session's temp directory."""
+    from tmanet.checkpoints import save_checkpoint
+    from tmanet.export import export_onnx
+    root = tmp_path_factory.getbasetemp() / "runtime_tiny_exports"
+    out = root / ("dynamic" if dynamic else f"batch{batch}")
+    if not (out / "manifest.json").is_file():
+        root.mkdir(exist_ok=True)
+        ckpt = root / "tiny.pth"
+        model = make_tiny_model(0)
+        if not ckpt.is_file():
+            save_checkpoint(model, ckpt)
+        export_onnx(model, out, H, W, batch=batch, dynamic_batch=dynamic, checkpoint=ckpt, check=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def export_b1(tmp_path_factory, make_tiny_model):
+    return tiny_export(tmp_path_factory, make_tiny_model)
+
+
+@pytest.fixture(scope="module")
+def export_b2(tmp_path_factory, make_tiny_model):
+    return tiny_export(tmp_path_factory, make_tiny_model, batch=2)
+
+
+@pytest.fixture(scope="module")
+def export_dyn(tmp_path_factory, make_tiny_model):
+    return tiny_export(tmp_path_factory, make_tiny_model, dynamic=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(export_b1):
+    from tmanet.checkpoints import load_model
+    return load_model(export_b1.parent / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """Three different 6-frame clips at the export size."""
+    return [make_clip(6, H, W, seed) for seed in (11, 12, 13)]
+
+
+def stream_logits(model, clip):
+    return np.stack([r.logits for r in model.stream(clip)])
+
+
+def max_abs(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def top2_margin(logits):
+    part = np.sort(logits, axis=0)
+    return part[-1] - part[-2]
+
+
+# -- parity with the official golden (set A, R50 cityscapes) -----------------------------------------------
+@pytest.fixture(scope="module")
+def set_a_export(tmp_path_factory, official_model, official_cityscapes_ckpt):
+    from tmanet.export import export_onnx
+    return export_onnx(official_model, tmp_path_factory.mktemp("setA_export"), 64, 128,
+                       checkpoint=official_cityscapes_ckpt, check=False)
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_set_a_golden_parity(set_a_export, set_a, backend):
+    seg = StreamingSegmenter.open(set_a_export, backend=backend, return_logits=True)
+    results = [seg.push(frame) for frame in set_a["clip"]]  # streamed from frame 0: 0 and 1 are warm-up
+    assert [r.index for r in results] == [0, 1, 2, 3, 4]
+    for k, frame in enumerate((2, 3, 4)):
+        got, golden = results[frame], set_a["logits"][k]
+        err = max_abs(got.logits, golden)
+        assert err <= ATOL, f"{backend} frame {frame}: logits max |d| {err:.3g} > {ATOL}"
+        # The wrong (newest-first) memory order is far away: the check can tell them apart.
+        assert max_abs(got.logits, set_a["diagnostic"][k]) > 100 * ATOL
+        sure = top2_margin(golden) >= MASK_MARGIN
+        assert np.array_equal(got.mask[sure], set_a["masks"][k][sure]), f"{backend} frame {frame}: masks differ"
+        assert got.mask.dtype == np.uint8 and got.logits.dtype == np.float32
+
+
+# -- whole mode against the reference model ----------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_whole_matches_predict_clip_and_warm_up(export_b1, tiny_model, clips, backend):
+    clip = clips[0]
+    seg = StreamingSegmenter.open(export_b1, backend=backend, return_logits=True)
+    results = [seg.push(f) for f in clip]
+    assert all(isinstance(r, FrameResult) for r in results)
+    got = np.stack([r.logits for r in results])
+    T = tiny_model.config.sequence_num
+    assert max_abs(got[T:], tiny_model.predict_clip(clip)) <= TINY_ATOL
+    assert max_abs(got, stream_logits(tiny_model, clip)) <= TINY_ATOL  # warm-up frames: first frame copied
+    for r in results:
+        assert r.mask.shape == (H, W) and np.array_equal(r.mask, r.logits.argmax(0))
+    assert [r.stream for r in results] == [0] * len(clip) and results[0].timestamp is None
+
+
+def test_logits_only_on_request(export_b1, clips):
+    seg = StreamingSegmenter.open(export_b1)
+    res = seg.push(clips[0][0])
+    assert res.logits is None and res.mask.shape == (H, W)
+
+
+def test_results_are_not_overwritten_by_later_frames(export_b1, clips):
+    seg = StreamingSegmenter.open(export_b1, return_logits=True)
+    first = seg.push(clips[0][0])
+    kept = first.mask.copy(), first.logits.copy()
+    seg.push(clips[1][0])
+    assert np.array_equal(first.mask, kept[0]) and np.array_equal(first.logits, kept[1])
+
+
+# -- batches of streams ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["fixed2", "dynamic"])
+def test_push_batch_equals_separate_streams(export_b1, export_b2, export_dyn, clips, which):
+    directory = export_b2 if which == "fixed2" else export_dyn
+    seg = StreamingSegmenter.open(directory, return_logits=True)
+    singles = [StreamingSegmenter.open(export_b1, return_logits=True) for _ in range(2)]
+    for t in range(len(clips[0])):
+        batch = seg.push_batch(np.stack([clips[0][t], clips[1][t]]))
+        assert [r.stream for r in batch] == [0, 1] and [r.index for r in batch] == [t, t]
+        for s in range(2):
+            alone = singles[s].push(clips[s][t])
+            assert max_abs(batch[s].logits, alone.logits) <= TINY_ATOL
+            assert np.array_equal(batch[s].mask, alone.mask) or \
+                np.all(top2_margin(alone.logits)[batch[s].mask != alone.mask] < 1e-4)
+
+
+def test_dynamic_batch_any_stream_count_fixed_until_reset(export_dyn, tiny_model, clips):
+    seg = StreamingSegmenter.open(export_dyn, return_logits=True)
+    out = [seg.push_batch(np.stack([c[t] for c in clips])) for t in range(len(clips[0]))]
+    for s, clip in enumerate(clips):
+        assert max_abs(np.stack([o[s].logits for o in out]), stream_logits(tiny_model, clip)) <= TINY_ATOL
+    with pytest.raises(ValueError, match="3 streams"):
+        seg.push_batch(np.stack([clips[0][0], clips[1][0]]))
+    seg.reset()
+    two = seg.push_batch(np.stack([clips[2][0], clips[0][0]]))  # a new stream count after reset()
+    assert len(two) == 2 and two[0].index == 0
+
+
+def test_fixed_batch_rules(export_b2, clips):
+    seg = StreamingSegmenter.open(export_b2)
+    with pytest.raises(ValueError, match="fixed batch of 2"):
+        seg.push(clips[0][0])
+    with pytest.raises(ValueError, match="fixed batch of 2"):
+        seg.push_batch(np.stack([c[0] for c in clips]))
+    assert len(seg.push_batch(np.stack([clips[0][0], clips[1][0]]))) == 2
+
+
+def test_push_and_push_batch_do_not_mix(export_dyn, clips):
+    seg = StreamingSegmenter.open(export_dyn)
+    seg.push(clips[0][0])
+    with pytest.raises(ValueError, match="mix"):
+        seg.push_batch(clips[0][:1])
+    seg.reset()
+    seg.push_batch(clips[0][:1])
+    with pytest.raises(ValueError, match="mix"):
+        seg.push(clips[0][1])
+
+
+# -- resets and timestamps ---------------------------------------------------------------------------------
+def test_reset_one_stream(export_b2, tiny_model, clips):
+    a, b = clips[0], clips[1]
+    seg = StreamingSegmenter.open(export_b2, return_logits=True)
+    out = [seg.push_batch(np.stack([a[t], b[t]])) for t in range(3)]
+    seg.reset(1)
+    out += [seg.push_batch(np.stack([a[t], b[t]])) for t in range(3, 6)]
+    # Stream 0 never noticed; stream 1 restarted at frame 3, whose result is a first frame's.
+    assert max_abs(np.stack([o[0].logits for o in out]), stream_logits(tiny_model, a)) <= TINY_ATOL
+    assert max_abs(np.stack([o[1].logits for o in out[3:]]), stream_logits(tiny_model, b[3:])) <= TINY_ATOL
+    assert [o[1].index for o in out] == [0, 1, 2, 0, 1, 2] and [o[0].index for o in out] == list(range(6))
+    # Restarting really changes the result (the memory matters for this model).
+    assert max_abs(out[4][1].logits, stream_logits(tiny_model, b)[4]) > 100 * TINY_ATOL
+    with pytest.raises(ValueError, match="out of range"):
+        seg.reset(2)
+
+
+def test_timestamp_gap_resets_the_stream(export_b1, tiny_model, clips):
+    clip = clips[0]
+    seg = StreamingSegmenter.open(export_b1, return_logits=True, max_gap=0.5)
+    times = [0.0, 0.04, 0.08, 2.0, 2.04, 2.08]  # a 1.9 s gap before frame 3
+    out = [seg.push(f, timestamp=t) for f, t in zip(clip, times)]
+    assert [r.index for r in out] == [0, 1, 2, 0, 1, 2] and out[3].timestamp == 2.0
+    expected = np.concatenate([stream_logits(tiny_model, clip[:3]), stream_logits(tiny_model, clip[3:])])
+    assert max_abs(np.stack([r.logits for r in out]), expected) <= TINY_ATOL
+    # Time going backwards (a restarted source) is a discontinuity too; max_gap=None never resets.
+    assert seg.push(clip[0], timestamp=1.0).index == 0
+    keep = StreamingSegmenter.open(export_b1, max_gap=None)
+    assert [keep.push(f, timestamp=t).index for f, t in zip(clip, times)] == list(range(6))
+
+
+def test_batch_timestamps_reset_only_the_stream_with_a_gap(export_b2, clips):
+    seg = StreamingSegmenter.open(export_b2)
+    seg.push_batch(np.stack([clips[0][0], clips[1][0]]), timestamps=0.0)          # one for all
+    res = seg.push_batch(np.stack([clips[0][1], clips[1][1]]), timestamps=[0.04, 3.0])
+    assert [r.index for r in res] == [1, 0]
+
+
+# -- bad input leaves the state untouched ------------------------------------------------------------------
+def test_bad_frames_leave_state_untouched(export_b1, clips):
+    clip = clips[0]
+    ref = StreamingSegmenter.open(export_b1, return_logits=True, max_gap=None)
+    expected = [ref.push(f, timestamp=0.1 * t) for t, f in enumerate(clip)]
+    seg = StreamingSegmenter.open(export_b1, return_logits=True, max_gap=None)
+    got = [seg.push(clip[0], timestamp=0.0), seg.push(clip[1], timestamp=0.1)]
+    bad = [
+        (clip[2].astype(np.float32), {}, "uint8"),
+        (clip[2][..., :2], {}, "shape"),
+        (clip[2][:32], {}, "differs from the export size"),
+        (np.zeros((80, 160, 3), np.uint8), {}, "slide"),     # larger: the message suggests slide mode
+        (clip[:2], {}, "shape"),                              # a batch through push()
+        (clip[2], {"timestamp": float("nan")}, "finite"),
+        (clip[2], {"timestamp": "soon"}, "number"),
+    ]
+    for frame, kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            seg.push(frame, **kwargs)
+    with pytest.raises(ValueError, match="mix"):
+        seg.push_batch(clip[2:3])
+    got += [seg.push(f, timestamp=0.1 * t) for t, f in enumerate(clip[2:], start=2)]
+    for g, e in zip(got, expected):
+        assert g.index == e.index and np.array_equal(g.logits, e.logits) and np.array_equal(g.mask, e.mask)
+
+
+def test_bad_batch_leaves_state_untouched(export_b2, clips):
+    frames = np.stack([clips[0], clips[1]], 1)  # (F, 2, H, W, 3)
+    ref = StreamingSegmenter.open(export_b2, return_logits=True)
+    expected = [ref.push_batch(f) for f in frames]
+    seg = StreamingSegmenter.open(export_b2, return_logits=True)
+    got = [seg.push_batch(frames[0])]
+    for bad, kwargs, message in [(frames[1][:1], {}, "2 streams"), (frames[1][:, :32], {}, "export size"),
+                                 (frames[1], {"timestamps": [0.0]}, "1 timestamps for 2 frames")]:
+        with pytest.raises(ValueError, match=message):
+            seg.push_batch(bad, **kwargs)
+    got += [seg.push_batch(f) for f in frames[1:]]
+    for g, e in zip(got, expected):
+        for s in range(2):
+            assert np.array_equal(g[s].logits, e[s].logits)
+
+
+# -- property test: any sequence of pushes, resets, gaps and bad input -------------------------------------
+class ReferenceStreams:
+    """What each stream's result must be, from the torch split and the slot rule alone (no ring)."""
+
+    def __init__(self, model, pool):
+        self.encoder, self.head = model.split((H, W))
+        self.T = model.config.sequence_num
+        with torch.no_grad():
+            self.enc = [self.encoder(torch.from_numpy(f[None])) for f in pool]
+        self.cache = {}
+
+    def logits(self, history):
+        from tmanet.runtime.slots import memory_frame_indices
+        t = len(history) - 1
+        ids = tuple(history[i] for i in memory_frame_indices(t, 0, self.T))
+        key = (history[-1], ids)
+        if key not in self.cache:
+            cur = self.enc[history[-1]]
+            keys = [self.enc[j][2][:, i] for i, j in enumerate(ids)]
+            values = [self.enc[j][3][:, i] for i, j in enumerate(ids)]
+            with torch.no_grad():
+                self.cache[key] = self.head(cur[0], cur[1], *keys, *values)[1][0].numpy()
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def reference_streams(tiny_model):
+    pool = [make_clip(1, H, W, seed)[0] for seed in (21, 22, 23)]
+    return pool, ReferenceStreams(tiny_model, pool)
+
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("push"), st.integers(0, 2), st.integers(0, 2), st.booleans(), st.booleans()),
+    st.tuples(st.just("reset"), st.integers(0, 1)),
+    st.tuples(st.just("bad"), st.sampled_from(["dtype", "size", "count", "timestamp"])),
+), min_size=1, max_size=8)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_stream_handling_property(export_b2, reference_streams, ops):
+    pool, ref = reference_streams
+    seg = StreamingSegmenter.open(export_b2, return_logits=True, max_gap=1.0)
+    history = [[], []]
+    clock = [0.0, 0.0]
+    for op in ops:
+        if op[0] == "push":
+            _, a, b, gap_a, gap_b = op
+            stamps = []
+            for s, gap in enumerate((gap_a, gap_b)):
+                clock[s] += 5.0 if gap else 0.04
+                if gap:
+                    history[s] = []
+                stamps.append(clock[s])
+            history[0].append(a)
+            history[1].append(b)
+            res = seg.push_batch(np.stack([pool[a], pool[b]]), timestamps=stamps)
+            for s in range(2):
+                assert res[s].index == len(history[s]) - 1
+                assert max_abs(res[s].logits, ref.logits(history[s])) <= TINY_ATOL, (op, history)
+        elif op[0] == "reset":
+            seg.reset(op[1])
+            history[op[1]] = []
+        else:
+            bad = {"dtype": (np.stack([pool[0], pool[1]]).astype(np.int16), None),
+                   "size": (np.stack([pool[0], pool[1]])[:, :, :64], None),
+                   "count": (pool[0][None], None),
+                   "timestamp": (np.stack([pool[0], pool[1]]), [0.0, float("inf")])}[op[1]]
+            with pytest.raises(ValueError):
+                seg.push_batch(bad[0], timestamps=bad[1])
+
+
+# -- slide mode --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_slide_matches_predict_clip(export_b1, tiny_model, backend):
+    clip = make_clip(3, 80, 160, seed=5)  # larger than the export: 2 x 2 overlapping 64x128 windows
+    stride = (16, 32)
+    seg = StreamingSegmenter.open(export_b1, backend=backend, mode="slide", stride=stride, return_logits=True)
+    out = [seg.push(f) for f in clip]
+    assert seg.windows == [(0, 64, 0, 128), (0, 64, 32, 160), (16, 80, 0, 128), (16, 80, 32, 160)]
+    assert len(seg.rings) == 4  # batch-1 export: one window per engine call, each with its own ring
+    T = tiny_model.config.sequence_num
+    expected = tiny_model.predict_clip(clip, mode="slide", crop=(H, W), stride=stride)
+    got = np.stack([r.logits for r in out[T:]])
+    assert got.shape == expected.shape == (len(clip) - T, 19, 80, 160)
+    assert max_abs(got, expected) <= TINY_ATOL
+    for r, e in zip(out[T:], expected):
+        sure = top2_margin(e) >= 1e-3
+        assert np.array_equal(r.mask[sure], e.argmax(0)[sure])
+
+
+def test_slide_batches_windows_and_streams(export_b2, export_dyn, tiny_model):
+    clips = [make_clip(3, 64, 200, seed=6), make_clip(3, 64, 200, seed=8)]  # 3 windows per frame
+    stride = (64, 64)
+    T = tiny_model.config.sequence_num
+    expected = [tiny_model.predict_clip(c, mode="slide", crop=(H, W), stride=stride)[0] for c in clips]
+    for directory, chunks in ((export_b2, 3), (export_dyn, 1)):  # 6 lanes: 3 chunks of 2, or one of 6
+        seg = StreamingSegmenter.open(directory, mode="slide", stride=stride, return_logits=True)
+        out = [seg.push_batch(np.stack([clips[0][t], clips[1][t]])) for t in range(T + 1)]
+        assert len(seg.rings) == chunks
+        for s in range(2):
+            assert max_abs(out[T][s].logits, expected[s]) <= TINY_ATOL
+    # Idle lanes of a fixed-batch export: push() of one stream, 3 windows in chunks of 2 (half the last
+    # chunk idle). Whole mode keeps the strict rule (push() needs a batch-1 export): see test_fixed_batch_rules.
+    seg = StreamingSegmenter.open(export_b2, mode="slide", stride=stride, return_logits=True)
+    out = [seg.push(f) for f in clips[0]]
+    assert len(seg.rings) == 2
+    assert max_abs(out[T].logits, expected[0]) <= TINY_ATOL
+
+
+def test_slide_input_rules(export_b1, clips):
+    seg = StreamingSegmenter.open(export_b1, mode="slide")
+    with pytest.raises(ValueError, match="smaller than the export size"):
+        seg.push(np.zeros((48, 200, 3), np.uint8))
+    seg.push(np.zeros((80, 160, 3), np.uint8))
+    with pytest.raises(ValueError, match="differs from this segmenter"):
+        seg.push(np.zeros((96, 160, 3), np.uint8))
+    with pytest.raises(ValueError, match="at most the crop"):
+        StreamingSegmenter.open(export_b1, mode="slide", stride=(65, 10))
+    with pytest.raises(ValueError, match="mode"):
+        StreamingSegmenter.open(export_b1, mode="tiles")
+
+
+def test_default_stride():
+    assert default_stride((769, 769), (769, 769), (513, 513)) == (513, 513)  # the official protocol
+    assert default_stride((640, 640), (640, 640), (512, 512)) == (512, 512)
+    assert default_stride((256, 512), (769, 769), (513, 513)) == (171, 342)  # same overlap ratio
+
+
+# -- zero copy: the ORT head reads the ring's memory by address --------------------------------------------
+def test_ort_head_reads_the_ring_in_place(export_b1, clips):
+    import onnxruntime as ort
+    seg = StreamingSegmenter.open(export_b1, return_logits=True)
+    for f in clips[0][:3]:
+        last = seg.push(f)
+    backend, ring = seg.backend, seg.rings[0]
+    binding = backend.last_head_binding
+    # Re-running the bound head (no arrays passed) gives the frame's result: it reads the same memory.
+    backend.memory_head.run_with_iobinding(binding)
+    mask, logits = binding.copy_outputs_to_cpu()
+    assert np.array_equal(logits[0], last.logits)
+    # Change the ring in place: the bound head sees it without being given anything.
+    ring.values *= 0.5
+    ring.keys += 0.25
+    backend.memory_head.run_with_iobinding(binding)
+    _, changed = binding.copy_outputs_to_cpu()
+    assert max_abs(changed[0], last.logits) > 1e-2
+    # ... and it is exactly what a plain (copying) run on the ring's current slot contents gives.
+    from tmanet.runtime.slots import ring_positions
+    _, read = ring_positions(ring.t - 1, ring.sequence_num)
+    feeds = {"query_key": backend._outputs("encoder", 1)["query_key"].copy(),
+             "query_value": backend._outputs("encoder", 1)["query_value"].copy()}
+    for i, p in enumerate(read):
+        feeds[f"memory_key_{i}"] = ring.keys[p, i].copy()
+        feeds[f"memory_value_{i}"] = ring.values[p, i].copy()
+    plain = ort.InferenceSession(str(export_b1 / "memory_head.onnx"), providers=["CPUExecutionProvider"])
+    assert max_abs(plain.run(["logits"], feeds)[0], changed) <= 1e-5
+    # The slot views handed to the head are the ring's own memory, contiguous, not copies.
+    for view in ring.slot_keys() + ring.slot_values():
+        assert view.flags.c_contiguous
+        assert np.shares_memory(view, ring.keys) or np.shares_memory(view, ring.values)
+
+
+# -- backends: registry, errors ----------------------------------------------------------------------------
+def test_trt_backend_reports_clearly_when_unavailable(export_b1):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(BackendUnavailable, match="TensorRT"):
+        StreamingSegmenter.open(export_b1, backend="trt")
+    with pytest.raises(ValueError, match="unknown backend 'nope'.*ort.*torch.*trt"):
+        get_backend("nope")
+
+
+def test_a_new_backend_is_one_registered_class(export_b1, clips):
+    calls = []
+
+    class CountingBackend(OrtBackend):
+        name = "counting"
+
+        def head(self, *args, **kwargs):
+            calls.append(args[0].shape)
+            return super().head(*args, **kwargs)
+
+    register_backend("counting", CountingBackend)
+    try:
+        seg = StreamingSegmenter.open(export_b1, backend="counting")
+        seg.push(clips[0][0])
+        assert calls == [(1, 16, 8, 16)]
+    finally:
+        BACKENDS.pop("counting")
+
+
+def test_ort_backend_is_cpu_only(export_b1):
+    with pytest.raises(BackendUnavailable, match="CPU only"):
+        StreamingSegmenter.open(export_b1, backend="ort", device="cuda")
+
+
+def test_runtime_package_import_is_light():
+    code = ("import sys, tmanet.runtime as r; assert 'onnxruntime' not in sys.modules; "
+            "S = r.StreamingSegmenter; assert 'onnxruntime' not in sys.modules; print(S.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "StreamingSegmenter"
