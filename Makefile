@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 .PHONY: venv test demo clean
 
 # Reinstalled whenever the package definition or the pins change.
-$(STAMP): setup.py requirements/cpu.txt
+$(STAMP): setup.py requirements/cpu.txt requirements/quant.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements/cpu.txt
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -r requirements/quant.txt  # includes cpu.txt (the torch pin)
+	$(PY) -m pip install --quiet -e ".[test,quant]"
 	touch $(STAMP)
 
 venv: $(STAMP)

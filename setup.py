@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
-        "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes"],
+        # ModelOpt's ONNX tools without its [onnx] extra (that pulls onnxruntime-gpu + cupy); onnxslim and lief
+        # are what modelopt.onnx needs to import. Pinned set: requirements/quant.txt.
+        "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes", "onnxslim", "lief"],
         "tensorrt": ["tensorrt", "polygraphy"],
     },
     entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},

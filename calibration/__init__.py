@@ -1,1 +1,191 @@
-"""tmanet.calibration"""
+"""tmanet.calibration: FP16 / INT8 precision written into the ONNX graphs, and the accuracy gate.
+
+TensorRT 11 builds strongly typed networks, so precision lives in the ONNX files: FP16 through ModelOpt
+AutoCast (:mod:`.precision`), INT8 as explicit Q/DQ nodes from ModelOpt's ONNX PTQ calibrated on real frames
+and on the memory encodings they produce when streamed in order (:mod:`.quantize`). :func:`calibrate` turns a
+float32 export directory into a new one with the same file names and contract (I/O types unchanged, so every
+runtime backend reads it as is) and checks it against the float32 export on ONNX Runtime (:mod:`.compare`).
+
+Needs the ``quant`` extra (nvidia-modelopt, onnx-graphsurgeon, onnxconverter-common, ml_dtypes, lief,
+onnxslim); imports stay lazy so the rest of the toolkit works without it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("tmanet")
+
+ENGINES = ("frame_encoder", "memory_head")
+
+_LAZY = {
+    "convert_fp16": "precision", "attention_nodes": "precision", "PrecisionError": "precision",
+    "PRECISIONS": "precision",
+    "quantize_int8": "quantize", "build_samples": "quantize", "frame_streams": "quantize",
+    "SampleReader": "quantize", "CalibrationDataError": "quantize", "read_clip": "quantize",
+    "compare_exports": "compare", "format_table": "compare", "CompareError": "compare", "TARGETS": "compare",
+    "target_agreement": "compare",
+}
+
+__all__ = sorted(["calibrate", "resolve_precisions", "CalibrationError", *_LAZY])
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class CalibrationError(ValueError):
+    """Bad input for :func:`calibrate` (precisions, directories, frames); nothing was written."""
+
+
+def resolve_precisions(precision=None, frame_precision=None, head_precision=None) -> dict:
+    """Per-engine precisions: ``precision`` sets both, ``frame_precision`` / ``head_precision`` override."""
+    from .precision import PRECISIONS
+    chosen = {"frame_encoder": frame_precision or precision, "memory_head": head_precision or precision}
+    for engine, p in chosen.items():
+        if p is None:
+            raise CalibrationError(f"no precision for the {engine.replace('_', ' ')}: give --precision, or both "
+                                   "--frame-precision and --head-precision")
+        if p not in PRECISIONS:
+            raise CalibrationError(f"precision {p!r} for the {engine.replace('_', ' ')} is not one of {PRECISIONS}")
+    if set(chosen.values()) == {"fp32"}:
+        raise CalibrationError("both engines fp32: nothing to convert (the source export is fp32)")
+    return chosen
+
+
+def _check_out(src: Path, out: Path, overwrite: bool):
+    if out.resolve() == src.resolve():
+        raise CalibrationError(f"the output directory is the source export {src}: choose another --out")
+    if out.exists():
+        if not out.is_dir():
+            raise CalibrationError(f"{out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise CalibrationError(f"{out} exists and is not empty (use --force to replace it)")
+
+
+def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str | None = None,
+              frame_precision: str | None = None, head_precision: str | None = None,
+              keep_attention_fp32: bool = True, method: str = "entropy", int8_high_precision: str = "fp16",
+              data_max: float | None = None, reference_batches: int = 8, gate: bool = True, gate_frames=None,
+              gate_num: int | None = None, overwrite: bool = False, threads: int | None = None,
+              progress: bool = True) -> dict:
+    """Write the float32 export ``src_dir`` at new per-engine precisions into ``out_dir`` and return its
+    manifest (``manifest["calibration"]["gate"]`` holds the comparison with ``src_dir`` when ``gate``).
+
+    ``frames``: video / image folder / ``.npy`` clip / uint8 array, the first ``num`` frames (default 64) are
+    the calibration data (frames larger than the export are cut into the runtime's slide windows).
+    ``keep_attention_fp32``: the memory read's MatMul/Softmax stay float32 in float16 graphs. ``method``:
+    INT8 range calibration, 'entropy' or 'max'. ``int8_high_precision``: what INT8 graphs run unquantized
+    parts in ('fp16' or 'fp32'). ``data_max``: AutoCast keeps nodes with larger float32 values in float32.
+    ``reference_batches``: batches for AutoCast's float32 reference run. The gate streams ``gate_frames``
+    (default: the calibration frames) through both exports. On error nothing is left behind in ``out_dir``.
+    """
+    from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, file_entries, load_manifest, write_manifest
+
+    from .compare import compare_exports
+    from .precision import AUTOCAST_DATA_MAX, convert_fp16, modelopt_version, require_modelopt
+    from .quantize import (CALIBRATION_METHODS, DEFAULT_CALIBRATION_FRAMES, SampleReader, build_samples,
+                           engine_batch, frame_streams, quantize_int8, write_reference_npz)
+    precisions = resolve_precisions(precision, frame_precision, head_precision)
+    if method not in CALIBRATION_METHODS:
+        raise CalibrationError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if int8_high_precision not in ("fp16", "fp32"):
+        raise CalibrationError(f"int8 high precision must be fp16 or fp32, got {int8_high_precision!r}")
+    num = DEFAULT_CALIBRATION_FRAMES if num is None else num
+    if num < 1 or reference_batches < 1:
+        raise CalibrationError(f"the number of frames and reference batches must be >= 1 (got {num}, "
+                               f"{reference_batches})")
+    data_max = AUTOCAST_DATA_MAX if data_max is None else float(data_max)
+    src, out = Path(src_dir), Path(out_dir)
+    manifest = load_manifest(src)
+    source_precision = manifest.get("precision", {})
+    if any(p != "fp32" for p in source_precision.values()):
+        raise CalibrationError(f"{src} is not a float32 export (precision {source_precision}): calibrate from "
+                               "the fp32 export that `tmanet export` wrote")
+    _check_out(src, out, overwrite)
+    require_modelopt()
+    streams = frame_streams(frames, manifest["input_size"], manifest, num)
+    batch = engine_batch(manifest)
+    names = {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's private 0700 is not what a published export should have
+        work = stage / "work"
+        work.mkdir()
+        need_head = precisions["memory_head"] != "fp32"
+        log.info("calibration data: %d frames x %d stream(s) from %s%s", streams.frames, len(streams.streams),
+                 streams.source, ", streamed through the fp32 frame graph" if need_head else "")
+        samples = build_samples(src, manifest, streams, work, with_head=need_head, progress=progress)
+        engines = {}
+        for engine, file in names.items():
+            p = precisions[engine]
+            if p == "fp32":
+                shutil.copyfile(src / file, stage / file)
+                engines[engine] = {"tool": "copied from the source export"}
+            elif p == "fp16":
+                ref = write_reference_npz(samples.graph_inputs(engine), work / f"reference_{engine}", batch,
+                                          reference_batches)
+                log.info("%s: float16 (AutoCast, %d reference batches)...", file, len(list(ref.iterdir())))
+                engines[engine] = convert_fp16(src / file, stage / file, reference_data=ref,
+                                               keep_attention_fp32=keep_attention_fp32, data_max=data_max)
+                engines[engine]["reference_batches"] = len(list(ref.iterdir()))
+            else:
+                log.info("%s: int8 PTQ (%s calibration on %d samples)...", file, method, len(samples))
+                reader = SampleReader(samples.graph_inputs(engine), batch)
+                engines[engine] = quantize_int8(src / file, stage / file, reader, method=method,
+                                                high_precision=int8_high_precision,
+                                                keep_attention_fp32=keep_attention_fp32, workdir=work)
+        del samples
+        shutil.rmtree(work)
+
+        new = {k: v for k, v in manifest.items() if k not in ("directory", "check", "calibration")}
+        new["precision"] = precisions
+        new["files"] = file_entries(stage, [FRAME_ENCODER, MEMORY_HEAD])
+        new["calibration"] = {
+            "source_export": str(src.resolve()),
+            "source_files": manifest.get("files", {}),
+            "source_check": manifest.get("check"),
+            "frames": streams.describe(),
+            "precision": precisions,
+            "io_types": "unchanged: uint8 frames, float32 encodings and logits, uint8 mask",
+            "engines": engines,
+            "modelopt": modelopt_version(),
+            "versions": _versions(),
+            "gate": None,
+        }
+        write_manifest(stage, new)
+        if gate:
+            clip = gate_frames if gate_frames is not None else streams.clip
+            result = compare_exports(src, stage, clip, num=gate_num, threads=threads, progress=progress)
+            result["b"]["directory"] = str(out)
+            if gate_frames is None:
+                result["source"] = streams.source
+            new["calibration"]["gate"] = result
+            write_manifest(stage, new)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    new["directory"] = str(out)
+    return new
+
+
+def _versions() -> dict:
+    from tmanet.export.manifest import library_versions
+
+    from .precision import modelopt_version
+    return {**library_versions(), "nvidia-modelopt": modelopt_version()}

@@ -1,0 +1,119 @@
+"""``tmanet calibrate`` (FP16 / INT8 ONNX from an fp32 export) and ``tmanet compare`` (the accuracy gate)."""
+from __future__ import annotations
+
+import argparse
+
+PRECISION_CHOICES = ("fp32", "fp16", "int8")
+
+
+def register(sub):
+    p = sub.add_parser(
+        "calibrate", help="write an fp32 export at FP16 / INT8 precision (ModelOpt), checked against fp32",
+        description="Convert the two ONNX graphs of an fp32 export directory to FP16 (ModelOpt AutoCast) or "
+                    "INT8 (ModelOpt PTQ, explicit Q/DQ) per engine, calibrated on real frames; the memory "
+                    "head is calibrated on the memory encodings those frames produce when streamed in order. "
+                    "Engine I/O types are kept, so every runtime backend reads the result as is. Prints the "
+                    "accuracy gate against the fp32 export (exit status 1 when it fails).")
+    p.add_argument("export_dir", metavar="DIR", help="fp32 export directory (tmanet export)")
+    p.add_argument("--frames", required=True, metavar="SRC",
+                   help="calibration frames: video, image folder or .npy uint8 clip (F,H,W,3), at least the "
+                        "export size (larger frames are cut into the runtime's slide windows)")
+    p.add_argument("--num", type=int, metavar="N", help="calibration frames to use (default 64)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help="precision of both engines")
+    p.add_argument("--frame-precision", choices=PRECISION_CHOICES, help="frame engine precision (overrides)")
+    p.add_argument("--head-precision", choices=PRECISION_CHOICES, help="memory-head precision (overrides)")
+    p.add_argument("--keep-attention-fp32", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the memory read's MatMul/Softmax in fp32 (default: on; its unscaled q.k logits "
+                        "can overflow fp16)")
+    p.add_argument("--method", choices=("entropy", "max"), default="entropy",
+                   help="INT8 range calibration (default entropy, ModelOpt's default)")
+    p.add_argument("--int8-high-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="precision of the unquantized parts of INT8 graphs (default fp16)")
+    p.add_argument("--data-max", type=float, metavar="X",
+                   help="FP16: AutoCast keeps nodes whose fp32 values exceed X in fp32 (default 512)")
+    p.add_argument("--reference-batches", type=int, default=8, metavar="K",
+                   help="FP16: batches of real inputs for AutoCast's fp32 reference run (default 8)")
+    p.add_argument("--gate-frames", metavar="SRC", help="frames for the accuracy gate (default: the calibration "
+                                                        "frames)")
+    p.add_argument("--gate-num", type=int, metavar="N", help="gate frames to use (default: all)")
+    p.add_argument("--no-gate", action="store_true", help="skip the accuracy gate")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads for the gate (default: ORT's)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="DIR2", help="output directory")
+    p.set_defaults(func=run_calibrate)
+
+    c = sub.add_parser(
+        "compare", help="compare two export directories on ONNX Runtime (pixel agreement, logits, mIoU)",
+        description="Stream the same frames through two export directories (A = reference, usually fp32) on "
+                    "ONNX Runtime CPU with the streaming runtime; report mask pixel agreement, the logits "
+                    "error and, with labels, each side's mIoU. Targets against fp32: FP16 >= 99.9 %%, "
+                    "INT8 >= 99 %% pixel agreement (exit status 1 when B misses its target).")
+    c.add_argument("dir_a", metavar="DIR_A", help="reference export directory")
+    c.add_argument("dir_b", metavar="DIR_B", help="export directory to check")
+    c.add_argument("--frames", required=True, metavar="SRC", help="video, image folder or .npy uint8 clip")
+    c.add_argument("--labels", metavar="SRC", help="label maps: .npy uint8 (F,H,W) or a folder of single-channel "
+                                                   "PNGs, one per frame in order; 255 = ignore")
+    c.add_argument("--num", type=int, metavar="N", help="frames to compare (default: all)")
+    c.add_argument("--threads", type=int, help="ONNX Runtime threads (default: ORT's)")
+    c.add_argument("--json", metavar="F", help="also write the result as JSON to F")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=run_compare)
+
+
+def _positive(value, flag):
+    from tmanet.cli import UserError
+    if value is not None and value < 1:
+        raise UserError(f"{flag} must be >= 1, got {value}")
+
+
+def run_calibrate(args) -> int:
+    from tmanet.cli import UserError
+
+    from . import CalibrationError, calibrate
+    from .compare import CompareError, format_table
+    from .precision import PrecisionError
+    from .quantize import CalibrationDataError
+    for value, flag in ((args.num, "--num"), (args.gate_num, "--gate-num"), (args.threads, "--threads"),
+                        (args.reference_batches, "--reference-batches")):
+        _positive(value, flag)
+    try:
+        manifest = calibrate(args.export_dir, args.out, args.frames, num=args.num, precision=args.precision,
+                             frame_precision=args.frame_precision, head_precision=args.head_precision,
+                             keep_attention_fp32=args.keep_attention_fp32, method=args.method,
+                             int8_high_precision=args.int8_high_precision, data_max=args.data_max,
+                             reference_batches=args.reference_batches, gate=not args.no_gate,
+                             gate_frames=args.gate_frames, gate_num=args.gate_num, overwrite=args.force,
+                             threads=args.threads, progress=not args.no_progress)
+    except (CalibrationError, CalibrationDataError, CompareError, PrecisionError) as e:
+        raise UserError(str(e)) from None
+    prec = manifest["precision"]
+    print(f"wrote {manifest['directory']}/ (frame_encoder.onnx: {prec['frame_encoder']}, memory_head.onnx: "
+          f"{prec['memory_head']}, manifest.json)")
+    gate = manifest["calibration"]["gate"]
+    if gate is None:
+        return 0
+    print(format_table(gate))
+    return 0 if gate["passed"] in (True, None) else 1
+
+
+def run_compare(args) -> int:
+    import json
+    from pathlib import Path
+
+    from tmanet.cli import UserError
+
+    from .compare import CompareError, compare_exports, format_table
+    _positive(args.num, "--num")
+    _positive(args.threads, "--threads")
+    try:
+        result = compare_exports(args.dir_a, args.dir_b, args.frames, labels=args.labels, num=args.num,
+                                 threads=args.threads, progress=not args.no_progress)
+    except (CompareError, ValueError) as e:
+        raise UserError(str(e)) from None
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if result["passed"] in (True, None) else 1

@@ -1,0 +1,337 @@
+"""INT8 in the ONNX graph (explicit Q/DQ from ModelOpt's ONNX PTQ) and the calibration data of both engines.
+
+Calibration data are real: frames from a video, an image folder or a ``.npy`` clip for the frame engine, and
+for the memory head the memory encodings those frames produce when streamed *in order* through the float32
+frame graph into the runtime's :class:`~tmanet.runtime.ring_buffer.MemoryRing` (slot i = frame t-T+i, oldest
+first; during warm-up the slots clamp to the stream's first frame). So the head is calibrated on exactly the
+inputs it sees in deployment, warm-up frames included.
+
+Frames larger than the export size are cut into the runtime's slide windows; each window position is its own
+stream with its own memory, as in the runtime's slide mode. The samples live in ``.npy`` memory maps in a work
+folder (at 1024x2048 a head sample is ~130 MB), read batch by batch by a ``CalibrationDataReader``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .precision import (PrecisionError, attention_nodes, check_io_kept, name_unnamed_nodes, quiet, require_modelopt,
+                        summarize, tools_log_level)
+
+log = logging.getLogger("tmanet")
+
+CALIBRATION_METHODS = ("entropy", "max")  # ModelOpt int8: entropy (its default) or max (min/max ranges)
+DEFAULT_CALIBRATION_FRAMES = 64
+
+
+class CalibrationDataError(ValueError):
+    """The frames given for calibration cannot be used with this export."""
+
+
+# -- frames -------------------------------------------------------------------------------------------------
+@dataclass
+class FrameStreams:
+    """The calibration frames as streams of export-size crops: ``streams[s]`` is ``(F, H, W, 3)`` uint8, the
+    crops at window ``windows[s]`` of every frame (one stream, the whole frame, when sizes match)."""
+    streams: list
+    windows: list
+    clip: np.ndarray
+    source: str
+    kind: str
+    frame_size: tuple
+
+    @property
+    def frames(self) -> int:
+        return len(self.streams[0])
+
+    def describe(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "frames": self.frames,
+                "frame_size": list(self.frame_size), "streams": len(self.streams),
+                "windows": [list(w) for w in self.windows], "samples": self.frames * len(self.streams)}
+
+
+def read_clip(source, num: int | None = None) -> tuple[np.ndarray, str]:
+    """The first ``num`` frames of a video / image folder / ``.npy`` clip (or an array) as ``(F, H, W, 3)``
+    uint8, and what kind of source it was."""
+    if isinstance(source, np.ndarray):
+        clip = source if num is None else source[:num]
+        kind = "array"
+    else:
+        from tmanet.runtime.video_io import open_frames
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"frames source not found: {path}")
+        frames_source = open_frames(path, max_frames=num)
+        frames = [f for f, _ in frames_source]
+        if not frames:
+            raise CalibrationDataError(f"{path}: no frames")
+        clip, kind = np.stack(frames), frames_source.kind
+    if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
+        raise CalibrationDataError(f"frames must be uint8 RGB (F, H, W, 3), got {clip.dtype} {clip.shape}")
+    if len(clip) == 0:
+        raise CalibrationDataError("no frames")
+    return clip, kind
+
+
+def frame_streams(source, input_size, manifest: dict | None = None, num: int | None = None) -> FrameStreams:
+    """Calibration streams for an export of ``input_size`` (H, W): whole frames at the export size, slide
+    windows (the runtime's default stride) for larger frames; smaller frames are an error."""
+    from tmanet.model.slide import slide_windows
+    from tmanet.runtime.segmenter import default_stride
+    clip, kind = read_clip(source, num)
+    H, W = (int(s) for s in input_size)
+    fh, fw = clip.shape[1:3]
+    if fh < H or fw < W:
+        raise CalibrationDataError(f"frames are {fh}x{fw} (HxW), smaller than the export size {H}x{W}: give "
+                                   "frames of at least the export size")
+    if (fh, fw) == (H, W):
+        windows = [(0, H, 0, W)]
+    else:
+        m = manifest or {}
+        stride = default_stride((H, W), m.get("slide_crop", (H, W)), m.get("slide_stride", (H, W)))
+        windows = slide_windows(fh, fw, (H, W), stride)
+    streams = [clip[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows]
+    name = "<array>" if isinstance(source, np.ndarray) else str(Path(source).resolve())
+    return FrameStreams(streams, windows, clip, name, kind, (fh, fw))
+
+
+# -- calibration samples ------------------------------------------------------------------------------------
+def head_input_names(sequence_num: int) -> list[str]:
+    from tmanet.export.onnx_export import head_input_names as names
+    return names(sequence_num)
+
+
+@dataclass
+class CalibrationSamples:
+    """One sample per (stream, frame): ``frames`` for the frame graph and the memory head's inputs, each a
+    ``(S, ...)`` array (memory-mapped) whose rows are single-batch samples. ``index[k] = (stream, frame)``."""
+    frames: np.ndarray
+    head: dict | None
+    index: list
+    directory: Path | None = None
+    sequence_num: int = 0
+
+    def __len__(self):
+        return len(self.index)
+
+    def graph_inputs(self, graph: str) -> dict:
+        return {"frames": self.frames} if graph == "frame_encoder" else self.head
+
+
+def _frame_session(path):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def engine_batch(manifest: dict) -> int:
+    """Batch the graphs are run with: the fixed export batch, or 1 for a dynamic-batch export."""
+    b = manifest.get("batch", 1)
+    return 1 if b == "dynamic" else int(b)
+
+
+def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=None, with_head: bool = True,
+                  progress: bool = True) -> CalibrationSamples:
+    """Stream every calibration stream in order through the float32 frame graph of ``export_dir``; record
+    each frame and, with ``with_head``, the memory head's inputs for it (the ring's slots: frame t-T+i for
+    slot i, clamped to the stream's first frame). Arrays are memory maps in ``workdir`` when given.
+
+    Streams run as lanes of the engine batch (a fixed batch of B runs B streams at once, idle lanes repeat
+    a real stream and are dropped), like the runtime."""
+    from tqdm import tqdm
+
+    from tmanet.export.manifest import FRAME_ENCODER
+    from tmanet.runtime.ring_buffer import MemoryRing
+    T = int(manifest["sequence_num"])
+    H, W = (int(s) for s in manifest["input_size"])
+    h, w = (int(s) for s in manifest["feature_size"])
+    ck, cv = int(manifest["key_channels"]), int(manifest["value_channels"])
+    nstreams, F = len(streams.streams), streams.frames
+    S = nstreams * F
+    workdir = Path(workdir) if workdir is not None else None
+
+    def array(name, shape, dtype):
+        if workdir is None:
+            return np.empty(shape, dtype)
+        return np.lib.format.open_memmap(workdir / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    frames_out = array("frames", (S, H, W, 3), np.uint8)
+    head = None
+    if with_head:
+        shapes = {"query_key": (ck, h, w), "query_value": (cv, h, w)}
+        shapes.update({f"memory_key_{i}": (ck, h, w) for i in range(T)})
+        shapes.update({f"memory_value_{i}": (cv, h, w) for i in range(T)})
+        head = {n: array(n, (S, *shapes[n]), np.float32) for n in head_input_names(T)}
+    index = [(s, t) for s in range(nstreams) for t in range(F)]
+    B = engine_batch(manifest)
+    session = _frame_session(Path(export_dir) / FRAME_ENCODER) if with_head else None
+    bar = tqdm(total=S, desc="calibration samples", unit="sample", disable=not progress or not with_head)
+    for first in range(0, nstreams, B):
+        lanes = list(range(first, min(first + B, nstreams)))
+        padded = lanes + [lanes[0]] * (B - len(lanes))  # idle lanes: any real stream, outputs dropped
+        ring = None
+        for t in range(F):
+            batch = np.ascontiguousarray(np.stack([streams.streams[s][t] for s in padded]))
+            for row, s in enumerate(lanes):
+                frames_out[s * F + t] = batch[row]
+            if not with_head:
+                continue
+            qk, qv, mk, mv = session.run(["query_key", "query_value", "memory_key", "memory_value"],
+                                         {"frames": batch})
+            if ring is None:  # a fresh ring per group: its first write fills every slot (warm-up clamp)
+                ring = MemoryRing.like(mk, mv)
+            ring.write(mk, mv)
+            keys, values = ring.slot_keys(), ring.slot_values()
+            for row, s in enumerate(lanes):
+                k = s * F + t
+                head["query_key"][k] = qk[row]
+                head["query_value"][k] = qv[row]
+                for i in range(T):
+                    head[f"memory_key_{i}"][k] = keys[i][row]
+                    head[f"memory_value_{i}"][k] = values[i][row]
+            ring.advance()
+            bar.update(len(lanes))
+    bar.close()
+    return CalibrationSamples(frames_out, head, index, workdir, T)
+
+
+class SampleReader:
+    """ONNX Runtime ``CalibrationDataReader`` over sample arrays: batches of ``batch`` consecutive samples
+    (the last batch wraps around to the first samples when ``batch`` does not divide the count). Read
+    lazily, so memory-mapped samples stay on disk."""
+
+    def __init__(self, arrays: dict, batch: int = 1, limit: int | None = None):
+        self.arrays = arrays
+        self.batch = int(batch)
+        count = len(next(iter(arrays.values())))
+        self.count = count if limit is None else min(count, limit)
+        self.batches = -(-self.count // self.batch)
+        self._next = 0
+
+    def __len__(self):
+        return self.batches
+
+    def batch_at(self, i: int) -> dict:
+        rows = [(i * self.batch + r) % self.count for r in range(self.batch)]
+        out = {}
+        for name, a in self.arrays.items():
+            start = rows[0]
+            block = a[start:start + self.batch] if rows[-1] == start + self.batch - 1 else a[rows]
+            out[name] = np.ascontiguousarray(block)
+        return out
+
+    def get_next(self):
+        if self._next >= self.batches:
+            return None
+        self._next += 1
+        return self.batch_at(self._next - 1)
+
+    def get_first(self):
+        return self.batch_at(0)
+
+    def rewind(self):
+        self._next = 0
+
+    def set_range(self, start_index: int, end_index: int):
+        raise NotImplementedError("SampleReader reads all batches in order")
+
+
+def write_reference_npz(arrays: dict, directory, batch: int, count: int) -> Path:
+    """``count`` batches spread evenly over the samples as ``.npz`` files in ``directory`` (AutoCast's
+    reference inputs; it keeps every intermediate tensor of every batch in memory, so a few suffice)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    reader = SampleReader(arrays, batch)
+    picks = np.unique(np.linspace(0, len(reader) - 1, num=min(count, len(reader))).round().astype(int))
+    for j, i in enumerate(picks):
+        np.savez(directory / f"batch_{j:04d}.npz", **reader.batch_at(int(i)))
+    return directory
+
+
+# -- INT8 ---------------------------------------------------------------------------------------------------
+def quantize_int8(src, dst, reader: SampleReader, method: str = "entropy", high_precision: str = "fp16",
+                  keep_attention_fp32: bool = True, workdir=None) -> dict:
+    """Write the INT8 (explicit Q/DQ) version of the float32 graph ``src`` to ``dst`` with ModelOpt's ONNX
+    PTQ, calibrated on ``reader``'s batches. Unquantized parts run in ``high_precision`` (fp16: ModelOpt's
+    default and TensorRT's usual pairing; fp32). ``keep_attention_fp32`` keeps the memory read's
+    MatMul/Softmax out of quantization and, with float16, in float32. I/O names, types and shapes are kept."""
+    import tempfile
+
+    import onnx
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if high_precision not in ("fp16", "fp32"):
+        raise ValueError(f"high_precision must be 'fp16' or 'fp32', got {high_precision!r}")
+    require_modelopt()
+    from modelopt.onnx.quantization import quantize
+    src, dst = Path(src), Path(dst)
+    source = onnx.load(str(src))
+    renamed = name_unnamed_nodes(source)  # exclusions match node names
+    attention = attention_nodes(source)
+    keep_fp32_ops = None
+    exclude = []
+    if keep_attention_fp32 and attention:
+        # Not quantized (an int8 softmax has 1/127 resolution; ModelOpt only skips attention MatMuls beyond
+        # 512 positions) and, in a float16 graph, kept float32: by op type, ModelOpt's option, which in our
+        # exports are the attention read's only MatMul/Softmax nodes.
+        exclude = [f"^{re.escape(n)}$" for n in attention]  # ModelOpt reads them as regular expressions
+        if high_precision == "fp16":
+            keep_fp32_ops = ["MatMul", "Softmax"]
+            other = [n.name for n in source.graph.node if n.op_type in keep_fp32_ops and n.name not in attention]
+            if other:
+                log.warning("%s: MatMul/Softmax outside the attention read also stay float32: %s", src.name,
+                            other)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="ptq-") as tmp:
+        # quantize() rewrites its input file and leaves intermediates beside it: give it a private copy.
+        work = Path(tmp) / src.name
+        if renamed:
+            onnx.save(source, str(work))
+        else:
+            shutil.copyfile(src, work)
+        reader.rewind()
+        with quiet():
+            quantize(onnx_path=str(work), quantize_mode="int8", calibration_data_reader=reader,
+                     calibration_method=method, calibration_eps=["cpu"], output_path=str(Path(tmp) / "out.onnx"),
+                     high_precision_dtype=high_precision, op_types_to_exclude_fp16=keep_fp32_ops,
+                     nodes_to_exclude=exclude or None,
+                     log_level=tools_log_level())
+        quantized = onnx.load(str(Path(tmp) / "out.onnx"))
+    check_io_kept(source, quantized, f"ModelOpt PTQ on {dst.name}")
+    info = summarize(quantized)
+    if not info["quantize_linear"]:
+        raise PrecisionError(f"ModelOpt inserted no Q/DQ nodes into {src.name}: nothing was quantized")
+    onnx.save(quantized, str(dst))
+    info.update({"tool": "modelopt.onnx.quantization.quantize", "mode": "int8", "calibration_method": method,
+                 "calibration_batches": len(reader), "high_precision": high_precision,
+                 "keep_attention_fp32": bool(exclude), "attention_nodes": attention,
+                 "quantized_nodes": _quantized_nodes(quantized)})
+    log.info("%s: int8 Q/DQ on %d nodes (%d batches, %s calibration), rest %s", dst.name,
+             len(info["quantized_nodes"]), len(reader), method, high_precision)
+    return info
+
+
+def _quantized_nodes(model) -> list[str]:
+    """Compute nodes fed by a DequantizeLinear (through Casts): what TensorRT runs in INT8."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    found = set()
+    frontier = [o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output]
+    while frontier:
+        for n in consumers.get(frontier.pop(), []):
+            if n.op_type == "Cast":
+                frontier.extend(n.output)
+            elif n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                found.add(n.name)
+    return sorted(found)
+
+
+__all__ = ["FrameStreams", "CalibrationSamples", "SampleReader", "read_clip", "frame_streams", "build_samples",
+           "write_reference_npz", "quantize_int8", "engine_batch", "CALIBRATION_METHODS"]
