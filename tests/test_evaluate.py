@@ -1,0 +1,241 @@
+"""tmanet eval: the metric functions on hand-made arrays, then end-to-end scoring of a checkpoint and an export
+directory on synthetic clips and on a Cityscapes-layout folder, checked against independent computations."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tmanet.checkpoints import load_model, save_checkpoint
+from tmanet.cli import main as cli_main
+from tmanet.training.evaluate import (FlipCounter, Predictor, confusion_matrix, evaluate, feature_size,
+                                      format_report, scores_from_confusion, temporal_flip_rate)
+from tmanet.training.synthetic import ClipSpec, make_clip, write_cityscapes_sequence
+from tmanet.training.trainer import SYNTHETIC_VAL_SEED, InputError
+
+H, W, F = 64, 128, 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- metrics on hand-made arrays -----------------------------------------------------------------------
+def test_confusion_matrix_known_counts():
+    gt = np.array([[0, 0, 1, 1, 255], [2, 2, 2, 1, 255]])
+    pred = np.array([[0, 1, 1, 1, 3], [2, 0, 2, 1, 1]])
+    cm = confusion_matrix(pred, gt, 4)
+    expected = np.zeros((4, 4), np.int64)
+    expected[0, 0] = 1
+    expected[0, 1] = 1
+    expected[1, 1] = 3
+    expected[2, 2] = 2
+    expected[2, 0] = 1
+    np.testing.assert_array_equal(cm, expected)   # the two 255 pixels are not counted, whatever predicted
+    assert cm.sum() == 8
+
+
+def test_confusion_matrix_rejects_foreign_ids():
+    with pytest.raises(ValueError, match=r"ground truth holds class ids \[7\]"):
+        confusion_matrix(np.zeros((2, 2)), np.array([[0, 7], [1, 255]]), 4)
+    with pytest.raises(ValueError, match=r"prediction holds class ids \[4\]"):
+        confusion_matrix(np.array([[0, 4]]), np.array([[0, 1]]), 4)
+    with pytest.raises(ValueError, match="differ in shape"):
+        confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 4)
+
+
+def test_scores_iou_miou_accuracy():
+    gt = np.array([0, 0, 1, 1, 255])
+    pred = np.array([0, 1, 1, 1, 3])
+    s = scores_from_confusion(confusion_matrix(pred, gt, 4), ["a", "b", "c", "d"])
+    pc = s["per_class"]
+    assert pc["a"]["iou"] == pytest.approx(1 / 2)      # tp 1, gt 2, pred 1
+    assert pc["b"]["iou"] == pytest.approx(2 / 3)      # tp 2, gt 2, pred 3
+    assert pc["c"]["iou"] is None and pc["d"]["iou"] is None  # absent from GT and predictions (255 ignored)
+    assert s["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert s["pixel_accuracy"] == pytest.approx(3 / 4)
+    assert s["mean_accuracy"] == pytest.approx((1 / 2 + 1) / 2)
+    assert s["classes_scored"] == 2 and s["pixels"] == 4
+    # a class predicted but absent from the GT counts, with IoU 0
+    s = scores_from_confusion(confusion_matrix(np.array([0, 2]), np.array([0, 0]), 3))
+    assert s["per_class"]["2"]["iou"] == 0.0 and s["per_class"]["1"]["iou"] is None
+    assert s["miou"] == pytest.approx((0.5 + 0.0) / 2)
+    empty = scores_from_confusion(np.zeros((3, 3), np.int64))
+    assert empty["miou"] is None and empty["pixel_accuracy"] is None
+
+
+def test_temporal_flip_rate_hand_made():
+    gts = [np.array([[0, 0], [1, 1]]), np.array([[0, 0], [1, 2]]), np.array([[0, 255], [1, 2]])]
+    preds = [np.array([[0, 0], [1, 1]]), np.array([[0, 1], [1, 1]]), np.array([[1, 1], [1, 2]])]
+    # pair 0->1: GT stable at 3 pixels, prediction flips at 1 of them ((0,1)); the (1,1) change follows the GT
+    # pair 1->2: GT stable at 3 pixels ((0,1) becomes ignore), prediction flips at (0,0) and (1,1)
+    assert temporal_flip_rate(preds, gts) == pytest.approx(3 / 6)
+    counter = FlipCounter()
+    for p, g in zip(preds, gts):
+        counter.add(p, g)
+    counter.start_clip()            # a new clip: no pair across the boundary
+    counter.add(preds[0], gts[2])
+    r = counter.result()
+    assert r == {"flip_rate": 0.5, "temporal_consistency": 0.5, "frame_pairs": 2, "stable_pixels": 6}
+    assert temporal_flip_rate([preds[0]], [gts[0]]) is None  # one frame: no pair
+    static = [np.ones((3, 3), np.uint8)] * 4
+    assert temporal_flip_rate(static, static) == 0.0
+
+
+def test_feature_size_matches_the_encoder(make_tiny_model):
+    model = make_tiny_model()
+    encoder, _ = model.split((8, 8))
+    for h, w in ((64, 128), (65, 97), (33, 40)):
+        with torch.no_grad():
+            qk = encoder(torch.zeros(1, h, w, 3, dtype=torch.uint8))[0]
+        assert tuple(qk.shape[-2:]) == feature_size(model.config, h, w)
+    assert feature_size(model.config.replace(output_stride=16), 65, 97) == (5, 7)
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ckpt(make_tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "tiny.pth"
+    save_checkpoint(make_tiny_model(seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_ckpt, tmp_path_factory):
+    from tmanet.export import export_onnx
+    torch.set_num_threads(1)
+    return export_onnx(load_model(tiny_ckpt), tmp_path_factory.mktemp("eval") / "onnx", H, W,
+                       checkpoint=tiny_ckpt, check=False)
+
+
+def val_clips(count, frames=F):
+    return [make_clip(ClipSpec(frames=frames, height=H, width=W, seed=SYNTHETIC_VAL_SEED + i)) for i in range(count)]
+
+
+def reference(model, clips, first):
+    """Confusion matrix (pair counting, no bincount) and flip rate from ``model.stream``."""
+    C = model.config.num_classes
+    cm = np.zeros((C, C), np.int64)
+    stable = flipped = 0
+    for frames, labels in clips:
+        masks = [r.mask for r in model.stream(frames, return_logits=False)]
+        for t in range(first, len(frames)):
+            g, p = labels[t], masks[t]
+            for i in np.unique(g):
+                for j in np.unique(p[g == i]):
+                    cm[i, j] += int(np.sum((g == i) & (p == j)))
+            if t > first:
+                keep = labels[t - 1] == g
+                stable += int(keep.sum())
+                flipped += int((keep & (masks[t - 1] != p)).sum())
+    return cm, flipped / stable
+
+
+def test_evaluate_checkpoint_on_synthetic_clips(tiny_ckpt):
+    model = load_model(tiny_ckpt)
+    clips = val_clips(2)
+    for all_frames, first in ((False, 2), (True, 0)):
+        r = evaluate(tiny_ckpt, "synthetic:2", synthetic_size=(H, W), synthetic_frames=F, all_frames=all_frames,
+                     progress=False)
+        cm, flip = reference(model, clips, first)
+        np.testing.assert_array_equal(np.array(r["confusion"]), cm)
+        assert r["frames_scored"] == 2 * (F - first) and r["clips"] == 2
+        expected = scores_from_confusion(cm, model.config.class_names)
+        assert r["miou"] == pytest.approx(expected["miou"]) and r["per_class"] == expected["per_class"]
+        assert r["temporal"]["flip_rate"] == pytest.approx(flip)
+        assert r["temporal"]["temporal_consistency"] == pytest.approx(1 - flip)
+        assert r["kind"] == "checkpoint" and r["backend"] == "torch"
+    text = format_report(r)
+    assert "mIoU" in text and "temporal" in text and f"{100 * r['miou']:6.2f}" in text
+
+
+def test_evaluate_slide_mode_matches_the_official_merge(make_tiny_model, tmp_path):
+    # windows of 48x64 with stride 24x32 over 64x128 frames: 2 x 3 overlapping windows
+    model = make_tiny_model(seed=4, slide_crop=(48, 64), slide_stride=(24, 32))
+    save_checkpoint(model, tmp_path / "slide.pth")
+    r = evaluate(tmp_path / "slide.pth", "synthetic:1", mode="slide", synthetic_size=(H, W), synthetic_frames=F,
+                 all_frames=True, progress=False)
+    frames, labels = val_clips(1)[0]
+    T = model.config.sequence_num
+    padded = np.concatenate([np.repeat(frames[:1], T, 0), frames])  # warm-up: memory clamps to frame 0
+    logits = model.predict_clip(padded, mode="slide")
+    cm = sum(confusion_matrix(lg.argmax(0), lb, 19) for lg, lb in zip(logits, labels))
+    # the runtime folds BN into the convs: argmax ties may flip a handful of pixels, no more
+    assert np.abs(np.array(r["confusion"]) - cm).sum() <= 2 * 0.002 * cm.sum()
+    whole = evaluate(tmp_path / "slide.pth", "synthetic:1", synthetic_size=(H, W), synthetic_frames=F,
+                     all_frames=True, progress=False)
+    assert whole["confusion"] != r["confusion"]  # the windows really were used
+
+
+def test_evaluate_export_dir_ort_and_torch(tiny_ckpt, tiny_export):
+    ckpt = evaluate(tiny_ckpt, "synthetic:2", synthetic_size=(H, W), synthetic_frames=F, progress=False)
+    ort = evaluate(tiny_export, "synthetic:2", synthetic_frames=F, progress=False)  # size: the export's
+    assert ort["kind"] == "export" and ort["backend"] == "ort" and ort["synthetic"]["size"] == [H, W]
+    diff = np.abs(np.array(ort["confusion"]) - np.array(ckpt["confusion"])).sum()
+    assert diff <= 2 * 0.001 * ort["pixels"]
+    assert ort["miou"] == pytest.approx(ckpt["miou"], abs=2e-3)
+    torch_dir = evaluate(tiny_export, "synthetic:2", backend="torch", synthetic_frames=F, progress=False)
+    assert torch_dir["confusion"] == ckpt["confusion"]  # the manifest's checkpoint, same torch path
+    with pytest.raises(InputError, match="differs from the export size"):
+        evaluate(tiny_export, "synthetic:1", synthetic_size=(H, W + 8), synthetic_frames=F, progress=False)
+
+
+def test_checkpoint_with_ort_backend_exports_at_the_frame_size(tiny_ckpt, tiny_export, monkeypatch):
+    import tmanet.export
+    calls = []
+
+    def fake_export(model, out, height, width, **kw):
+        calls.append((height, width, kw.get("checkpoint")))
+        return tiny_export  # the real export of the same checkpoint at this size
+    monkeypatch.setattr(tmanet.export, "export_onnx", fake_export)
+    r = evaluate(tiny_ckpt, "synthetic:1", backend="ort", synthetic_size=(H, W), synthetic_frames=F, progress=False)
+    assert calls == [(H, W, tiny_ckpt)] and r["backend"] == "ort"
+    direct = evaluate(tiny_export, "synthetic:1", synthetic_frames=F, progress=False)
+    assert r["confusion"] == direct["confusion"]
+
+
+def test_evaluate_cityscapes_layout(tiny_ckpt, tmp_path):
+    root = tmp_path / "cityscapes"
+    clips = [make_clip(ClipSpec(frames=F, height=H, width=W, seed=s)) for s in (11, 12, 13)]
+    write_cityscapes_sequence(root, clips, split="val", annotate=F - 1)
+    model = load_model(tiny_ckpt)
+    cm = np.zeros((19, 19), np.int64)
+    for frames, labels in clips:  # memory = the T frames before the target, streamed from the first of them
+        mask = list(model.stream(frames[F - 3:F], return_logits=False))[-1].mask
+        cm += confusion_matrix(mask, labels[F - 1], 19)
+    r = evaluate(tiny_ckpt, str(root), split="val", progress=False)
+    np.testing.assert_array_equal(np.array(r["confusion"]), cm)
+    assert r["frames_scored"] == 3 and r["temporal"] is None
+    assert "temporal consistency: n/a" in format_report(r)
+    assert evaluate(tiny_ckpt, str(root), split="val", limit=1, progress=False)["frames_scored"] == 1
+    with pytest.raises(InputError, match="label folder"):
+        evaluate(tiny_ckpt, str(root), split="train", progress=False)
+
+
+def test_eval_cli(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    argv = ["eval", str(tiny_ckpt), "--data", "synthetic:1", "--synthetic-size", f"{H},{W}",
+            "--synthetic-frames", str(F), "--json", str(out), "--no-progress"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert f"{100 * saved['miou']:6.2f}" in printed and "pixel acc" in printed
+    direct = evaluate(tiny_ckpt, "synthetic:1", synthetic_size=(H, W), synthetic_frames=F, progress=False)
+    assert saved["confusion"] == direct["confusion"] and saved["miou"] == pytest.approx(direct["miou"])
+    for bad, message in (([str(tmp_path / "nothing.pth"), "--data", "synthetic"], "neither a checkpoint"),
+                         ([str(tiny_ckpt), "--data", "synthetic:x"], "positive integer"),
+                         ([str(tiny_ckpt), "--data", "synthetic", "--backend", "trt"], "trt backend"),
+                         ([str(tmp_path), "--data", "synthetic"], "not an export directory")):
+        assert cli_main(["eval", *bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_predictor_refuses_bad_mode(tiny_ckpt):
+    with pytest.raises(InputError, match="mode"):
+        Predictor(tiny_ckpt, mode="tiles")

@@ -1,0 +1,131 @@
+"""``tmanet train`` (the paper's recipe, one process or ``torchrun``) and ``tmanet eval`` (IoU, mIoU, pixel
+accuracy, temporal consistency of a checkpoint or an export directory)."""
+from __future__ import annotations
+
+import argparse
+
+DATA_HELP = ("'synthetic' or 'synthetic:N' (N procedural street clips, rendered deterministically), or a folder "
+             "in the Cityscapes video layout (leftImg8bit_sequence/ + gtFine/) or the CamVid layout "
+             "(train/ + trainannot/ ...)")
+
+
+def register(sub):
+    p = sub.add_parser(
+        "train", help="train TMANet (paper recipe; multi-GPU/multi-node through torchrun)",
+        description="Train TMANet with the paper's recipe: SGD momentum 0.9, weight decay 5e-4, poly lr (power "
+                    "0.9, min 1e-4), random resize 0.5-2 / crop / flip, auxiliary FCN loss 0.4, SyncBN on GPUs. "
+                    "Several processes: torchrun --nproc_per_node N -m tmanet.cli train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", help="model preset (required unless --resume), e.g. cityscapes-r18")
+    p.add_argument("--config-override", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="change config fields, values in JSON (base_channels=32 key_channels=32 ...)")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--out", default="runs/train", help="output folder (checkpoints, log.csv, log.json)")
+    p.add_argument("--iters", type=int, default=80000, help="total iterations")
+    p.add_argument("--batch", type=int, default=8, help="global batch (split over the processes)")
+    p.add_argument("--lr", type=float, default=0.01, help="base learning rate")
+    p.add_argument("--crop", help="training crop H,W (default: the preset's slide window, e.g. 769,769)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from latest.pth")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from these weights instead of from scratch")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes per training process")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--log-every", type=int, default=10, help="iterations per log.csv row")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between latest.pth saves")
+    p.add_argument("--keep-every", type=int, default=8000, help="iterations between kept iter_N.pth (0: none)")
+    p.add_argument("--stop-after", type=int, help="end this invocation after N iterations (resume later)")
+    p.add_argument("--synthetic-size", default="256,512", help="synthetic clip size H,W")
+    p.add_argument("--synthetic-frames", type=int, default=12, help="frames per synthetic clip")
+    p.add_argument("--synthetic-degradation", type=float,
+                   help="synthetic clips: per-frame degradation strength 0..1 (default 0.5)")
+    p.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory")
+    p.add_argument("--memory-order", choices=("oldest_first", "newest_first", "current"),
+                   help="frames in the memory slots: oldest_first (official, slot i = frame t-T+i; the default), "
+                        "newest_first (slot i = frame t-1-i) or current (every slot = frame t: a single-frame "
+                        "baseline with the same compute); a resumed run keeps its own")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser(
+        "eval", help="score a checkpoint or export directory: IoU, mIoU, pixel accuracy, temporal consistency",
+        description="Stream labelled clips through the runtime and score the masks. Synthetic clips are streamed "
+                    "from frame 0 and frames t >= T scored (--all-frames: every frame); dataset samples are "
+                    "streamed as their T memory frames then the labelled target.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("source", help="checkpoint (.pth) or export directory (manifest.json + ONNX)")
+    e.add_argument("--data", required=True, help=DATA_HELP)
+    e.add_argument("--split", default="val", help="dataset split (Cityscapes/CamVid layouts)")
+    e.add_argument("--mode", choices=("whole", "slide"), default="whole", help="inference mode")
+    e.add_argument("--stride", help="slide stride H,W (default: the preset's rule)")
+    e.add_argument("--backend", choices=("ort", "torch", "trt"),
+                   help="default: torch for a checkpoint, ort for an export directory")
+    e.add_argument("--device", default="cpu", help="device of the torch/trt backend")
+    e.add_argument("--threads", type=int, help="CPU threads of the backend")
+    e.add_argument("--all-frames", action="store_true", help="synthetic: also score the warm-up frames t < T")
+    e.add_argument("--synthetic-size", help="synthetic clip size H,W (default: the export's size, or 256,512)")
+    e.add_argument("--synthetic-frames", type=int, default=12, help="frames per synthetic clip")
+    e.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory")
+    e.add_argument("--limit", type=int, help="score at most this many clips / samples")
+    e.add_argument("--json", metavar="FILE", help="write the full result (per-class, confusion matrix) here")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=run_eval)
+
+
+def run_train(args) -> int:
+    from tmanet.cli import UserError
+
+    from .trainer import InputError, train
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
+    for name in ("log_every", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.resume and not args.preset:
+        raise UserError("--preset is required to start a run (e.g. --preset cityscapes-r18)")
+    try:
+        summary = train(args.preset, args.data, args.out, iters=args.iters, batch=args.batch, lr=args.lr,
+                        resume=args.resume, crop=args.crop, workers=args.workers, seed=args.seed,
+                        overrides=args.config_override, init=args.init, device=args.device, amp=args.amp,
+                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                        keep_every=args.keep_every or None, stop_after=args.stop_after,
+                        synthetic_size=args.synthetic_size, synthetic_frames=args.synthetic_frames,
+                        frames_dir=args.frames_dir, progress=not args.no_progress,
+                        memory_order=args.memory_order, synthetic_degradation=args.synthetic_degradation)
+    except InputError as e:
+        raise UserError(str(e)) from None
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
+        speed = summary["iters_per_second"]
+        last = summary["last_log"] or {}
+        print(f"trained iterations {summary['start_iter']}..{summary['end_iter']} of {summary['iters']} in "
+              f"{summary['seconds']:.1f} s" + (f" ({speed:.2f} it/s)" if speed else "") +
+              (f", loss {last['loss']:.4f}" if last else "") + f"; checkpoints in {args.out}/")
+    return 0
+
+
+def run_eval(args) -> int:
+    from tmanet.cli import UserError
+
+    from .evaluate import evaluate, format_report, write_json
+    from .trainer import InputError, parse_pair
+    for name in ("limit", "synthetic_frames", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    try:
+        stride = parse_pair(args.stride, "--stride") if args.stride else None
+        result = evaluate(args.source, args.data, mode=args.mode, backend=args.backend, device=args.device,
+                          split=args.split, all_frames=args.all_frames, synthetic_size=args.synthetic_size,
+                          synthetic_frames=args.synthetic_frames, frames_dir=args.frames_dir, limit=args.limit,
+                          threads=args.threads, stride=stride, progress=not args.no_progress)
+    except InputError as e:
+        raise UserError(str(e)) from None
+    print(format_report(result))
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
+    return 0

@@ -1,0 +1,364 @@
+"""Accuracy of a checkpoint or an export directory on labelled clips: IoU, mIoU, pixel accuracy and
+temporal consistency.
+
+The metric functions are pure numpy (:func:`confusion_matrix`, :func:`scores_from_confusion`,
+:class:`FlipCounter`); :func:`evaluate` streams clips through a predictor and accumulates them.
+Predictions always come from the *streaming* path (frame encoder + ring buffer + memory head), the
+way the model is deployed, starting at each clip's first frame (memory warm-up clamps to it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+IGNORE_INDEX = 255
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """``(C, C)`` int64 counts, rows = ground truth, columns = prediction; ``ignore_index`` pixels of the
+    ground truth are left out. Any other ground-truth or predicted value outside ``[0, C)`` is an error
+    (a label map in the wrong numbering would otherwise be scored silently)."""
+    pred = np.asarray(pred)
+    gt = np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    valid = gt != ignore_index
+    g = gt[valid].astype(np.int64)
+    p = pred[valid].astype(np.int64)
+    for name, a in (("ground truth", g), ("prediction", p)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            bad = np.unique(a[(a < 0) | (a >= num_classes)])[:10].tolist()
+            raise ValueError(f"{name} holds class ids {bad} outside 0..{num_classes - 1} "
+                             f"(and not the ignore index {ignore_index})")
+    return np.bincount(g * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def scores_from_confusion(cm: np.ndarray, class_names=None) -> dict:
+    """Per-class IoU (None for a class absent from both ground truth and predictions), mIoU over the
+    classes that are present in either, pixel accuracy and mean class accuracy (over classes in the GT)."""
+    cm = np.asarray(cm, np.int64)
+    tp = np.diag(cm).astype(np.float64)
+    gt_count = cm.sum(1).astype(np.float64)
+    pred_count = cm.sum(0).astype(np.float64)
+    union = gt_count + pred_count - tp
+    total = cm.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        acc = np.where(gt_count > 0, tp / gt_count, np.nan)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(cm))]
+    present = union > 0
+    return {
+        "miou": float(np.mean(iou[present])) if present.any() else None,
+        "pixel_accuracy": float(tp.sum() / total) if total else None,
+        "mean_accuracy": float(np.nanmean(acc)) if (gt_count > 0).any() else None,
+        "per_class": {n: {"iou": None if math.isnan(iou[i]) else float(iou[i]),
+                          "accuracy": None if math.isnan(acc[i]) else float(acc[i]),
+                          "gt_pixels": int(gt_count[i]), "pred_pixels": int(pred_count[i])}
+                      for i, n in enumerate(names)},
+        "classes_scored": int(present.sum()),
+        "pixels": int(total),
+    }
+
+
+@dataclass
+class FlipCounter:
+    """Temporal consistency over consecutive frames of a clip: among the pixels whose ground-truth label
+    does *not* change from frame t-1 to t (both valid), the fraction whose predicted label does change.
+    Flicker that the scene does not explain; lower is better."""
+    ignore_index: int = IGNORE_INDEX
+    stable: int = 0      # pixels whose GT label stays the same
+    flipped: int = 0     # ... of which the prediction changes
+    pairs: int = 0
+    _prev: tuple | None = field(default=None, repr=False)
+
+    def start_clip(self):
+        self._prev = None
+
+    def add(self, pred, gt):
+        """The next frame of the current clip (call :meth:`start_clip` between clips)."""
+        pred, gt = np.asarray(pred), np.asarray(gt)
+        if self._prev is not None:
+            p0, g0 = self._prev
+            if p0.shape != pred.shape:
+                raise ValueError(f"frame size changed within a clip: {p0.shape} -> {pred.shape}")
+            stable = (g0 == gt) & (gt != self.ignore_index)
+            self.stable += int(stable.sum())
+            self.flipped += int((stable & (p0 != pred)).sum())
+            self.pairs += 1
+        self._prev = (pred, gt)
+
+    @property
+    def flip_rate(self) -> float | None:
+        return self.flipped / self.stable if self.stable else None
+
+    def result(self) -> dict:
+        rate = self.flip_rate
+        return {"flip_rate": rate, "temporal_consistency": None if rate is None else 1.0 - rate,
+                "frame_pairs": self.pairs, "stable_pixels": self.stable}
+
+
+def temporal_flip_rate(preds, gts, ignore_index: int = IGNORE_INDEX) -> float | None:
+    """:class:`FlipCounter` over one clip given as sequences of (H, W) maps."""
+    counter = FlipCounter(ignore_index)
+    for p, g in zip(preds, gts, strict=True):
+        counter.add(p, g)
+    return counter.flip_rate
+
+
+# -- predictors ----------------------------------------------------------------------------------------
+def feature_size(config, height: int, width: int) -> tuple[int, int]:
+    """The frame encoder's output size: every stride-2 layer (3x3 pad 1, or the 3x3 max pool pad 1) maps
+    n -> ceil(n / 2); output stride 8 has three of them, 16 four."""
+    h, w = height, width
+    for _ in range(int(round(math.log2(config.output_stride)))):
+        h, w = -(-h // 2), -(-w // 2)
+    return h, w
+
+
+def manifest_for_model(model, height: int, width: int, checkpoint=None) -> dict:
+    """The manifest fields the runtime reads, for a model that was not exported (the torch backend on a
+    checkpoint): the same keys ``export_onnx`` writes."""
+    cfg = model.config
+    return {"config": cfg.to_dict(), "sequence_num": cfg.sequence_num, "key_channels": cfg.key_channels,
+            "value_channels": cfg.value_channels, "num_classes": cfg.num_classes,
+            "class_names": list(cfg.class_names), "palette": [list(c) for c in cfg.palette],
+            "input_size": [height, width], "feature_size": list(feature_size(cfg, height, width)), "batch": 1,
+            "align_corners": cfg.align_corners, "slide_crop": list(cfg.slide_crop),
+            "slide_stride": list(cfg.slide_stride), "checkpoint": str(checkpoint) if checkpoint else None}
+
+
+class Predictor:
+    """Streams clips through the runtime's :class:`StreamingSegmenter` (one per frame size), built from an
+    export directory or from a checkpoint (torch backend on the model itself, or ONNX Runtime on a
+    temporary export of it)."""
+
+    def __init__(self, source, mode: str = "whole", backend: str | None = None, device: str = "cpu",
+                 threads: int | None = None, stride=None):
+        from .trainer import InputError
+        if mode not in ("whole", "slide"):
+            raise InputError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        self.source = Path(source)
+        self.mode, self.device, self.threads, self.stride = mode, device, threads, stride
+        self._segmenters: dict[tuple, object] = {}
+        self._tmp = None
+        if self.source.is_dir():
+            from tmanet.export.manifest import ManifestError, load_manifest
+            try:
+                self.manifest = load_manifest(self.source)
+            except ManifestError as e:
+                raise InputError(str(e)) from None
+            self.kind, self.backend = "export", backend or "ort"
+            self.model = None
+            from tmanet.presets import ModelConfig
+            self.config = ModelConfig.from_dict(self.manifest["config"])
+        elif self.source.is_file():
+            from tmanet.checkpoints import load_model
+            self.kind, self.backend = "checkpoint", backend or "torch"
+            self.model = load_model(self.source)
+            self.config = self.model.config
+            self.manifest = None
+        else:
+            raise InputError(f"{source} is neither a checkpoint file nor an export directory")
+        if self.backend not in ("torch", "ort", "trt"):
+            raise InputError(f"backend must be 'ort', 'torch' or 'trt', got {self.backend!r}")
+        if self.kind == "checkpoint" and self.backend == "trt":
+            raise InputError("the trt backend needs an export directory with engines; a checkpoint runs on "
+                             "'torch' or 'ort'")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def default_size(self) -> tuple[int, int] | None:
+        """The frame size an export serves (None for a checkpoint: any size)."""
+        return tuple(self.manifest["input_size"]) if self.manifest else None
+
+    def _window(self, H: int, W: int) -> tuple[int, int]:
+        if self.mode == "whole":
+            return H, W
+        crop = self.config.slide_crop
+        return min(crop[0], H), min(crop[1], W)
+
+    def segmenter(self, H: int, W: int):
+        """The (reset) segmenter for frames of H x W."""
+        from tmanet.runtime.backends import BackendUnavailable
+
+        from .trainer import InputError
+        key = (H, W)
+        seg = self._segmenters.get(key)
+        if seg is None:
+            try:
+                seg = self._segmenters[key] = self._make_segmenter(H, W)
+            except BackendUnavailable as e:
+                raise InputError(f"backend {self.backend!r}: {e}") from None
+        seg.reset()
+        return seg
+
+    def _make_segmenter(self, H: int, W: int):
+        from tmanet.runtime.segmenter import StreamingSegmenter
+        opts = {"threads": self.threads} if self.threads else {}
+        if self.kind == "export":
+            return StreamingSegmenter.open(self.source, backend=self.backend, device=self.device, mode=self.mode,
+                                           stride=self.stride, max_gap=None, **opts)
+        h, w = self._window(H, W)
+        if self.backend == "torch":  # the model itself behind the runtime: no export needed
+            from tmanet.runtime.backends import TorchBackend
+            manifest = manifest_for_model(self.model, h, w, self.source)
+            engine = TorchBackend(self.source.parent, manifest, self.device, model=self.model, threads=self.threads)
+            return StreamingSegmenter(engine, manifest, mode=self.mode, stride=self.stride, max_gap=None)
+        from tmanet.export import export_onnx  # ort on a checkpoint: a temporary export per window size
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tmanet-eval-")
+        out = export_onnx(self.model, Path(self._tmp.name) / f"{h}x{w}", h, w, checkpoint=self.source, check=False)
+        return StreamingSegmenter.open(out, backend="ort", mode=self.mode, stride=self.stride, max_gap=None, **opts)
+
+    def stream(self, frames) -> Iterator[np.ndarray]:
+        """Masks (H, W) uint8 of a clip's frames, from its first frame on (memory warm-up clamps to it)."""
+        frames = np.asarray(frames)
+        seg = self.segmenter(*frames.shape[1:3])
+        for frame in frames:
+            yield seg.push(frame).mask
+
+    def close(self):
+        for seg in self._segmenters.values():
+            seg.close()
+        self._segmenters.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+def evaluate(source, data, mode: str = "whole", backend: str | None = None, device: str = "cpu",
+             split: str = "val", all_frames: bool = False, synthetic_size=None, synthetic_frames: int = 12,
+             synthetic_count: int = 8, frames_dir=None, limit: int | None = None, threads: int | None = None,
+             stride=None, progress: bool = True) -> dict:
+    """Score ``source`` (a checkpoint ``.pth`` or an export directory) on ``data`` (``synthetic[:N]`` or a
+    Cityscapes / CamVid layout root, its ``split``).
+
+    Synthetic clips are streamed whole from frame 0; frames t >= T are scored (all frames with
+    ``all_frames``) and consecutive scored frames give the temporal consistency. Dataset samples are
+    streamed as their T memory frames then the labelled target, which is scored (one labelled frame per
+    sample: no temporal figure). ``limit`` caps the number of clips / samples. Returns a dict (see the keys
+    below); :func:`format_report` renders it.
+    """
+    from tqdm import tqdm
+
+    from .trainer import SYNTHETIC_VAL_SEED, DataSpec, InputError, open_dataset, parse_data, parse_pair
+    spec = parse_data(data)
+    predictor = Predictor(source, mode, backend, device, threads, stride)
+    cfg = predictor.config
+    T = cfg.sequence_num
+    C = cfg.num_classes
+    cm = np.zeros((C, C), np.int64)
+    flips = FlipCounter()
+    scored = clips = 0
+    started = time.perf_counter()
+    try:
+        if spec.kind == "synthetic":
+            size = parse_pair(synthetic_size, "synthetic size") if synthetic_size is not None else \
+                (predictor.default_size() or (256, 512))
+            count = spec.count or synthetic_count
+            ds = open_dataset(DataSpec("synthetic", count=count if limit is None else min(count, limit)), cfg,
+                              "val", None, 0, size, synthetic_frames, progress=progress)
+            for frames, labels in tqdm(ds.clips, desc="evaluate", unit="clip", disable=not progress):
+                flips.start_clip()
+                for t, mask in enumerate(_stream(predictor, frames)):
+                    if t < T and not all_frames:
+                        continue
+                    cm += confusion_matrix(mask, labels[t], C)
+                    flips.add(mask, labels[t])
+                    scored += 1
+                clips += 1
+        else:
+            ds = open_dataset(spec, cfg, split, None, 0, frames_dir=frames_dir)
+            n = len(ds) if limit is None else min(limit, len(ds))
+            for i in tqdm(range(n), desc="evaluate", unit="sample", disable=not progress):
+                s = ds[i]
+                clip = np.concatenate([np.asarray(s["memory"]), np.asarray(s["image"])[None]])
+                mask = None
+                for mask in _stream(predictor, clip):
+                    pass
+                try:
+                    cm += confusion_matrix(mask, s["label"], C)
+                except ValueError as e:
+                    raise InputError(f"{s.get('label_path', f'sample {i}')}: {e}") from None
+                scored += 1
+                clips += 1
+    finally:
+        predictor.close()
+    seconds = time.perf_counter() - started
+    if not scored:
+        raise InputError(f"--data {data}: nothing to score")
+    result = {
+        "source": str(source), "kind": predictor.kind, "backend": predictor.backend, "mode": mode,
+        "data": str(data), "split": "val" if spec.kind == "synthetic" else split,
+        "clips": clips, "frames_scored": scored, "scored_frames": "all" if all_frames else f"t >= T ({T})",
+        **scores_from_confusion(cm, predictor.class_names),
+        "temporal": flips.result() if spec.kind == "synthetic" else None,
+        "confusion": cm.tolist(), "class_names": predictor.class_names,
+        "seconds": round(seconds, 3),
+    }
+    if spec.kind == "synthetic":
+        result["synthetic"] = {"size": list(size), "frames": synthetic_frames, "first_seed": SYNTHETIC_VAL_SEED}
+    return result
+
+
+def _stream(predictor: Predictor, frames) -> Iterator[np.ndarray]:
+    from .trainer import InputError
+    try:
+        yield from predictor.stream(frames)
+    except ValueError as e:  # the runtime's message for a frame size the export does not serve
+        raise InputError(str(e)) from None
+
+
+def format_report(result: dict) -> str:
+    """A plain-text table: per-class IoU / accuracy of the scored classes, then the summary figures."""
+    def pct(v):
+        return "   -  " if v is None else f"{100 * v:6.2f}"
+    width = max([len(n) for n in result["per_class"]] + [10])
+    lines = [f"{result['kind']} {result['source']}  backend {result['backend']}, mode {result['mode']}",
+             f"data {result['data']} ({result['split']}): {result['clips']} clip(s), {result['frames_scored']} "
+             f"frame(s) scored ({result['scored_frames']}), {result['seconds']:.1f} s",
+             "",
+             f"{'class':<{width}}   IoU %   Acc %   GT px",
+             "-" * (width + 26)]
+    for name, r in result["per_class"].items():
+        if r["iou"] is None:
+            continue
+        lines.append(f"{name:<{width}}  {pct(r['iou'])}  {pct(r['accuracy'])}  {r['gt_pixels']:>7d}")
+    lines.append("-" * (width + 26))
+    lines.append(f"{'mIoU':<{width}}  {pct(result['miou'])}   ({result['classes_scored']} classes present in GT "
+                 f"or predictions)")
+    lines.append(f"{'pixel acc':<{width}}  {pct(result['pixel_accuracy'])}")
+    lines.append(f"{'mean acc':<{width}}  {pct(result['mean_accuracy'])}")
+    tc = result.get("temporal")
+    if tc and tc["flip_rate"] is not None:
+        lines.append(f"{'flip rate':<{width}}  {pct(tc['flip_rate'])}   (predicted label changes where the GT "
+                     f"does not; lower is better; {tc['frame_pairs']} frame pairs)")
+        lines.append(f"{'temporal':<{width}}  {pct(tc['temporal_consistency'])}   (1 - flip rate)")
+    else:
+        lines.append("temporal consistency: n/a (needs consecutive labelled frames: synthetic clips)")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
