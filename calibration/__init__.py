@@ -11,6 +11,8 @@ onnxslim); imports stay lazy so the rest of the toolkit works without it.
 """
 from __future__ import annotations
 
+from tmanet.lazy_exports import lazy_getattr
+
 import logging
 import os
 import shutil
@@ -33,13 +35,7 @@ _LAZY = {
 __all__ = sorted(["calibrate", "resolve_precisions", "CalibrationError", *_LAZY])
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 class CalibrationError(ValueError):

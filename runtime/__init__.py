@@ -5,6 +5,8 @@ onnxruntime / torch only when one is created.
 """
 from __future__ import annotations
 
+from tmanet.lazy_exports import lazy_getattr
+
 _LAZY = {
     "StreamingSegmenter": "segmenter",
     "SegmentResult": "segmenter",
@@ -19,10 +21,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -146,3 +146,33 @@ def small_clip():
     """A 4-frame 64x128 synthetic clip (not set A's)."""
     from tmanet.synthetic_weights import make_clip
     return make_clip(4, 64, 128, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tmp_path_factory, make_tiny_model):
+    """``tiny_export_dir(batch=1, dynamic=False)`` -> a 64x128 export of ``make_tiny_model(0)`` (its
+    checkpoint beside it, for the torch backend), built once per session and shared by the test files."""
+    from tmanet.checkpoints import save_checkpoint
+    from tmanet.export import export_onnx
+    root = tmp_path_factory.mktemp("tiny_exports")
+    model = make_tiny_model(0)
+    ckpt = root / "tiny.pth"
+    save_checkpoint(model, ckpt)
+    built = {}
+
+    def get(batch: int = 1, dynamic: bool = False) -> Path:
+        key = "dynamic" if dynamic else f"batch{batch}"
+        if key not in built:
+            built[key] = export_onnx(model, root / key, 64, 128, batch=batch, dynamic_batch=dynamic,
+                                     checkpoint=ckpt, check=False)
+        return built[key]
+    return get
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on two cores shared with other jobs, OpenMP spin-waits make training ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

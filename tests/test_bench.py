@@ -16,20 +16,8 @@ H, W = 64, 128
 
 
 @pytest.fixture(scope="module")
-def export_b1(tmp_path_factory, make_tiny_model):
-    """The tiny batch-1 export (shared with the other runtime test files through the session temp dir)."""
-    from tmanet.checkpoints import save_checkpoint
-    from tmanet.export import export_onnx
-    root = tmp_path_factory.getbasetemp() / "runtime_tiny_exports"
-    out = root / "batch1"
-    if not (out / "manifest.json").is_file():
-        root.mkdir(exist_ok=True)
-        ckpt = root / "tiny.pth"
-        model = make_tiny_model(0)
-        if not ckpt.is_file():
-            save_checkpoint(model, ckpt)
-        export_onnx(model, out, H, W, checkpoint=ckpt, check=False)
-    return out
+def export_b1(tiny_export_dir):
+    return tiny_export_dir()
 
 
 def check_stats(st):

@@ -18,12 +18,7 @@ from tmanet.training.trainer import SYNTHETIC_VAL_SEED, InputError
 H, W, F = 64, 128, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- metrics on hand-made arrays -----------------------------------------------------------------------

@@ -25,35 +25,19 @@ TINY_ATOL = 1e-4     # tiny model (logit std ~2.4): ORT/torch vs the unsplit mod
 H, W = 64, 128       # export size of the tiny models
 
 
-def tiny_export(tmp_path_factory, make_tiny_model, batch=1, dynamic=False):
-    """A tiny-model export shared by the runtime test files through the session's temp directory."""
-    from tmanet.checkpoints import save_checkpoint
-    from tmanet.export import export_onnx
-    root = tmp_path_factory.getbasetemp() / "runtime_tiny_exports"
-    out = root / ("dynamic" if dynamic else f"batch{batch}")
-    if not (out / "manifest.json").is_file():
-        root.mkdir(exist_ok=True)
-        ckpt = root / "tiny.pth"
-        model = make_tiny_model(0)
-        if not ckpt.is_file():
-            save_checkpoint(model, ckpt)
-        export_onnx(model, out, H, W, batch=batch, dynamic_batch=dynamic, checkpoint=ckpt, check=False)
-    return out
+@pytest.fixture(scope="module")
+def export_b1(tiny_export_dir):
+    return tiny_export_dir()
 
 
 @pytest.fixture(scope="module")
-def export_b1(tmp_path_factory, make_tiny_model):
-    return tiny_export(tmp_path_factory, make_tiny_model)
+def export_b2(tiny_export_dir):
+    return tiny_export_dir(batch=2)
 
 
 @pytest.fixture(scope="module")
-def export_b2(tmp_path_factory, make_tiny_model):
-    return tiny_export(tmp_path_factory, make_tiny_model, batch=2)
-
-
-@pytest.fixture(scope="module")
-def export_dyn(tmp_path_factory, make_tiny_model):
-    return tiny_export(tmp_path_factory, make_tiny_model, dynamic=True)
+def export_dyn(tiny_export_dir):
+    return tiny_export_dir(dynamic=True)
 
 
 @pytest.fixture(scope="module")

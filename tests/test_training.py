@@ -28,13 +28,7 @@ TINY_ARGS = [f"{k}={v}" for k, v in TINY.items()]
 SMALL = dict(crop=(64, 64), workers=0, synthetic_size=(64, 128), synthetic_frames=4, log_every=1, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: one intra-op thread avoids OpenMP spin-waits (10x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_log(path):
