@@ -24,13 +24,16 @@ setup(
         "av>=12",
         "pillow>=10",
         "tqdm>=4.60",
+        # Pure Python; NVIDIA's loaders for TensorRT builds (tensorrt itself imported lazily) and what
+        # ModelOpt AutoCast runs its reference inference with.
+        "polygraphy>=0.49",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         # ModelOpt's ONNX tools without its [onnx] extra (that pulls onnxruntime-gpu + cupy); onnxslim and lief
         # are what modelopt.onnx needs to import. Pinned set: requirements/quant.txt.
         "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes", "onnxslim", "lief"],
-        "tensorrt": ["tensorrt", "polygraphy"],
+        "tensorrt": ["tensorrt"],
     },
     entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},
 )
