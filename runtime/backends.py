@@ -18,6 +18,7 @@ Backends are found by name in :data:`BACKENDS`. A module can add one with :func:
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -220,19 +221,45 @@ def resolve_checkpoint(export_dir: Path, manifest: dict) -> Path:
     return p
 
 
+TORCH_PRECISIONS = ("fp32", "fp16")
+
+
 class TorchBackend(Backend):
     """The PyTorch split (``model.split`` at the export size) rebuilt from the manifest's checkpoint: the
-    reference for the other backends, on the CPU or a CUDA device."""
+    reference for the other backends, on the CPU or a CUDA device.
+
+    CUDA-only options (the GPU path without TensorRT):
+
+    - ``precision="fp16"``: both graphs run under ``torch.autocast("cuda", float16)``. The encoder's outputs
+      are cast back to float32 before they reach the ring, so the ring and the head's memory interface stay
+      float32 whatever the precision; logits are returned as float32.
+    - ``cuda_graphs=True``: the frame encoder is captured into a ``torch.cuda.CUDAGraph`` per batch size
+      (the host frame is copied into a static input, the graph replayed, the static outputs returned). The
+      head is captured lazily once per set of input addresses: its memory inputs are the ring's slot views,
+      which rotate over T+1 phases but are fixed tensors within a phase, and its queries are the encoder
+      graph's static outputs, so after T+1 frames every call replays a ready graph.
+    """
     name = "torch"
 
-    def __init__(self, export_dir, manifest, device="cpu", model=None, threads: int | None = None):
+    def __init__(self, export_dir, manifest, device="cpu", model=None, threads: int | None = None,
+                 precision: str = "fp32", cuda_graphs: bool = False):
         super().__init__(export_dir, manifest, device)
+        # Validate the options before any loading, so a bad option fails fast and clearly.
+        if precision not in TORCH_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+        on_cuda = str(device).startswith("cuda")
+        if precision == "fp16" and not on_cuda:
+            raise ValueError(f"fp16 autocast needs device='cuda' (got device {device!r}); "
+                             "use precision='fp32' on the CPU")
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs needs device='cuda' (got device {device!r}); CUDA graphs "
+                             "capture GPU kernels only")
         import torch
 
         from tmanet.checkpoints import load_model
         from tmanet.presets import ModelConfig
         self.torch = torch
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        if on_cuda and not torch.cuda.is_available():
             raise BackendUnavailable(f"device {device!r} asked for, but torch sees no CUDA device")
         if threads:
             torch.set_num_threads(int(threads))
@@ -240,27 +267,92 @@ class TorchBackend(Backend):
             model = load_model(resolve_checkpoint(self.export_dir, manifest),
                                ModelConfig.from_dict(manifest["config"]))
         self.device_obj = torch.device(device)
+        self.precision = precision
+        self.cuda_graphs = bool(cuda_graphs)
         encoder, head = model.eval().split(self.input_size, query_chunk=manifest.get("query_chunk"))
         self.encoder = encoder.to(self.device_obj)
         self.memory_head = head.to(self.device_obj)
+        self._encoder_graphs: dict[int, tuple] = {}   # batch -> (graph, static input, static outputs)
+        self._head_graphs: dict[tuple, tuple] = {}    # input addresses -> (graph, static outputs)
 
     def zeros(self, shape):
         return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device_obj)
 
+    def _autocast(self):
+        if self.precision == "fp16":
+            # No autocast weight cache under graph capture (the torch docs require it off with CUDA graphs).
+            return self.torch.autocast("cuda", dtype=self.torch.float16, cache_enabled=not self.cuda_graphs)
+        return nullcontext()
+
+    def _run_encoder(self, x):
+        with self._autocast():
+            outs = self.encoder(x)
+        return tuple(o.float() for o in outs)  # the ring is float32 whatever the precision (no-op in fp32)
+
+    def _run_head(self, inputs):
+        with self._autocast():
+            mask, logits = self.memory_head(*inputs)
+        return mask, logits.float()
+
+    def _capture(self, fn, *args):
+        """``fn(*args)`` captured into a CUDA graph -> (graph, static outputs). Warm-up runs go on a side
+        stream first (lazy cuBLAS/cuDNN initialisation must not happen inside the capture)."""
+        torch = self.torch
+        side = torch.cuda.Stream(self.device_obj)
+        side.wait_stream(torch.cuda.current_stream(self.device_obj))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn(*args)
+        torch.cuda.current_stream(self.device_obj).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn(*args)
+        return graph, outputs
+
     def encode(self, frames):
         if not frames.flags.writeable:  # torch wants writable memory even for inputs it only reads
             frames = frames.copy()
-        with self.torch.inference_mode():
-            x = self.torch.from_numpy(frames).to(self.device_obj, non_blocking=True)
-            return self.encoder(x)
+        torch = self.torch
+        with torch.inference_mode():
+            host = torch.from_numpy(frames)
+            if not self.cuda_graphs:
+                return self._run_encoder(host.to(self.device_obj, non_blocking=True))
+            b = frames.shape[0]
+            entry = self._encoder_graphs.get(b)
+            if entry is None:
+                static_in = torch.empty(frames.shape, dtype=torch.uint8, device=self.device_obj)
+                static_in.copy_(host)
+                graph, outputs = self._capture(self._run_encoder, static_in)
+                entry = self._encoder_graphs[b] = (graph, static_in, outputs)
+            graph, static_in, outputs = entry
+            static_in.copy_(host)
+            graph.replay()
+            return outputs  # static buffers, overwritten by the next call (as the interface allows)
 
     def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
+        inputs = (query_key, query_value, *slot_keys, *slot_values)
         with self.torch.inference_mode():
-            mask, out = self.memory_head(query_key, query_value, *slot_keys, *slot_values)
+            if self.cuda_graphs:
+                key = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in inputs)
+                entry = self._head_graphs.get(key)
+                if entry is None:
+                    if len(self._head_graphs) > 256:  # stale addresses after re-allocations: start over
+                        self._head_graphs.clear()
+                    # The graph reads these exact addresses: valid for every later call with the same key.
+                    entry = self._head_graphs[key] = self._capture(self._run_head, inputs)
+                graph, (mask, out) = entry
+                graph.replay()
+            else:
+                mask, out = self._run_head(inputs)
             return mask.cpu().numpy(), (out.cpu().numpy() if logits else None)
 
+    def close(self):
+        self._encoder_graphs.clear()
+        self._head_graphs.clear()
+
     def describe(self):
-        return f"torch {self.torch.__version__} ({self.device_obj}, {self.torch.get_num_threads()} threads)"
+        return (f"torch {self.torch.__version__} ({self.device_obj}, {self.precision}, CUDA graphs "
+                f"{'on' if self.cuda_graphs else 'off'}, {self.torch.get_num_threads()} threads)")
 
 
 register_backend("ort", OrtBackend)

@@ -147,13 +147,15 @@ class OfficialProtocol:
 # -- the benchmark ----------------------------------------------------------------------------------------
 def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int = 50, warmup: int = 5,
               compare_official: bool = False, official_frames: int | None = None, threads: int | None = None,
-              seed: int = 0, progress: bool = True) -> dict:
+              seed: int = 0, progress: bool = True, backend_options: dict | None = None) -> dict:
     """Stream ``warmup + frames`` synthetic frames at the export size and time the last ``frames``.
 
     With ``compare_official`` the official protocol runs on the first ``official_frames`` timed frames,
     interleaved frame by frame with the streaming runtime, so both see the same machine load (timings on a
     shared machine drift over minutes). Its model is loaded before the runtime and the peak-RSS mark is reset
-    after each official frame, so the memory figures are the runtime's alone."""
+    after each official frame, so the memory figures are the runtime's alone. ``backend_options`` go to the
+    backend (e.g. ``precision="fp16"``, ``cuda_graphs=True`` for torch on CUDA); the official protocol always
+    runs in float32 eager."""
     from tqdm import tqdm
 
     from tmanet.export.manifest import load_manifest
@@ -164,7 +166,9 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     H, W = manifest["input_size"]
     streams = 1 if manifest["batch"] == "dynamic" else int(manifest["batch"])
     clip = bench_frames(warmup + frames, H, W, seed)
-    options = {"threads": threads} if threads else {}
+    options = dict(backend_options or {})
+    if threads:
+        options["threads"] = threads
     n_official = min(official_frames or frames, frames) if compare_official else 0
     official = OfficialProtocol(manifest, clip, streams, device, threads) if n_official else None
 
@@ -216,6 +220,7 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         "batch": manifest["batch"],
         "streams": streams,
         "precision": manifest.get("precision"),
+        "backend_options": dict(backend_options or {}),
         "frames": frames,
         "warmup": warmup,
         "fps": streams * 1e3 / total["mean"],

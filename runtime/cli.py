@@ -59,7 +59,29 @@ def _engine_args(p):
                         "named in the manifest); trt: TensorRT engines")
     p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the torch/trt backends")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort/torch (default: all cores)")
+    p.add_argument("--precision", choices=("fp32", "fp16"),
+                   help="torch backend on CUDA: fp16 runs both graphs under autocast (the memory ring stays "
+                        "float32); default fp32")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="torch backend on CUDA: replay the graphs as captured CUDA graphs (trt: on by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _backend_options(args) -> dict:
+    """The backend options of the engine flags; flags that the chosen backend does not take are errors."""
+    from tmanet.cli import UserError
+    options = {}
+    if args.precision is not None:
+        if args.backend != "torch":
+            raise UserError(f"--precision applies to the torch backend only (got --backend {args.backend}; "
+                            "ort runs float32, a TensorRT engine's precision is chosen when it is built)")
+        options["precision"] = args.precision
+    if args.cuda_graphs:
+        if args.backend == "ort":
+            raise UserError("--cuda-graphs needs a CUDA backend (--backend torch --device cuda, or trt); "
+                            "ort runs on the CPU")
+        options["cuda_graphs"] = True
+    return options
 
 
 def _open(args, **kwargs):
@@ -68,7 +90,9 @@ def _open(args, **kwargs):
 
     from .backends import BackendUnavailable
     from .segmenter import StreamingSegmenter
-    options = {"threads": args.threads} if args.threads else {}
+    options = _backend_options(args)
+    if args.threads:
+        options["threads"] = args.threads
     try:
         return StreamingSegmenter.open(args.export_dir, backend=args.backend, device=args.device, **kwargs,
                                        **options)
@@ -86,6 +110,7 @@ def run_command(args) -> int:
     from .video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
     if not (args.output or args.save_masks or args.save_logits):
         log.info("no --output, --save-masks or --save-logits: segmenting without writing results")
+    _backend_options(args)  # flag errors before any file is opened
     if not 0 <= args.alpha <= 1:
         raise UserError(f"--alpha must be in 0..1, got {args.alpha}")
     if args.stride and len(args.stride) not in (1, 2):
@@ -146,11 +171,12 @@ def bench_command(args) -> int:
 
     from .backends import BackendUnavailable
     from .bench import format_report, plot_report, run_bench, write_json
+    options = _backend_options(args)
     try:
         report = run_bench(args.export_dir, backend=args.backend, device=args.device, frames=args.frames,
                            warmup=args.warmup, compare_official=args.compare_official,
                            official_frames=args.official_frames, threads=args.threads, seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, backend_options=options)
     except (ManifestError, BackendUnavailable, ValueError) as e:
         raise UserError(str(e)) from None
     print(format_report(report))

@@ -86,3 +86,17 @@ def test_bench_command_writes_json_and_plot(export_b1, tmp_path, capsys):
     im = Image.open(tmp_path / "b.png")
     assert im.format == "PNG" and im.size[0] > 100
     assert main(["bench", str(export_b1), "--frames", "0", "--no-progress"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", [[], ["--precision", "fp16", "--cuda-graphs"]])
+def test_bench_torch_cuda_compare_official(export_b1, tmp_path, flags):
+    out = tmp_path / "cuda.json"
+    assert main(["bench", str(export_b1), "--backend", "torch", "--device", "cuda", "--frames", "4",
+                 "--warmup", "2", "--compare-official", "--json", str(out), "--no-progress"] + flags) == 0
+    r = json.loads(out.read_text())
+    assert r["device"] == "cuda" and r["speedup_vs_official"] > 0
+    assert r["mask_agreement_vs_official"] > (0.99 if flags else 0.999)
+    if flags:
+        assert r["backend_options"] == {"precision": "fp16", "cuda_graphs": True}
+        assert "fp16" in r["backend_detail"] and "CUDA graphs on" in r["backend_detail"]

@@ -453,3 +453,94 @@ def test_runtime_package_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "StreamingSegmenter"
+
+
+# -- torch backend options: fp16 autocast and CUDA graphs (CUDA only) --------------------------------------
+@pytest.mark.parametrize("options, message", [
+    ({"precision": "fp16"}, "fp16 autocast needs device='cuda'"),
+    ({"cuda_graphs": True}, "cuda_graphs needs device='cuda'"),
+    ({"precision": "bf16"}, "precision must be one of fp32, fp16"),
+])
+def test_torch_cuda_options_are_rejected_on_cpu(export_b1, options, message):
+    with pytest.raises(ValueError, match=message):
+        StreamingSegmenter.open(export_b1, backend="torch", device="cpu", **options)
+
+
+def test_torch_describe_records_precision_and_graphs(export_b1):
+    seg = StreamingSegmenter.open(export_b1, backend="torch")
+    assert "fp32" in seg.backend.describe() and "CUDA graphs off" in seg.backend.describe()
+
+
+@pytest.mark.parametrize("flags, message", [(["--precision", "fp16"], "--precision applies to the torch"),
+                                            (["--cuda-graphs"], "--cuda-graphs needs a CUDA backend")])
+def test_cli_rejects_torch_cuda_flags_with_ort(export_b1, tmp_path, capsys, flags, message):
+    from tmanet.cli import main
+    clip = tmp_path / "clip.npy"
+    np.save(clip, make_clip(2, H, W, 3))
+    for cmd in (["run", str(export_b1), "--input", str(clip), "--backend", "ort"],
+                ["bench", str(export_b1), "--frames", "1", "--backend", "ort"]):
+        assert main(cmd + flags + ["--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def gpu_stream(export_dir, clip, **options):
+    seg = StreamingSegmenter.open(export_dir, backend="torch", device="cuda", return_logits=True, **options)
+    try:
+        return [seg.push(f) for f in clip]
+    finally:
+        seg.close()
+
+
+@pytest.fixture(scope="module")
+def long_clip():
+    return make_clip(2 * 2 + 2, H, W, 21)  # 2T+2 frames for T=2: every ring phase, twice over
+
+
+@pytest.mark.gpu
+def test_torch_cuda_fp32_matches_ort_cpu(export_b1, long_clip):
+    ort_seg = StreamingSegmenter.open(export_b1, backend="ort", return_logits=True)
+    want = [ort_seg.push(f) for f in long_clip]
+    got = gpu_stream(export_b1, long_clip, precision="fp32")
+    assert max_abs([r.logits for r in got], [r.logits for r in want]) <= 1e-3
+    for g, w in zip(got, want):
+        assert g.logits.dtype == np.float32 and g.mask.dtype == np.uint8
+        sure = top2_margin(w.logits) >= MASK_MARGIN
+        assert np.array_equal(g.mask[sure], w.mask[sure])
+
+
+@pytest.mark.gpu
+def test_torch_cuda_fp16_autocast_agrees_with_fp32(export_b1, long_clip):
+    fp32 = gpu_stream(export_b1, long_clip)
+    fp16 = gpu_stream(export_b1, long_clip, precision="fp16")
+    for a, b in zip(fp32, fp16):
+        assert b.logits.dtype == np.float32 and b.mask.dtype == np.uint8
+        assert np.mean(a.mask == b.mask) >= 0.99
+    seg = StreamingSegmenter.open(export_b1, backend="torch", device="cuda", precision="fp16")
+    seg.push(long_clip[0])
+    assert all(r.keys.dtype == torch.float32 and r.values.dtype == torch.float32 for r in seg.rings)
+    assert "fp16" in seg.backend.describe()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_torch_cuda_graphs_match_eager(export_b1, long_clip, precision):
+    eager = gpu_stream(export_b1, long_clip, precision=precision)
+    seg = StreamingSegmenter.open(export_b1, backend="torch", device="cuda", return_logits=True,
+                                  precision=precision, cuda_graphs=True)
+    graphed = [seg.push(f) for f in long_clip]
+    assert "CUDA graphs on" in seg.backend.describe()
+    T = 2
+    assert len(seg.backend._head_graphs) == T + 1  # one head graph per ring phase, then only replays
+    # The same kernels replayed: equal up to reduction-order noise (bitwise equality is typical but
+    # cuDNN/cuBLAS do not promise it across capture).
+    tol, margin = (1e-5, 1e-3) if precision == "fp32" else (1e-2, 5e-2)
+    for a, b in zip(eager, graphed):
+        assert max_abs(a.logits, b.logits) <= tol
+        sure = top2_margin(a.logits) >= margin
+        assert np.array_equal(a.mask[sure], b.mask[sure])
+    # A reset stream re-warms the same ring in place: still the captured graphs, still the eager answer.
+    seg.reset(0)
+    again = seg.push(long_clip[0])
+    assert len(seg.backend._head_graphs) == T + 1
+    assert max_abs(again.logits, gpu_stream(export_b1, long_clip[:1], precision=precision)[0].logits) <= tol
+    seg.close()
