@@ -24,7 +24,8 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tmanet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tmanet", description="TMANet video segmentation: export, run, "
+                                     "benchmark, calibrate, build TensorRT engines, train, evaluate.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
