@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tmanet.training.evaluate import confusion_matrix, scores_from_confusion
+
 log = logging.getLogger("tmanet")
 
-IGNORE_LABEL = 255
 # Pixel agreement with the float32 export that a lower-precision export must reach.
 TARGETS = {"fp16": 0.999, "int8": 0.99}
 
@@ -78,23 +79,11 @@ def open_labels(source):
     return len(labels), lambda i: np.asarray(labels[i])
 
 
-def confusion(label: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    valid = label != IGNORE_LABEL
-    lab = label[valid].astype(np.int64)
-    if lab.size and lab.max() >= num_classes:
-        raise CompareError(f"label value {int(lab.max())} is not a class id (0..{num_classes - 1}) nor the ignore "
-                           f"value {IGNORE_LABEL}")
-    return np.bincount(lab * num_classes + pred[valid].astype(np.int64),
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def iou_from_confusion(conf: np.ndarray) -> tuple[float, list]:
+def _miou(conf: np.ndarray) -> tuple[float, list]:
     """(mIoU over the classes present in labels or predictions, per-class IoU with None for absent)."""
-    inter = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - inter
-    iou = [float(i / u) if u > 0 else None for i, u in zip(inter, union)]
-    present = [v for v in iou if v is not None]
-    return (float(np.mean(present)) if present else float("nan")), iou
+    scores = scores_from_confusion(conf)
+    miou = scores["miou"]
+    return (float("nan") if miou is None else miou), [c["iou"] for c in scores["per_class"].values()]
 
 
 # -- comparison ---------------------------------------------------------------------------------------------
@@ -197,7 +186,10 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
                 if label.shape != ra.mask.shape:
                     raise CompareError(f"label map {i} is {label.shape[0]}x{label.shape[1]}, the frames are "
                                        f"{ra.mask.shape[0]}x{ra.mask.shape[1]}")
-                ca, cb = confusion(label, ra.mask, C), confusion(label, rb.mask, C)
+                try:
+                    ca, cb = confusion_matrix(ra.mask, label, C), confusion_matrix(rb.mask, label, C)
+                except ValueError as e:
+                    raise CompareError(f"label map {i} holds a value that is not a class id: {e}") from None
                 conf_a = ca if conf_a is None else conf_a + ca
                 conf_b = cb if conf_b is None else conf_b + cb
     finally:
@@ -222,8 +214,8 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
         "labels": None,
     }
     if conf_a is not None:
-        miou_a, iou_a = iou_from_confusion(conf_a)
-        miou_b, iou_b = iou_from_confusion(conf_b)
+        miou_a, iou_a = _miou(conf_a)
+        miou_b, iou_b = _miou(conf_b)
         result["labels"] = {"source": str(labels), "frames": len(per_frame), "miou_a": miou_a, "miou_b": miou_b,
                             "iou_a": iou_a, "iou_b": iou_b}
     return result

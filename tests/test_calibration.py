@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 
 from tmanet.calibration import CalibrationError, calibrate
-from tmanet.calibration.compare import (CompareError, compare_exports, confusion, format_table,
-                                        iou_from_confusion, target_agreement)
+from tmanet.calibration.compare import CompareError, _miou, compare_exports, format_table, target_agreement
+from tmanet.training.evaluate import confusion_matrix
 from tmanet.calibration.precision import (FLOAT, FLOAT16, attention_nodes, convert_fp16, io_signature,
                                           node_compute_types)
 from tmanet.calibration.quantize import (CalibrationDataError, SampleReader, build_samples, frame_streams,
@@ -309,15 +309,15 @@ def test_compare_identical_dirs_and_miou(tiny_export, clip_file, tmp_path):
 def test_confusion_and_iou():
     label = np.array([[0, 0, 1, 255], [2, 2, 1, 1]], np.uint8)
     pred = np.array([[0, 1, 1, 2], [2, 0, 1, 1]], np.uint8)
-    conf = confusion(label, pred, 3)
+    conf = confusion_matrix(pred, label, 3)  # the metric compare shares with tmanet eval
     assert conf.tolist() == [[1, 1, 0], [0, 3, 0], [1, 0, 1]]
-    miou, iou = iou_from_confusion(conf)
+    miou, iou = _miou(conf)
     assert iou == [pytest.approx(1 / 3), pytest.approx(3 / 4), pytest.approx(1 / 2)]
     assert miou == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
-    _, iou4 = iou_from_confusion(confusion(label, pred, 4))
+    _, iou4 = _miou(confusion_matrix(pred, label, 4))
     assert iou4[3] is None  # absent class: not averaged
-    with pytest.raises(CompareError, match="not a class id"):
-        confusion(np.array([[7]], np.uint8), np.array([[0]], np.uint8), 3)
+    with pytest.raises(ValueError, match=r"ground truth holds class ids \[7\] outside 0..2"):
+        confusion_matrix(np.array([[0]], np.uint8), np.array([[7]], np.uint8), 3)
     assert target_agreement({"frame_encoder": "int8", "memory_head": "fp16"}) == 0.99
     assert target_agreement({"frame_encoder": "fp32", "memory_head": "fp16"}) == 0.999
     assert target_agreement({"frame_encoder": "fp32", "memory_head": "fp32"}) is None
