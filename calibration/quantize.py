@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tmanet.export.manifest import FRAME_ENCODER, head_input_names
+
 from .precision import (PrecisionError, attention_nodes, check_io_kept, name_unnamed_nodes, quiet, require_modelopt,
                         summarize, tools_log_level)
 
@@ -101,11 +103,6 @@ def frame_streams(source, input_size, manifest: dict | None = None, num: int | N
 
 
 # -- calibration samples ------------------------------------------------------------------------------------
-def head_input_names(sequence_num: int) -> list[str]:
-    from tmanet.export.onnx_export import head_input_names as names
-    return names(sequence_num)
-
-
 @dataclass
 class CalibrationSamples:
     """One sample per (stream, frame): ``frames`` for the frame graph and the memory head's inputs, each a
@@ -146,7 +143,6 @@ def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=Non
     a real stream and are dropped), like the runtime."""
     from tqdm import tqdm
 
-    from tmanet.export.manifest import FRAME_ENCODER
     from tmanet.runtime.ring_buffer import MemoryRing
     T = int(manifest["sequence_num"])
     H, W = (int(s) for s in manifest["input_size"])

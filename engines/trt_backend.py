@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tmanet.export.manifest import ENCODER_OUTPUTS, HEAD_OUTPUTS, head_input_names
 from tmanet.runtime.backends import Backend, BackendUnavailable, register_backend
 
 from .build import TensorRTNotInstalled, require_tensorrt, trt_dtype_name
@@ -43,8 +44,6 @@ from .versioning import check_compatible
 
 log = logging.getLogger("tmanet")
 
-ENCODER_OUTPUTS = ("query_key", "query_value", "memory_key", "memory_value")
-HEAD_OUTPUTS = ("mask", "logits")
 MAX_GRAPHS = 64        # per engine; beyond it the addresses have changed (new rings): start over
 
 
@@ -54,11 +53,6 @@ class TensorRTBackendUnavailable(TensorRTNotInstalled, BackendUnavailable):
 
 class TrtBackendError(BackendUnavailable):
     """The TensorRT backend cannot run here (no CUDA device, engines that do not fit the export)."""
-
-
-def head_input_names(T: int) -> list[str]:
-    return (["query_key", "query_value"] + [f"memory_key_{i}" for i in range(T)]
-            + [f"memory_value_{i}" for i in range(T)])
 
 
 _TRT_LOGGER = None

@@ -11,6 +11,14 @@ MANIFEST = "manifest.json"
 FORMAT = "tmanet-trt-onnx/1"
 FRAME_ENCODER = "frame_encoder.onnx"
 MEMORY_HEAD = "memory_head.onnx"
+# The graphs' I/O names: the contract between export, the runtime backends, calibration and TensorRT.
+ENCODER_OUTPUTS = ["query_key", "query_value", "memory_key", "memory_value"]
+HEAD_OUTPUTS = ["mask", "logits"]
+
+
+def head_input_names(sequence_num: int) -> list[str]:
+    return (["query_key", "query_value"] + [f"memory_key_{i}" for i in range(sequence_num)]
+            + [f"memory_value_{i}" for i in range(sequence_num)])
 
 
 class ManifestError(ValueError):

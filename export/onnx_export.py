@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .manifest import FORMAT, FRAME_ENCODER, MEMORY_HEAD, file_entries, library_versions, write_manifest
+from .manifest import (ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, file_entries,
+                       head_input_names, library_versions, write_manifest)
 
 log = logging.getLogger("tmanet")
 
@@ -26,15 +27,6 @@ DEFAULT_TOLERANCE = 1e-4
 
 class ExportCheckError(RuntimeError):
     """ONNX Runtime does not reproduce torch on the check frames."""
-
-
-def head_input_names(sequence_num: int) -> list[str]:
-    return (["query_key", "query_value"] + [f"memory_key_{i}" for i in range(sequence_num)]
-            + [f"memory_value_{i}" for i in range(sequence_num)])
-
-
-ENCODER_OUTPUTS = ["query_key", "query_value", "memory_key", "memory_value"]
-HEAD_OUTPUTS = ["mask", "logits"]
 
 
 def _export(module, args, path, input_names, output_names, dynamic_batch, varargs_from=None):

@@ -24,10 +24,8 @@ from typing import Callable
 
 import numpy as np
 
-FRAME_ENCODER = "frame_encoder.onnx"
-MEMORY_HEAD = "memory_head.onnx"
-ENCODER_OUTPUTS = ("query_key", "query_value", "memory_key", "memory_value")
-HEAD_OUTPUTS = ("mask", "logits")
+from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
+
 
 
 class BackendUnavailable(RuntimeError):
@@ -139,8 +137,7 @@ class OrtBackend(Backend):
         self.encoder = ort.InferenceSession(str(self.export_dir / FRAME_ENCODER), opts, providers=providers)
         self.memory_head = ort.InferenceSession(str(self.export_dir / MEMORY_HEAD), opts, providers=providers)
         T = self.sequence_num
-        self.head_inputs = (["query_key", "query_value"] + [f"memory_key_{i}" for i in range(T)]
-                            + [f"memory_value_{i}" for i in range(T)])
+        self.head_inputs = head_input_names(T)
         got = [i.name for i in self.memory_head.get_inputs()]
         if got != self.head_inputs:
             raise ValueError(f"{self.export_dir / MEMORY_HEAD}: inputs {got}, expected {self.head_inputs}")
