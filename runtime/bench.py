@@ -5,7 +5,9 @@ and frames, timed in the same process so the speedup is a ratio of two measureme
 Memory: the process's peak resident set size (RSS), which is what counts for ONNX Runtime's arenas and
 torch's allocator alike (tracemalloc sees neither). On Linux the high-water mark is reset before each stage
 (``/proc/self/clear_refs``), so each stage's peak above the RSS at its start is measured on its own;
-elsewhere only the whole run's peak is reported (``ru_maxrss``, which cannot be reset).
+elsewhere only the whole run's peak is reported (``ru_maxrss``, which cannot be reset). On a CUDA device the
+torch allocator's peak is reported too: the runtime's device memory (weights, ring, activations, graph pools)
+above what was allocated before it was opened, and an official frame's transient peak on its own.
 """
 from __future__ import annotations
 
@@ -93,6 +95,24 @@ class ProfilingTimer(StageTimer):
         self.stage_peak[stage] = max(self.stage_peak[stage], peak - before)
 
 
+class CudaMemoryProbe:
+    """Peak bytes held by torch's CUDA allocator, resettable between the runtime's and the official's work."""
+
+    def __init__(self, device: str):
+        import torch
+        self.cuda, self.device = torch.cuda, torch.device(device)
+
+    def reset(self) -> int:
+        """Synchronize, restart the peak at the current allocation and return that allocation."""
+        self.cuda.synchronize(self.device)
+        self.cuda.reset_peak_memory_stats(self.device)
+        return self.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        self.cuda.synchronize(self.device)
+        return self.cuda.max_memory_allocated(self.device)
+
+
 # -- statistics -------------------------------------------------------------------------------------------
 def summarize(ms) -> dict:
     a = np.asarray(ms, np.float64)
@@ -172,6 +192,9 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     n_official = min(official_frames or frames, frames) if compare_official else 0
     official = OfficialProtocol(manifest, clip, streams, device, threads) if n_official else None
 
+    gpu = CudaMemoryProbe(device) if backend == "torch" and device.startswith("cuda") else None
+    gpu_before = gpu.reset() if gpu else 0
+    gpu_peak = gpu_official_peak = 0
     probe = RssProbe()
     probe.reset_peak()
     rss_before = probe.current()
@@ -197,10 +220,16 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
             for s in STAGES:
                 stages[s].append(timer.last[s] * 1e3)
             masks.append(res[0].mask)
+        if gpu:
+            gpu_peak = max(gpu_peak, gpu.peak())
         if official is not None and (i == warmup - 1 or warmup <= i < warmup + n_official):
             timer.overall_peak = max(timer.overall_peak, probe.peak())
+            start_bytes = gpu.reset() if gpu else 0
             mask, ms = official.frame(i)
             probe.reset_peak()  # the official model's transient memory is not the runtime's
+            if gpu:
+                gpu_official_peak = max(gpu_official_peak, gpu.peak() - start_bytes)
+                gpu.reset()
             if i >= warmup:     # the frame before the timed ones warms the official model up
                 official_ms.append(ms)
                 agreement.append(float(np.mean(mask == res[0].mask)))
@@ -231,6 +260,7 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         "loaded_memory_mb": (rss_loaded - rss_before) / MB,
         "stage_peak_memory_mb": ({s: v / MB for s, v in timer.stage_peak.items()} if probe.resettable else None),
         "memory_method": probe.method,
+        "cuda_peak_memory_mb": (gpu_peak - gpu_before) / MB if gpu else None,
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
     }
@@ -244,6 +274,8 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         report["speedup_vs_official_all_frames"] = report["fps"] / report["official_fps"]
         report["mask_agreement_vs_official"] = float(np.mean(agreement))
         report["official_threads"] = official.torch.get_num_threads()
+        if gpu:
+            report["official_cuda_peak_memory_mb"] = gpu_official_peak / MB
     return report
 
 
@@ -267,9 +299,14 @@ def format_report(r: dict) -> str:
     lines.append(f"throughput    {r['fps']:.2f} frames/s")
     lines.append(f"peak memory   {r['peak_memory_mb']:.0f} MB above the start ({r['peak_rss_mb']:.0f} MB RSS; "
                  f"{r['loaded_memory_mb']:.0f} MB after loading)")
+    if r.get("cuda_peak_memory_mb") is not None:
+        lines.append(f"CUDA memory   {r['cuda_peak_memory_mb']:.0f} MB peak allocated by the runtime (weights, ring, "
+                     f"activations)")
     if "official_fps" in r:
         lines.append(f"official      {r['official_fps']:.2f} frames/s (torch eager, backbone on 1+T frames, "
                      f"{r['official_frames']} frames, p50 {r['official_latency_ms']['p50']:.1f} ms)")
+        if r.get("official_cuda_peak_memory_mb") is not None:
+            lines.append(f"official CUDA {r['official_cuda_peak_memory_mb']:.0f} MB transient peak per frame")
         lines.append(f"speedup       {r['speedup_vs_official']:.2f}x vs official (same frames, interleaved); "
                      f"masks agree on {100 * r['mask_agreement_vs_official']:.3f}% of pixels")
     return "\n".join(lines)

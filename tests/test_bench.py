@@ -20,6 +20,13 @@ def export_b1(tiny_export_dir):
     return tiny_export_dir()
 
 
+def export_ring_bytes(export_dir) -> int:
+    """Bytes of one ring entry (one frame's memory key + value) of an export, from its manifest."""
+    m = json.loads((export_dir / "manifest.json").read_text())
+    h, w = m["feature_size"]
+    return 4 * h * w * (m["key_channels"] + m["value_channels"])
+
+
 def check_stats(st):
     assert st["min"] <= st["p50"] <= st["p90"] <= st["p99"] <= st["max"]
     assert st["min"] <= st["mean"] <= st["max"]
@@ -56,6 +63,7 @@ def test_bench_report_is_consistent(export_b1):
     assert r["speedup_vs_official"] == pytest.approx(r["fps"] / r["official_fps"])  # the same 4 frames
     assert r["speedup_vs_official_all_frames"] == pytest.approx(r["speedup_vs_official"])
     assert r["mask_agreement_vs_official"] > 0.999
+    assert r["cuda_peak_memory_mb"] is None and "official_cuda_peak_memory_mb" not in r  # a CPU run
     json.dumps(r)  # serialisable as it is
 
 
@@ -97,6 +105,10 @@ def test_bench_torch_cuda_compare_official(export_b1, tmp_path, flags):
     r = json.loads(out.read_text())
     assert r["device"] == "cuda" and r["speedup_vs_official"] > 0
     assert r["mask_agreement_vs_official"] > (0.99 if flags else 0.999)
+    # Device memory: the runtime holds at least its ring (T+1 positions x T slots of key and value features).
+    ring_mb = (r["sequence_num"] + 1) * r["sequence_num"] * export_ring_bytes(export_b1) / 2**20
+    assert ring_mb <= r["cuda_peak_memory_mb"] < 4096
+    assert 0 < r["official_cuda_peak_memory_mb"] < 4096
     if flags:
         assert r["backend_options"] == {"precision": "fp16", "cuda_graphs": True}
         assert "fp16" in r["backend_detail"] and "CUDA graphs on" in r["backend_detail"]
