@@ -18,6 +18,7 @@ Backends are found by name in :data:`BACKENDS`. A module can add one with :func:
 from __future__ import annotations
 
 import importlib
+import logging
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ import numpy as np
 
 from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
 
+log = logging.getLogger("tmanet")
 
 
 class BackendUnavailable(RuntimeError):
@@ -235,11 +237,15 @@ class TorchBackend(Backend):
       head is captured lazily once per set of input addresses: its memory inputs are the ring's slot views,
       which rotate over T+1 phases but are fixed tensors within a phase, and its queries are the encoder
       graph's static outputs, so after T+1 frames every call replays a ready graph.
+    - ``fused_attention`` (default: on with CUDA): the head's memory read runs as one fused attention kernel
+      (``scaled_dot_product_attention``, scale 1) instead of chunked matmul + softmax + matmul, so the
+      (h*w) x (T*h*w) score matrix never reaches device memory. Checked at open on the real channel widths
+      and dtype; where no fused kernel takes them the head reads in chunks and ``describe()`` says so.
     """
     name = "torch"
 
     def __init__(self, export_dir, manifest, device="cpu", model=None, threads: int | None = None,
-                 precision: str = "fp32", cuda_graphs: bool = False):
+                 precision: str = "fp32", cuda_graphs: bool = False, fused_attention: bool | None = None):
         super().__init__(export_dir, manifest, device)
         # Validate the options before any loading, so a bad option fails fast and clearly.
         if precision not in TORCH_PRECISIONS:
@@ -251,6 +257,9 @@ class TorchBackend(Backend):
         if cuda_graphs and not on_cuda:
             raise ValueError(f"cuda_graphs needs device='cuda' (got device {device!r}); CUDA graphs "
                              "capture GPU kernels only")
+        if fused_attention and not on_cuda:
+            raise ValueError(f"fused_attention needs device='cuda' (got device {device!r}); torch has no fused "
+                             "CPU kernel for the memory read")
         import torch
 
         from tmanet.checkpoints import load_model
@@ -269,11 +278,26 @@ class TorchBackend(Backend):
         encoder, head = model.eval().split(self.input_size, query_chunk=manifest.get("query_chunk"))
         self.encoder = encoder.to(self.device_obj)
         self.memory_head = head.to(self.device_obj)
+        self.memory_head.fused_attention = on_cuda and fused_attention is not False and self._fused_kernel_fits()
+        if on_cuda and fused_attention is not False and not self.memory_head.fused_attention:
+            log.warning("no fused attention kernel takes this head's inputs (%d key, %d value channels, %s): "
+                           "the memory read runs in chunks", self.key_channels, self.value_channels, precision)
         self._encoder_graphs: dict[int, tuple] = {}   # batch -> (graph, static input, static outputs)
         self._head_graphs: dict[tuple, tuple] = {}    # input addresses -> (graph, static outputs)
 
     def zeros(self, shape):
         return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device_obj)
+
+    def _fused_kernel_fits(self) -> bool:
+        """Whether a fused attention kernel takes the head's channel widths in its precision: which kernel
+        applies depends on widths, dtype and alignment, not on the number of positions, so a few suffice."""
+        from tmanet.model.tma_head import fused_read
+        torch = self.torch
+        q = torch.zeros(1, 8, self.key_channels, device=self.device_obj)
+        k = torch.zeros(1, self.key_channels, 16, device=self.device_obj)
+        v = torch.zeros(1, 16, self.value_channels, device=self.device_obj)
+        with torch.inference_mode(), self._autocast():
+            return fused_read(q, k, v) is not None
 
     def _autocast(self):
         if self.precision == "fp16":
@@ -348,8 +372,10 @@ class TorchBackend(Backend):
         self._head_graphs.clear()
 
     def describe(self):
+        on = {True: "on", False: "off"}
         return (f"torch {self.torch.__version__} ({self.device_obj}, {self.precision}, CUDA graphs "
-                f"{'on' if self.cuda_graphs else 'off'}, {self.torch.get_num_threads()} threads)")
+                f"{on[self.cuda_graphs]}, fused attention {on[self.memory_head.fused_attention]}, "
+                f"{self.torch.get_num_threads()} threads)")
 
 
 register_backend("ort", OrtBackend)

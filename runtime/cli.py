@@ -64,6 +64,9 @@ def _engine_args(p):
                         "float32); default fp32")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend on CUDA: replay the graphs as captured CUDA graphs (trt: on by default)")
+    p.add_argument("--no-fused-attention", action="store_true",
+                   help="torch backend on CUDA: read the memory with chunked matmul + softmax instead of the fused "
+                        "attention kernel (the default there)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -81,6 +84,10 @@ def _backend_options(args) -> dict:
             raise UserError("--cuda-graphs needs a CUDA backend (--backend torch --device cuda, or trt); "
                             "ort runs on the CPU")
         options["cuda_graphs"] = True
+    if args.no_fused_attention:
+        if args.backend != "torch":
+            raise UserError(f"--no-fused-attention applies to the torch backend only (got --backend {args.backend})")
+        options["fused_attention"] = False
     return options
 
 

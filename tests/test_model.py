@@ -8,7 +8,8 @@ import torch
 from tmanet.model import TMANet
 from tmanet.model.resnet import ResNetV1c
 from tmanet.model.slide import slide_windows
-from tmanet.model.tma_head import memory_read
+from tmanet.model import tma_head
+from tmanet.model.tma_head import fused_read, memory_read
 from tmanet.presets import get_preset
 from tmanet.synthetic_weights import make_clip, read_manifest
 
@@ -99,6 +100,55 @@ def test_chunked_memory_read_equals_unchunked(monkeypatch):
     attn = torch.softmax(torch.einsum("bcq,bcm->bqm", q.flatten(2), keys), -1)
     ref = torch.einsum("bqm,bcm->bcq", attn, values).reshape(2, cv, h, w)
     assert_close(full, ref, rel=1e-5, what="memory read vs einsum reference")
+
+
+
+# -- fused attention read (CUDA) ------------------------------------------------------------------------
+def random_read_inputs(device, n=2048, s=4096, ck=64, cv=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, n, ck, generator=g) * 0.3   # scores of a few nats: neither one-hot nor uniform
+    k = torch.randn(1, ck, s, generator=g) * 0.3
+    v = torch.randn(1, s, cv, generator=g)
+    return q.to(device), k.to(device), v.to(device)
+
+
+def test_fused_read_declines_the_cpu_and_memory_read_falls_back():
+    q, k, v = random_read_inputs("cpu", n=32, s=48, ck=8, cv=12)
+    assert fused_read(q, k, v) is None
+    qk = q.transpose(1, 2).reshape(1, 8, 4, 8)
+    mks = [k[..., :24].reshape(1, 8, 4, 6), k[..., 24:].reshape(1, 8, 4, 6)]
+    mvs = [v[:, :24].transpose(1, 2).reshape(1, 12, 4, 6), v[:, 24:].transpose(1, 2).reshape(1, 12, 4, 6)]
+    assert torch.equal(memory_read(qk, mks, mvs, fused=True), memory_read(qk, mks, mvs))
+
+
+def test_memory_head_never_fuses_inside_an_onnx_export(make_tiny_model, monkeypatch):
+    model = make_tiny_model(seed=1)
+    _, head = model.split((64, 128))
+    calls = []
+    monkeypatch.setattr(tma_head, "fused_read", lambda *a: calls.append(1))  # declines, as on the CPU
+    T, ck, cv = model.config.sequence_num, model.config.key_channels, model.config.value_channels
+    inputs = [torch.randn(1, ck, 8, 16), torch.randn(1, cv, 8, 16)] + \
+             [torch.randn(1, ck, 8, 16) for _ in range(T)] + [torch.randn(1, cv, 8, 16) for _ in range(T)]
+    head(*inputs)
+    assert calls == []                    # off unless the runtime turns it on
+    head.fused_attention = True
+    head(*inputs)
+    assert calls == [1]
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    head(*inputs)
+    assert calls == [1]                   # an exported graph keeps the portable matmul/softmax
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_fused_read_matches_float64_on_cuda(dtype, rel):
+    q, k, v = random_read_inputs("cuda")
+    want = torch.softmax(q.double() @ k.double(), -1) @ v.double()
+    got = fused_read(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert got is not None, "no fused attention kernel for Ck=64, Cv=256 on this GPU"
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    assert_close(got.cpu(), want.cpu(), rel=rel, what=f"fused read {dtype}")
 
 
 # -- slide mode -----------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ def test_generated_clip_matches_reference_bytes(set_a):
     clip = make_clip(c["frames"], c["H"], c["W"], c["seed"])
     assert clip.dtype == np.uint8 and clip.shape == (5, 64, 128, 3)
     assert clip.tobytes() == set_a["clip"].tobytes()
+    assert clip.flags.c_contiguous  # frames bind to an engine as they are, like decoded video
 
 
 def test_checkpoint_file_layout(official_cityscapes_ckpt, set_a):

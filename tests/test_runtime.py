@@ -459,6 +459,7 @@ def test_runtime_package_import_is_light():
 @pytest.mark.parametrize("options, message", [
     ({"precision": "fp16"}, "fp16 autocast needs device='cuda'"),
     ({"cuda_graphs": True}, "cuda_graphs needs device='cuda'"),
+    ({"fused_attention": True}, "fused_attention needs device='cuda'"),
     ({"precision": "bf16"}, "precision must be one of fp32, fp16"),
 ])
 def test_torch_cuda_options_are_rejected_on_cpu(export_b1, options, message):
@@ -469,10 +470,12 @@ def test_torch_cuda_options_are_rejected_on_cpu(export_b1, options, message):
 def test_torch_describe_records_precision_and_graphs(export_b1):
     seg = StreamingSegmenter.open(export_b1, backend="torch")
     assert "fp32" in seg.backend.describe() and "CUDA graphs off" in seg.backend.describe()
+    assert "fused attention off" in seg.backend.describe() and not seg.backend.memory_head.fused_attention
 
 
 @pytest.mark.parametrize("flags, message", [(["--precision", "fp16"], "--precision applies to the torch"),
-                                            (["--cuda-graphs"], "--cuda-graphs needs a CUDA backend")])
+                                            (["--cuda-graphs"], "--cuda-graphs needs a CUDA backend"),
+                                            (["--no-fused-attention"], "--no-fused-attention applies to the torch")])
 def test_cli_rejects_torch_cuda_flags_with_ort(export_b1, tmp_path, capsys, flags, message):
     from tmanet.cli import main
     clip = tmp_path / "clip.npy"
@@ -497,10 +500,14 @@ def long_clip():
 
 
 @pytest.mark.gpu
-def test_torch_cuda_fp32_matches_ort_cpu(export_b1, long_clip):
+@pytest.mark.parametrize("fused", [True, False])
+def test_torch_cuda_fp32_matches_ort_cpu(export_b1, long_clip, fused):
     ort_seg = StreamingSegmenter.open(export_b1, backend="ort", return_logits=True)
     want = [ort_seg.push(f) for f in long_clip]
-    got = gpu_stream(export_b1, long_clip, precision="fp32")
+    seg = StreamingSegmenter.open(export_b1, backend="torch", device="cuda", fused_attention=fused)
+    assert seg.backend.memory_head.fused_attention is fused  # the GPU has a fused kernel for these widths
+    assert f"fused attention {'on' if fused else 'off'}" in seg.backend.describe()
+    got = gpu_stream(export_b1, long_clip, precision="fp32", fused_attention=fused)
     assert max_abs([r.logits for r in got], [r.logits for r in want]) <= 1e-3
     for g, w in zip(got, want):
         assert g.logits.dtype == np.float32 and g.mask.dtype == np.uint8

@@ -164,7 +164,10 @@ def make_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
               + 0.3 * F.interpolate(fine, size=(ch, cw), mode="bilinear", align_corners=True))
     canvas = (canvas - canvas.min()) / (canvas.max() - canvas.min())
     canvas = (canvas * 255).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)  # CH, CW, 3
-    return np.stack([canvas[t * dy:t * dy + height, t * dx:t * dx + width].numpy() for t in range(frames)])
+    # C-contiguous like a decoded video (stacking the permuted canvas's windows keeps their channel-first
+    # strides, which would make every runtime push pay a strided copy of the frame).
+    return np.ascontiguousarray(np.stack([canvas[t * dy:t * dy + height, t * dx:t * dx + width].numpy()
+                                          for t in range(frames)]))
 
 
 def main(argv=None) -> int:

@@ -107,6 +107,9 @@ class MemoryHead(nn.Module):
         self.align_corners = cfg.align_corners
         self.out_size = tuple(int(s) for s in out_size)
         self.query_chunk = DEFAULT_QUERY_CHUNK if query_chunk is None else query_chunk  # 0: unchunked
+        # Fused attention kernel (CUDA): set by the runtime's torch backend; never in an ONNX export, whose
+        # graph keeps the portable chunked matmul/softmax.
+        self.fused_attention = False
         self.bottleneck = _folded(head.bottleneck)
         self.conv_seg = copy.deepcopy(head.conv_seg)
         self.eval()
@@ -117,7 +120,8 @@ class MemoryHead(nn.Module):
         T = self.sequence_num
         if len(memory) != 2 * T:
             raise ValueError(f"expected {2 * T} memory tensors (T keys then T values), got {len(memory)}")
-        read = memory_read(query_key, memory[:T], memory[T:], self.query_chunk)
+        fused = self.fused_attention and not torch.onnx.is_in_onnx_export()
+        read = memory_read(query_key, memory[:T], memory[T:], self.query_chunk, fused=fused)
         x = torch.cat([query_value, read], 1) if self.aggregation == "concat" else query_value + read
         logits = self.conv_seg(F.relu(self.bottleneck(x)))
         logits = F.interpolate(logits, size=self.out_size, mode="bilinear", align_corners=self.align_corners)

@@ -41,23 +41,46 @@ def encoder(cin, cout, sequence_num=None):
 
 
 def memory_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
-                memory_values: Sequence[torch.Tensor], query_chunk: int | None = None):
+                memory_values: Sequence[torch.Tensor], query_chunk: int | None = None, fused: bool = False):
     """Official MemoryModule (``matmul_norm=False``): softmax(q . k) over all T*h*w memory positions, no
     1/sqrt(C) scaling; positions are flattened slot-major, then row, then column.
 
     The queries are processed ``query_chunk`` at a time (None: the default 1024; 0: all at once): each
     query's softmax is independent of the others, so chunking changes peak memory, not the result.
+    ``fused``: use torch's fused attention kernel where one accepts the inputs (see :func:`fused_read`).
     """
     b, ck, h, w = query_key.shape
     keys = torch.cat([k.flatten(2) for k in memory_keys], dim=2)                     # B, Ck, T*h*w
     values = torch.cat([v.flatten(2) for v in memory_values], dim=2).transpose(1, 2)  # B, T*h*w, Cv
     queries = query_key.flatten(2).transpose(1, 2)                                   # B, h*w, Ck
+    if fused:
+        read = fused_read(queries, keys, values)
+        if read is not None:
+            return read.transpose(1, 2).reshape(b, values.shape[2], h, w)
     n = h * w
     chunk = DEFAULT_QUERY_CHUNK if query_chunk is None else query_chunk
     step = n if chunk <= 0 or chunk >= n else chunk
     reads = [torch.softmax(torch.bmm(queries[:, s:s + step], keys), dim=-1) @ values for s in range(0, n, step)]
     read = reads[0] if len(reads) == 1 else torch.cat(reads, dim=1)                  # B, h*w, Cv
     return read.transpose(1, 2).reshape(b, values.shape[2], h, w)
+
+
+def fused_read(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+    """softmax(queries . keys) . values (``[B,N,Ck]``, ``[B,Ck,S]``, ``[B,S,Cv]`` -> ``[B,N,Cv]``) through
+    ``scaled_dot_product_attention`` with scale 1, restricted to the fused kernels: the N x S score matrix is
+    never materialised (4 GB in fp16 at 1024x2048, T=2). None where no fused kernel takes these inputs (the
+    CPU, or head sizes a kernel does not support): the caller then reads in chunks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if not queries.is_cuda:
+        return None  # torch has no CPU fused kernel for a value width other than the key width
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            out = F.scaled_dot_product_attention(queries.contiguous()[:, None],
+                                                 keys.transpose(1, 2).contiguous()[:, None],
+                                                 values.contiguous()[:, None], scale=1.0)
+    except RuntimeError:  # "No available kernel": raised before any launch, so nothing ran
+        return None
+    return out[:, 0]
 
 
 class TMAHead(nn.Module):
