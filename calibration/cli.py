@@ -47,8 +47,8 @@ def register(sub):
         "compare", help="compare two export directories on ONNX Runtime (pixel agreement, logits, mIoU)",
         description="Stream the same frames through two export directories (A = reference, usually fp32) on "
                     "ONNX Runtime CPU with the streaming runtime; report mask pixel agreement, the logits "
-                    "error and, with labels, each side's mIoU. Targets against fp32: FP16 >= 99.9 %%, "
-                    "INT8 >= 99 %% pixel agreement (exit status 1 when B misses its target).")
+                    "error and, with labels, each side's mIoU. Targets against fp32: FP16 >= 99.9 %, "
+                    "INT8 >= 99 % pixel agreement (exit status 1 when B misses its target).")
     c.add_argument("dir_a", metavar="DIR_A", help="reference export directory")
     c.add_argument("dir_b", metavar="DIR_B", help="export directory to check")
     c.add_argument("--frames", required=True, metavar="SRC", help="video, image folder or .npy uint8 clip")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,37 +157,29 @@ def load_calibration_frames(frames, input_size) -> np.ndarray:
     return frames
 
 
-def calibration_feeds(onnx_dir, manifest: dict, frames: np.ndarray, batch: int):
+def calibration_feeds(onnx_dir, manifest: dict, frames: np.ndarray, batch: int, workdir=None):
     """(frame-encoder feeds, memory-head feed generator) for INT8 calibration from a clip.
 
-    The clip is cut into ``batch`` consecutive streams. The head's inputs are what it sees when streaming:
-    the FP32 frame encoder (ONNX Runtime, CPU) runs frame by frame and memory slot i reads frame t-T+i,
-    clamped to the stream start (:func:`tmanet.runtime.slots.memory_frame_indices`).
+    The clip is cut into ``batch`` consecutive streams, one per batch row. The head's inputs are what it sees
+    when streaming: :func:`tmanet.calibration.quantize.build_samples` runs the FP32 frame graph (ONNX Runtime,
+    CPU) frame by frame into the runtime's memory ring, so memory slot i reads frame t-T+i, clamped to the
+    stream start. With ``workdir`` the samples are memory maps there (a head sample is ~130 MB at 1024x2048).
     """
-    from tmanet.runtime.slots import memory_frame_indices
-    T = int(manifest["sequence_num"])
+    from tmanet.calibration.quantize import FrameStreams, build_samples
     n = len(frames) // batch
     if n < 1:
         raise UserError(f"calibration needs at least {batch} frames (one per stream of the batch), "
                         f"got {len(frames)}")
-    clip = frames[: n * batch].reshape(batch, n, *frames.shape[1:])
-    encoder_feeds = [{"frames": np.ascontiguousarray(clip[:, t])} for t in range(n)]
+    H, W = frames.shape[1:3]
+    streams = FrameStreams([frames[s * n:(s + 1) * n] for s in range(batch)], [(0, H, 0, W)] * batch, frames,
+                           "<array>", "array", (H, W))
+    samples = build_samples(onnx_dir, manifest, streams, workdir=workdir, progress=False)
+    rows = [[s * n + t for s in range(batch)] for t in range(n)]  # sample k = stream * frames + t
+    encoder_feeds = [{"frames": samples.frames[r]} for r in rows]
 
     def head_feeds():
-        import onnxruntime as ort
-        session = ort.InferenceSession(str(Path(onnx_dir) / "frame_encoder.onnx"),
-                                       providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        history = {}
-        for t in range(n):
-            out = dict(zip(names, session.run(None, encoder_feeds[t])))
-            history[t] = (out["memory_key"], out["memory_value"])
-            history.pop(t - T - 1, None)  # frames older than t-T are never read again
-            feed = {"query_key": out["query_key"], "query_value": out["query_value"]}
-            for i, k in enumerate(memory_frame_indices(t, 0, T)):
-                feed[f"memory_key_{i}"] = np.ascontiguousarray(history[k][0][:, i])
-                feed[f"memory_value_{i}"] = np.ascontiguousarray(history[k][1][:, i])
-            yield feed
+        for r in rows:
+            yield {name: samples.head[name][r] for name in samples.head}
 
     return encoder_feeds, head_feeds
 
@@ -277,13 +270,14 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
     precisions = manifest.get("precision", {})
     plans = {name: build_plan(trt.__version__, precisions.get(name, "fp32"), weak_precision)
              for name in ENGINE_NAMES}
-    calibration = None
+    calibration = work = None
     if any(p.int8_flag for p in plans.values()):
         if calib_frames is None:
             raise UserError("--weak-int8 calibrates INT8 ranges on real frames: pass --calib-frames CLIP.npy "
                             "(uint8 F x H x W x 3 at the export size)")
         frames = load_calibration_frames(calib_frames, manifest["input_size"])
-        calibration = calibration_feeds(onnx_dir, manifest, frames, batch[1])
+        work = tempfile.TemporaryDirectory(prefix="tmanet-calibration-")
+        calibration = calibration_feeds(onnx_dir, manifest, frames, batch[1], workdir=work.name)
     gpu_name, cc = current_gpu()
     options = {"workspace_gb": workspace_gb, "timing_cache": str(timing_cache) if timing_cache else None,
                "tf32": False, "calibration_frames": None, "calibration_sha256": None}
@@ -324,6 +318,8 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
     finally:
         for tmp, _ in staged.values():
             Path(tmp).unlink(missing_ok=True)
+        if work is not None:
+            work.cleanup()
     engines_manifest = make_engines_manifest(metas, manifest, onnx_dir)
     path = write_engines_manifest(out, engines_manifest)
     for name, meta in metas.items():
