@@ -114,6 +114,7 @@ def run_command(args) -> int:
 
     from tmanet.cli import UserError
 
+    from .io_threads import Prefetch, Worker
     from .video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
     if not (args.output or args.save_masks or args.save_logits):
         log.info("no --output, --save-masks or --save-logits: segmenting without writing results")
@@ -138,9 +139,22 @@ def run_command(args) -> int:
         from pathlib import Path
         mask_dir = Path(args.save_masks)
         mask_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(item):  # in the writer thread, in frame order
+        index, frame, res = item
+        if writer is not None:
+            writer.write(overlay(frame, res.mask, palette, args.alpha))
+        if mask_dir is not None:
+            save_mask_png(res.mask, mask_dir / f"{index:06d}.png", palette)
+        if logits_file is not None:
+            logits_file.append(res.logits)
+
+    # Decoding ahead and writing behind run in threads, so the engines wait for neither.
     count, started, busy = 0, time.perf_counter(), 0.0
+    frames = Prefetch(source)
+    output = Worker(write)
     try:
-        bar = tqdm(source, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
+        bar = tqdm(frames, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
         for frame, timestamp in bar:
             t0 = time.perf_counter()
             try:
@@ -148,19 +162,19 @@ def run_command(args) -> int:
             except ValueError as e:
                 raise UserError(f"frame {count} of {args.input}: {e}") from None
             busy += time.perf_counter() - t0
-            if writer is not None:
-                writer.write(overlay(frame, res.mask, palette, args.alpha))
-            if mask_dir is not None:
-                save_mask_png(res.mask, mask_dir / f"{count:06d}.png", palette)
-            if logits_file is not None:
-                logits_file.append(res.logits)
+            output.submit((count, frame, res))
             count += 1
+        output.close()  # the last results are written (and a writing error raised) before the files close
     finally:
-        if writer is not None:
-            writer.close()
-        if logits_file is not None:
-            logits_file.close()
-        seg.close()
+        frames.close()
+        try:
+            output.close()  # after an error elsewhere: what was queued is still written
+        finally:
+            if writer is not None:
+                writer.close()
+            if logits_file is not None:
+                logits_file.close()
+            seg.close()
     wall = time.perf_counter() - started
     if count == 0:
         raise UserError(f"{args.input}: no frames")

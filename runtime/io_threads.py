@@ -1,0 +1,109 @@
+"""Reading and writing beside segmentation: ``tmanet run`` decodes the next frames and encodes the previous
+results in background threads while the engines work on the current frame (PyAV, Pillow and numpy release the
+GIL in their heavy parts). Order is kept, queues are bounded, and an error in a thread is raised in the caller.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterable, Iterator
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetch:
+    """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer. An exception
+    raised by ``items`` is re-raised by the consumer's ``next()`` at the point where it happened. ``close()``
+    (or leaving a ``with`` block) stops the thread early."""
+
+    def __init__(self, items: Iterable, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(items),), name="tmanet-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator):
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(_Failure(e))
+            return
+        self._put(_DONE)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is _DONE:
+            self._queue.put(_DONE)  # stays exhausted
+            raise StopIteration
+        if isinstance(item, _Failure):
+            raise item.error
+        return item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Worker:
+    """Call ``fn(item)`` for each submitted item, in submission order, in one background thread.
+    ``submit`` blocks while ``depth`` items wait, and raises the worker's error if it has failed (the
+    remaining items are then dropped). ``close()`` waits for the queued items and raises a pending error."""
+
+    def __init__(self, fn: Callable, depth: int = 4):
+        self._fn = fn
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None   # the first failure; later items are dropped
+        self._reported = False
+        self._thread = threading.Thread(target=self._run, name="tmanet-write", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if self._error is None:
+                try:
+                    self._fn(item)
+                except BaseException as e:
+                    self._error = e
+
+    def _raise(self):
+        if self._error is not None and not self._reported:
+            self._reported = True  # raised once: the caller's cleanup may call close() again
+            raise self._error
+
+    def submit(self, item):
+        self._raise()
+        self._queue.put(item)
+
+    def close(self):
+        if self._thread.is_alive():
+            self._queue.put(_DONE)
+            self._thread.join()
+        self._raise()
