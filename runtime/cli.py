@@ -108,7 +108,9 @@ def _open(args, **kwargs):
 
 
 def run_command(args) -> int:
+    import os
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
@@ -140,19 +142,25 @@ def run_command(args) -> int:
         mask_dir = Path(args.save_masks)
         mask_dir.mkdir(parents=True, exist_ok=True)
 
-    def write(item):  # in the writer thread, in frame order
-        index, frame, res = item
-        if writer is not None:
-            writer.write(overlay(frame, res.mask, palette, args.alpha))
+    def render(index, frame, res):  # in a pool thread: the per-frame work that needs no order
         if mask_dir is not None:
             save_mask_png(res.mask, mask_dir / f"{index:06d}.png", palette)
+        return overlay(frame, res.mask, palette, args.alpha) if writer is not None else None
+
+    def write(item):  # in the writer thread, in frame order
+        rendered, res = item
+        image = rendered.result()
+        if writer is not None:
+            writer.write(image)
         if logits_file is not None:
             logits_file.append(res.logits)
 
-    # Decoding ahead and writing behind run in threads, so the engines wait for neither.
+    # Decoding ahead, and rendering and writing behind, run in threads, so the engines wait for neither.
+    workers = max(1, min(4, (os.cpu_count() or 2) - 1))
     count, started, busy = 0, time.perf_counter(), 0.0
     frames = Prefetch(source)
-    output = Worker(write)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tmanet-render")
+    output = Worker(write, depth=2 * workers)
     try:
         bar = tqdm(frames, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
         for frame, timestamp in bar:
@@ -162,7 +170,7 @@ def run_command(args) -> int:
             except ValueError as e:
                 raise UserError(f"frame {count} of {args.input}: {e}") from None
             busy += time.perf_counter() - t0
-            output.submit((count, frame, res))
+            output.submit((pool.submit(render, count, frame, res), res))
             count += 1
         output.close()  # the last results are written (and a writing error raised) before the files close
     finally:
@@ -170,6 +178,7 @@ def run_command(args) -> int:
         try:
             output.close()  # after an error elsewhere: what was queued is still written
         finally:
+            pool.shutdown()
             if writer is not None:
                 writer.close()
             if logits_file is not None:

@@ -127,9 +127,17 @@ def colorize(mask: np.ndarray, palette) -> np.ndarray:
 
 
 def overlay(frame: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
-    """The palette colours of ``mask`` blended over ``frame`` (``alpha`` = weight of the colours)."""
-    colour = colorize(mask, palette).astype(np.float32)
-    return (frame.astype(np.float32) * (1 - alpha) + colour * alpha + 0.5).astype(np.uint8)
+    """The palette colours of ``mask`` blended over ``frame`` (``alpha`` = weight of the colours), rounded.
+    Fixed point in 1/256 steps of alpha: in uint16 it is several times faster than float32 at 1024x2048."""
+    a = int(round(float(alpha) * 256))
+    out = frame.astype(np.uint16)
+    out *= 256 - a
+    colour = colorize(mask, palette).astype(np.uint16)
+    colour *= a
+    out += colour
+    out += 128
+    out >>= 8
+    return out.astype(np.uint8)
 
 
 def pick_codec(preferred=("libx264", "mpeg4")) -> str:
