@@ -109,8 +109,9 @@ def tiny_export(tiny_ckpt, tmp_path_factory):
                        checkpoint=tiny_ckpt, check=False)
 
 
-def val_clips(count, frames=F):
-    return [make_clip(ClipSpec(frames=frames, height=H, width=W, seed=SYNTHETIC_VAL_SEED + i)) for i in range(count)]
+def val_clips(count, frames=F, degradation=0.5):
+    return [make_clip(ClipSpec(frames=frames, height=H, width=W, degradation=degradation, seed=SYNTHETIC_VAL_SEED + i))
+            for i in range(count)]
 
 
 def reference(model, clips, first):
@@ -213,6 +214,19 @@ def test_evaluate_cityscapes_layout(tiny_ckpt, tmp_path):
         evaluate(tiny_ckpt, str(root), split="train", progress=False)
 
 
+def test_evaluate_synthetic_degradation(tiny_ckpt):
+    model = load_model(tiny_ckpt)
+    heavy = evaluate(tiny_ckpt, "synthetic:1", synthetic_size=(H, W), synthetic_frames=F, progress=False,
+                     synthetic_degradation=0.95)
+    cm, _ = reference(model, val_clips(1, degradation=0.95), 2)
+    np.testing.assert_array_equal(np.array(heavy["confusion"]), cm)
+    assert heavy["synthetic"]["degradation"] == 0.95
+    default = evaluate(tiny_ckpt, "synthetic:1", synthetic_size=(H, W), synthetic_frames=F, progress=False)
+    assert default["synthetic"]["degradation"] == 0.5 and default["confusion"] != heavy["confusion"]
+    with pytest.raises(InputError, match=r"degradation must lie in \[0, 1\]"):
+        evaluate(tiny_ckpt, "synthetic:1", synthetic_degradation=1.5, progress=False)
+
+
 def test_eval_cli(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "result.json"
     argv = ["eval", str(tiny_ckpt), "--data", "synthetic:1", "--synthetic-size", f"{H},{W}",
@@ -226,7 +240,9 @@ def test_eval_cli(tiny_ckpt, tmp_path, capsys):
     for bad, message in (([str(tmp_path / "nothing.pth"), "--data", "synthetic"], "neither a checkpoint"),
                          ([str(tiny_ckpt), "--data", "synthetic:x"], "positive integer"),
                          ([str(tiny_ckpt), "--data", "synthetic", "--backend", "trt"], "trt backend"),
-                         ([str(tmp_path), "--data", "synthetic"], "not an export directory")):
+                         ([str(tmp_path), "--data", "synthetic"], "not an export directory"),
+                         ([str(tiny_ckpt), "--data", "synthetic", "--synthetic-degradation", "-0.1"],
+                          "degradation must lie in [0, 1]")):
         assert cli_main(["eval", *bad]) == 2
         assert message in capsys.readouterr().err
 

@@ -66,6 +66,8 @@ def register(sub):
     e.add_argument("--all-frames", action="store_true", help="synthetic: also score the warm-up frames t < T")
     e.add_argument("--synthetic-size", help="synthetic clip size H,W (default: the export's size, or 256,512)")
     e.add_argument("--synthetic-frames", type=int, default=12, help="frames per synthetic clip")
+    e.add_argument("--synthetic-degradation", type=float, default=0.5,
+                   help="synthetic clips: per-frame degradation strength 0..1")
     e.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory")
     e.add_argument("--limit", type=int, help="score at most this many clips / samples")
     e.add_argument("--json", metavar="FILE", help="write the full result (per-class, confusion matrix) here")
@@ -122,7 +124,8 @@ def run_eval(args) -> int:
         result = evaluate(args.source, args.data, mode=args.mode, backend=args.backend, device=args.device,
                           split=args.split, all_frames=args.all_frames, synthetic_size=args.synthetic_size,
                           synthetic_frames=args.synthetic_frames, frames_dir=args.frames_dir, limit=args.limit,
-                          threads=args.threads, stride=stride, progress=not args.no_progress)
+                          threads=args.threads, stride=stride, progress=not args.no_progress,
+                          synthetic_degradation=args.synthetic_degradation)
     except InputError as e:
         raise UserError(str(e)) from None
     print(format_report(result))

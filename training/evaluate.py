@@ -245,20 +245,23 @@ class Predictor:
 def evaluate(source, data, mode: str = "whole", backend: str | None = None, device: str = "cpu",
              split: str = "val", all_frames: bool = False, synthetic_size=None, synthetic_frames: int = 12,
              synthetic_count: int = 8, frames_dir=None, limit: int | None = None, threads: int | None = None,
-             stride=None, progress: bool = True) -> dict:
+             stride=None, progress: bool = True, synthetic_degradation: float = 0.5) -> dict:
     """Score ``source`` (a checkpoint ``.pth`` or an export directory) on ``data`` (``synthetic[:N]`` or a
     Cityscapes / CamVid layout root, its ``split``).
 
     Synthetic clips are streamed whole from frame 0; frames t >= T are scored (all frames with
     ``all_frames``) and consecutive scored frames give the temporal consistency. Dataset samples are
     streamed as their T memory frames then the labelled target, which is scored (one labelled frame per
-    sample: no temporal figure). ``limit`` caps the number of clips / samples. Returns a dict (see the keys
+    sample: no temporal figure). ``limit`` caps the number of clips / samples. ``synthetic_degradation``
+    (0..1) is the synthetic clips' per-frame degradation strength. Returns a dict (see the keys
     below); :func:`format_report` renders it.
     """
     from tqdm import tqdm
 
     from .trainer import SYNTHETIC_VAL_SEED, DataSpec, InputError, open_dataset, parse_data, parse_pair
     spec = parse_data(data)
+    if not 0.0 <= float(synthetic_degradation) <= 1.0:
+        raise InputError(f"synthetic degradation must lie in [0, 1], got {synthetic_degradation}")
     predictor = Predictor(source, mode, backend, device, threads, stride)
     cfg = predictor.config
     T = cfg.sequence_num
@@ -273,7 +276,8 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
                 (predictor.default_size() or (256, 512))
             count = spec.count or synthetic_count
             ds = open_dataset(DataSpec("synthetic", count=count if limit is None else min(count, limit)), cfg,
-                              "val", None, 0, size, synthetic_frames, progress=progress)
+                              "val", None, 0, size, synthetic_frames, progress=progress,
+                              synthetic_degradation=float(synthetic_degradation))
             for frames, labels in tqdm(ds.clips, desc="evaluate", unit="clip", disable=not progress):
                 flips.start_clip()
                 for t, mask in enumerate(_stream(predictor, frames)):
@@ -313,7 +317,8 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
         "seconds": round(seconds, 3),
     }
     if spec.kind == "synthetic":
-        result["synthetic"] = {"size": list(size), "frames": synthetic_frames, "first_seed": SYNTHETIC_VAL_SEED}
+        result["synthetic"] = {"size": list(size), "frames": synthetic_frames, "first_seed": SYNTHETIC_VAL_SEED,
+                               "degradation": float(synthetic_degradation)}
     return result
 
 
