@@ -189,6 +189,58 @@ def test_camvid_errors(camvid_root, tmp_path):
         CamVidVideo(camvid_root, split="val")
 
 
+@pytest.fixture
+def camvid_official_root(tmp_path):
+    """The official TMANet CamVid layout: images/, labels/{name}_L.png, annotations/{split}.txt, and the
+    full-rate frames in images_sequence/."""
+    root = tmp_path / "camvid_official"
+    names = {"train": ["0001TP_006720", "Seq05VD_f00002"], "val": ["0001TP_006690"]}
+    for split, listed in names.items():
+        root.joinpath("annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"{split}.txt").write_text("\n".join(listed) + "\n\n")
+        for name in listed:
+            _png(root / "images" / f"{name}.png", _frame_value(name))
+            lab = np.full((6, 8), 4, np.uint8)
+            lab[0, 0] = 0  # 'void' is class 0 of the official 12
+            root.joinpath("labels").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(lab).save(root / "labels" / f"{name}_L.png")
+    for n in range(6680, 6720):
+        _png(root / "images_sequence" / f"0001TP_{n:06d}.png", n % 251)
+    for n in range(0, 2):
+        _png(root / "images_sequence" / f"Seq05VD_f{n:05d}.png", n % 251)
+    return root
+
+
+def test_camvid_official_layout(camvid_official_root):
+    from tmanet.training.trainer import parse_data
+    assert parse_data(camvid_official_root).kind == "camvid"
+    ds = CamVidVideo(camvid_official_root, split="train", sequence_num=4, sequence_range=4)
+    assert ds.layout == "official" and ds.frames_dir == camvid_official_root / "images_sequence"
+    assert [Path(s.image).name for s in ds.samples] == ["0001TP_006720.png", "Seq05VD_f00002.png"]  # file order
+    item = ds[0]
+    # The official sampler with sequence_range == sequence_num == 4: frames t-4..t-1, oldest first.
+    assert [Path(p).name for p in item["memory_paths"]] == [f"0001TP_{n:06d}.png" for n in range(6716, 6720)]
+    assert [int(m[0, 0, 0]) for m in item["memory"]] == [n % 251 for n in range(6716, 6720)]
+    assert Path(item["label_path"]).name == "0001TP_006720_L.png"
+    assert item["label"][0, 0] == 0 and item["label"][1, 1] == 4
+    # Warm-up: the sequence starts at f00000, two frames before the target.
+    assert [Path(p).name for p in ds[1]["memory_paths"]] == [
+        "Seq05VD_f00000.png", "Seq05VD_f00000.png", "Seq05VD_f00000.png", "Seq05VD_f00001.png"]
+    assert len(CamVidVideo(camvid_official_root, split="val")) == 1
+
+
+def test_camvid_official_layout_errors(camvid_official_root):
+    (camvid_official_root / "labels" / "Seq05VD_f00002_L.png").unlink()
+    with pytest.raises(FileNotFoundError, match="Seq05VD_f00002_L.png"):
+        CamVidVideo(camvid_official_root)
+    (camvid_official_root / "annotations" / "val.txt").write_text("0001TP_999999\n")
+    with pytest.raises(FileNotFoundError, match=r"0001TP_999999.png \(listed in .*val.txt\)"):
+        CamVidVideo(camvid_official_root, split="val")
+    (camvid_official_root / "annotations" / "test.txt").write_text("\n")
+    with pytest.raises(ValueError, match="test.txt lists no names"):
+        CamVidVideo(camvid_official_root, split="test")
+
+
 # ---------------------------------------------------------------------------------------- transforms
 
 def _block_label(rng, h, w, block=8, classes=10):

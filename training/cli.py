@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 DATA_HELP = ("'synthetic' or 'synthetic:N' (N procedural street clips, rendered deterministically), or a folder "
-             "in the Cityscapes video layout (leftImg8bit_sequence/ + gtFine/) or the CamVid layout "
-             "(train/ + trainannot/ ...)")
+             "in the Cityscapes video layout (leftImg8bit_sequence/ + gtFine/) or a CamVid layout (official "
+             "TMANet: images/ + labels/*_L.png + annotations/{split}.txt + images_sequence/; SegNet: train/ + "
+             "trainannot/ ...)")
 
 
 def register(sub):
@@ -40,7 +41,8 @@ def register(sub):
     p.add_argument("--synthetic-frames", type=int, default=12, help="frames per synthetic clip")
     p.add_argument("--synthetic-degradation", type=float,
                    help="synthetic clips: per-frame degradation strength 0..1 (default 0.5)")
-    p.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory")
+    p.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory (default: "
+                        "images_sequence/ in the official layout, the image folder in the SegNet layout)")
     p.add_argument("--memory-order", choices=("oldest_first", "newest_first", "current"),
                    help="frames in the memory slots: oldest_first (official, slot i = frame t-T+i; the default), "
                         "newest_first (slot i = frame t-1-i) or current (every slot = frame t: a single-frame "
@@ -68,7 +70,8 @@ def register(sub):
     e.add_argument("--synthetic-frames", type=int, default=12, help="frames per synthetic clip")
     e.add_argument("--synthetic-degradation", type=float, default=0.5,
                    help="synthetic clips: per-frame degradation strength 0..1")
-    e.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory")
+    e.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory (default: "
+                        "images_sequence/ in the official layout, the image folder in the SegNet layout)")
     e.add_argument("--limit", type=int, help="score at most this many clips / samples")
     e.add_argument("--json", metavar="FILE", help="write the full result (per-class, confusion matrix) here")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -222,12 +222,17 @@ class CityscapesVideo(_VideoDataset):
 
 
 class CamVidVideo(_VideoDataset):
-    """CamVid video in the SegNet layout: ``{root}/{split}/{seq}_{frame}.png`` images,
-    ``{root}/{split}annot/{seq}_{frame}.png`` labels (e.g. ``0001TP_006690.png``, ``Seq05VD_f00030.png``).
+    """CamVid video in either of two layouts (names like ``0001TP_006690``, ``Seq05VD_f00030``):
 
-    Memory frames keep the target's sequence name, letter prefix and zero padding. They are read
-    from ``frames_dir`` (absolute, or relative to ``root``; default: the image folder) — CamVid
-    labels every 30th frame, so real memory needs a folder holding the full-rate frames.
+    - the official TMANet layout, chosen when ``{root}/annotations/{split}.txt`` exists: the split file
+      lists names; images ``{root}/images/{name}.png``, labels ``{root}/labels/{name}_L.png`` (class-id PNGs,
+      as the official ``CamVidVideoDataset`` reads them), memory frames from ``{root}/images_sequence/``;
+    - the SegNet layout: ``{root}/{split}/{name}.png`` images, ``{root}/{split}annot/{name}.png`` labels,
+      memory frames from the image folder.
+
+    Memory frames keep the target's sequence name, letter prefix and zero padding. ``frames_dir``
+    (absolute, or relative to ``root``) overrides where they are read from: CamVid labels every 30th frame,
+    so real memory needs a folder holding the full-rate frames.
     """
 
     _NAME = re.compile(r"^(?P<seq>.+)_(?P<prefix>[A-Za-z]*)(?P<num>\d+)\.png$")
@@ -239,26 +244,39 @@ class CamVidVideo(_VideoDataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"CamVid root {self.root} does not exist")
-        img_dir = self.root / split
-        ann_dir = self.root / f"{split}annot"
+        split_file = self.root / "annotations" / f"{split}.txt"
+        self.layout = "official" if split_file.is_file() else "segnet"
+        if self.layout == "official":
+            img_dir, ann_dir = self.root / "images", self.root / "labels"
+            default_frames = self.root / "images_sequence"
+        else:
+            img_dir, ann_dir = self.root / split, self.root / f"{split}annot"
+            default_frames = img_dir
         for d in (img_dir, ann_dir):
             if not d.is_dir():
                 raise FileNotFoundError(f"CamVid folder {d} does not exist")
-        mem_dir = img_dir if frames_dir is None else Path(frames_dir)
+        mem_dir = default_frames if frames_dir is None else Path(frames_dir)
         if not mem_dir.is_absolute():
             mem_dir = self.root / mem_dir
         if not mem_dir.is_dir():
             raise FileNotFoundError(f"CamVid frames folder {mem_dir} does not exist")
         self.frames_dir = mem_dir
         existing = _frame_index(mem_dir, self._NAME, lambda m: (m["seq"], m["prefix"]))
+        if self.layout == "official":
+            names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+            pairs = [(img_dir / f"{n}.png", ann_dir / f"{n}_L.png") for n in names]
+            where = f"{split_file} lists no names"
+        else:
+            pairs = [(image, ann_dir / image.name) for image in sorted(img_dir.iterdir())
+                     if image.suffix.lower() == ".png" and image.is_file()]
+            where = f"no .png images in {img_dir}"
         self.samples = []
-        for image in sorted(img_dir.iterdir()):
-            if image.suffix.lower() != ".png" or not image.is_file():
-                continue
+        for image, label in pairs:
             m = self._NAME.match(image.name)
             if not m:
                 raise ValueError(f"CamVid image {image} is not named {{sequence}}_{{frame}}.png")
-            label = ann_dir / image.name
+            if not image.is_file():
+                raise FileNotFoundError(f"CamVid image {image} (listed in {split_file}) does not exist")
             if not label.is_file():
                 raise FileNotFoundError(f"label for {image} not found: {label}")
             seq, prefix, num = m["seq"], m["prefix"], m["num"]
@@ -266,7 +284,7 @@ class CamVidVideo(_VideoDataset):
                 image=image, label=label, frame=int(num), first=_warm_up_start(existing.get((seq, prefix)), int(num)),
                 memory_dir=mem_dir, memory_template=f"{seq}_{prefix}{{frame}}.png", width=len(num)))
         if not self.samples:
-            raise ValueError(f"no CamVid samples: no .png images in {img_dir}")
+            raise ValueError(f"no CamVid samples: {where}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,7 +215,8 @@ class DataSpec:
 
 def parse_data(data) -> DataSpec:
     """``synthetic`` / ``synthetic:N``, or a folder in the Cityscapes video layout (``leftImg8bit_sequence``
-    + ``gtFine``) or the CamVid (SegNet) layout (``train`` + ``trainannot`` ...)."""
+    + ``gtFine``) or a CamVid layout (official TMANet: ``images`` + ``labels`` + ``annotations``; SegNet:
+    ``train`` + ``trainannot`` ...)."""
     text = str(data)
     if text == "synthetic" or text.startswith("synthetic:"):
         count = None
@@ -232,10 +233,12 @@ def parse_data(data) -> DataSpec:
         raise InputError(f"--data {text!r} is neither 'synthetic[:N]' nor an existing folder")
     if (root / "gtFine").is_dir() and ((root / "leftImg8bit_sequence").is_dir() or (root / "leftImg8bit").is_dir()):
         return DataSpec("cityscapes", root=root)
-    if any((root / s).is_dir() and (root / f"{s}annot").is_dir() for s in ("train", "val", "test")):
+    if all((root / d).is_dir() for d in ("images", "labels", "annotations")) or \
+            any((root / s).is_dir() and (root / f"{s}annot").is_dir() for s in ("train", "val", "test")):
         return DataSpec("camvid", root=root)
-    raise InputError(f"{root} has neither the Cityscapes video layout (leftImg8bit_sequence/ and gtFine/) nor the "
-                     f"CamVid layout (train/ + trainannot/, val/ + valannot/ ...)")
+    raise InputError(f"{root} has neither the Cityscapes video layout (leftImg8bit_sequence/ and gtFine/) nor a "
+                     f"CamVid layout (official: images/ + labels/ + annotations/{{split}}.txt; SegNet: train/ + "
+                     f"trainannot/, val/ + valannot/ ...)")
 
 
 class SyntheticVideo:
