@@ -99,10 +99,16 @@ def parse_batch(text) -> tuple[int, int, int]:
     return bmin, bopt, bmax
 
 
-def resolve_batch(manifest_batch, requested=None) -> tuple[int, int, int]:
-    """The (min, opt, max) batch of the engines: the export's fixed batch, or a profile for a dynamic one."""
+def resolve_batch(manifest_batch, requested=None, max_batch: int | None = None) -> tuple[int, int, int]:
+    """The (min, opt, max) batch of the engines: the export's fixed batch, or a profile for a dynamic one,
+    within the export's ``max_batch`` (the manifest's; exports without one allowed 64)."""
     if manifest_batch == "dynamic":
-        return parse_batch(requested) if requested is not None else DEFAULT_DYNAMIC_BATCH
+        profile = parse_batch(requested) if requested is not None else DEFAULT_DYNAMIC_BATCH
+        limit = int(max_batch) if max_batch is not None else 64
+        if profile[2] > limit:
+            raise UserError(f"--batch max {profile[2]} is beyond this export's maximum batch of {limit}: "
+                            f"re-export, or build for at most {limit}")
+        return profile
     fixed = int(manifest_batch)
     if requested is not None and parse_batch(requested) != (fixed, fixed, fixed):
         text = ",".join(str(b) for b in parse_batch(requested))
@@ -266,7 +272,7 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
     onnx_dir = Path(onnx_dir)
     out = Path(out_dir) if out_dir is not None else onnx_dir
     manifest = _load_onnx_manifest(onnx_dir)
-    batch = resolve_batch(manifest["batch"], batch)
+    batch = resolve_batch(manifest["batch"], batch, manifest.get("max_batch"))
     precisions = manifest.get("precision", {})
     plans = {name: build_plan(trt.__version__, precisions.get(name, "fp32"), weak_precision)
              for name in ENGINE_NAMES}

@@ -96,6 +96,7 @@ def export_onnx(model, out_dir, height: int, width: int, batch: int = 1, dynamic
         "input_size": [height, width],
         "feature_size": list(qk.shape[-2:]),
         "batch": "dynamic" if dynamic_batch else batch,
+        "max_batch": MAX_DYNAMIC_BATCH if dynamic_batch else batch,
         "align_corners": cfg.align_corners,
         "slide_crop": list(cfg.slide_crop),
         "slide_stride": list(cfg.slide_stride),

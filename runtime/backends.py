@@ -51,6 +51,7 @@ class Backend:
         self.value_channels = int(manifest["value_channels"])
         b = manifest.get("batch", 1)
         self.batch = None if b == "dynamic" else int(b)
+        # Exports before "max_batch" was recorded allowed 1..64 (the export's MAX_DYNAMIC_BATCH then).
         self.max_batch = int(manifest.get("max_batch", 64)) if self.batch is None else self.batch
 
     def zeros(self, shape):

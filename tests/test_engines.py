@@ -235,6 +235,11 @@ def test_parse_batch_rejects(bad):
 def test_resolve_batch():
     assert resolve_batch("dynamic") == DEFAULT_DYNAMIC_BATCH
     assert resolve_batch("dynamic", "2,4,16") == (2, 4, 16)
+    assert resolve_batch("dynamic", "1,4,64", max_batch=64) == (1, 4, 64)
+    with pytest.raises(UserError, match="beyond this export's maximum batch of 8"):
+        resolve_batch("dynamic", "1,4,16", max_batch=8)
+    with pytest.raises(UserError, match="maximum batch of 64"):
+        resolve_batch("dynamic", "1,1,65")  # exports without max_batch allowed 64
     assert resolve_batch(2) == (2, 2, 2)
     assert resolve_batch(2, "2") == (2, 2, 2)
     with pytest.raises(UserError, match="fixed batch of 2, so --batch 1,2,4 cannot apply"):

@@ -62,6 +62,7 @@ def test_manifest(static_export, tiny):
     cfg = tiny.config
     assert m["sequence_num"] == cfg.sequence_num and m["num_classes"] == cfg.num_classes
     assert m["input_size"] == [H, W] and m["feature_size"] == [H // 8, W // 8] and m["batch"] == 2
+    assert m["max_batch"] == 2
     assert m["palette"] == [list(c) for c in cfg.palette] and m["class_names"] == list(cfg.class_names)
     assert m["align_corners"] is cfg.align_corners and m["slide_crop"] == list(cfg.slide_crop)
     assert m["precision"] == {"frame_encoder": "fp32", "memory_head": "fp32"}

@@ -147,6 +147,22 @@ def test_dynamic_batch_any_stream_count_fixed_until_reset(export_dyn, tiny_model
     assert len(two) == 2 and two[0].index == 0
 
 
+def test_dynamic_export_records_max_batch_and_the_runtime_chunks_by_it(export_dyn, tiny_model, clips, tmp_path):
+    import json
+    import shutil
+    assert json.loads((export_dyn / "manifest.json").read_text())["max_batch"] == 64
+    small = tmp_path / "dyn2"
+    shutil.copytree(export_dyn, small)
+    m = json.loads((small / "manifest.json").read_text())
+    m["max_batch"] = 2  # as if exported for at most 2
+    (small / "manifest.json").write_text(json.dumps(m))
+    seg = StreamingSegmenter.open(small, return_logits=True)
+    out = [seg.push_batch(np.stack([c[t] for c in clips])) for t in range(len(clips[0]))]
+    assert [len(c.lanes) for c in seg.chunks] == [2, 1]  # 3 streams: engine batches of at most 2
+    for s, clip in enumerate(clips):
+        assert max_abs(np.stack([o[s].logits for o in out]), stream_logits(tiny_model, clip)) <= TINY_ATOL
+
+
 def test_fixed_batch_rules(export_b2, clips):
     seg = StreamingSegmenter.open(export_b2)
     with pytest.raises(ValueError, match="fixed batch of 2"):
