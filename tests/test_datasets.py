@@ -118,6 +118,21 @@ def _png(path: Path, value: int, shape=(6, 8)):
     Image.fromarray(np.full(shape + (3,), value, np.uint8)).save(path)
 
 
+def _label_png(path: Path, fill: int, corner: int, shape=(6, 8)):
+    lab = np.full(shape, fill, np.uint8)
+    lab[0, 0] = corner
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(lab).save(path)
+
+
+def _full_rate_frames(folder: Path, tp_frames, seq_frames):
+    """Frames ``0001TP_{n:06d}.png`` and ``Seq05VD_f{n:05d}.png``, each filled with its frame number mod 251."""
+    for n in tp_frames:
+        _png(folder / f"0001TP_{n:06d}.png", n % 251)
+    for n in seq_frames:
+        _png(folder / f"Seq05VD_f{n:05d}.png", n % 251)
+
+
 def _frame_value(name: str) -> int:
     return int(name.rsplit("_", 1)[1].lstrip("f").split(".")[0]) % 251
 
@@ -128,15 +143,9 @@ def camvid_root(tmp_path):
     annotated = ["0001TP_006690.png", "0001TP_006720.png", "Seq05VD_f00000.png", "Seq05VD_f00030.png"]
     for name in annotated:
         _png(root / "train" / name, _frame_value(name))
-        lab = np.full((6, 8), 3, np.uint8)
-        lab[0, 0] = 11
-        root.joinpath("trainannot").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(lab).save(root / "trainannot" / name)
+        _label_png(root / "trainannot" / name, fill=3, corner=11)
     # Full-rate frames: 0001TP from 006686 on, Seq05VD from f00000 on.
-    for n in range(6686, 6721):
-        _png(root / "frames" / f"0001TP_{n:06d}.png", n % 251)
-    for n in range(0, 31):
-        _png(root / "frames" / f"Seq05VD_f{n:05d}.png", n % 251)
+    _full_rate_frames(root / "frames", range(6686, 6721), range(0, 31))
     return root
 
 
@@ -200,14 +209,8 @@ def camvid_official_root(tmp_path):
         (root / "annotations" / f"{split}.txt").write_text("\n".join(listed) + "\n\n")
         for name in listed:
             _png(root / "images" / f"{name}.png", _frame_value(name))
-            lab = np.full((6, 8), 4, np.uint8)
-            lab[0, 0] = 0  # 'void' is class 0 of the official 12
-            root.joinpath("labels").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(lab).save(root / "labels" / f"{name}_L.png")
-    for n in range(6680, 6720):
-        _png(root / "images_sequence" / f"0001TP_{n:06d}.png", n % 251)
-    for n in range(0, 2):
-        _png(root / "images_sequence" / f"Seq05VD_f{n:05d}.png", n % 251)
+            _label_png(root / "labels" / f"{name}_L.png", fill=4, corner=0)  # 'void' is class 0 of the official 12
+    _full_rate_frames(root / "images_sequence", range(6680, 6720), range(0, 2))
     return root
 
 
