@@ -282,7 +282,7 @@ class TorchBackend(Backend):
         self.memory_head.fused_attention = on_cuda and fused_attention is not False and self._fused_kernel_fits()
         if on_cuda and fused_attention is not False and not self.memory_head.fused_attention:
             log.warning("no fused attention kernel takes this head's inputs (%d key, %d value channels, %s): "
-                           "the memory read runs in chunks", self.key_channels, self.value_channels, precision)
+                        "the memory read runs in chunks", self.key_channels, self.value_channels, precision)
         self._encoder_graphs: dict[int, tuple] = {}   # batch -> (graph, static input, static outputs)
         self._head_graphs: dict[tuple, tuple] = {}    # input addresses -> (graph, static outputs)
 

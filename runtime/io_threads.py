@@ -55,6 +55,7 @@ class Prefetch:
             self._queue.put(_DONE)  # stays exhausted
             raise StopIteration
         if isinstance(item, _Failure):
+            self._queue.put(_DONE)  # the source is finished: a later next() ends instead of waiting forever
             raise item.error
         return item
 

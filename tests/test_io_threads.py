@@ -28,6 +28,7 @@ def test_prefetch_raises_the_source_error_after_the_items_before_it():
             for item in p:
                 got.append(item)
     assert got == [0, 1, 2]
+    assert list(p) == []  # finished after the error: no wait for items that will never come
 
 
 def test_prefetch_reads_at_most_depth_ahead_and_close_stops_an_endless_source():
