@@ -70,9 +70,9 @@ def _check_out(src: Path, out: Path, overwrite: bool):
 def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str | None = None,
               frame_precision: str | None = None, head_precision: str | None = None,
               keep_attention_fp32: bool = True, method: str = "entropy", int8_high_precision: str = "fp16",
-              data_max: float | None = None, reference_batches: int = 8, gate: bool = True, gate_frames=None,
-              gate_num: int | None = None, overwrite: bool = False, threads: int | None = None,
-              progress: bool = True) -> dict:
+              quantize_residual: bool = False, int8_keep=(), data_max: float | None = None,
+              reference_batches: int = 8, gate: bool = True, gate_frames=None, gate_num: int | None = None,
+              overwrite: bool = False, threads: int | None = None, progress: bool = True) -> dict:
     """Write the float32 export ``src_dir`` at new per-engine precisions into ``out_dir`` and return its
     manifest (``manifest["calibration"]["gate"]`` holds the comparison with ``src_dir`` when ``gate``).
 
@@ -80,7 +80,10 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     the calibration data (frames larger than the export are cut into the runtime's slide windows).
     ``keep_attention_fp32``: the memory read's MatMul/Softmax stay float32 in float16 graphs. ``method``:
     INT8 range calibration, 'entropy' or 'max'. ``int8_high_precision``: what INT8 graphs run unquantized
-    parts in ('fp16' or 'fp32'). ``data_max``: AutoCast keeps nodes with larger float32 values in float32.
+    parts in ('fp16' or 'fp32'). ``quantize_residual``: quantize the residual shortcuts (identity additions,
+    downsample convolutions) too, ModelOpt's default placement; off: they stay high precision.
+    ``int8_keep``: torch module paths (e.g. 'backbone.layer1') left unquantized in the INT8 graphs.
+    ``data_max``: AutoCast keeps nodes with larger float32 values in float32.
     ``reference_batches``: batches for AutoCast's float32 reference run. The gate streams ``gate_frames``
     (default: the calibration frames) through both exports. On error nothing is left behind in ``out_dir``.
     """
@@ -108,6 +111,8 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
                                "the fp32 export that `tmanet export` wrote")
     _check_out(src, out, overwrite)
     require_modelopt()
+    int8_keep = tuple(int8_keep)
+    int8_keep_found = _check_int8_keep(src, precisions, int8_keep)
     streams = frame_streams(frames, manifest["input_size"], manifest, num)
     batch = engine_batch(manifest)
     names = {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}
@@ -142,7 +147,10 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
                 reader = SampleReader(samples.graph_inputs(engine), batch)
                 engines[engine] = quantize_int8(src / file, stage / file, reader, method=method,
                                                 high_precision=int8_high_precision,
-                                                keep_attention_fp32=keep_attention_fp32, workdir=work)
+                                                keep_attention_fp32=keep_attention_fp32,
+                                                quantize_residual=quantize_residual,
+                                                keep_modules=[m for m in int8_keep if m in int8_keep_found[engine]],
+                                                workdir=work)
         del samples
         shutil.rmtree(work)
 
@@ -178,6 +186,32 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
         raise
     new["directory"] = str(out)
     return new
+
+
+def _check_int8_keep(src: Path, precisions: dict, keep: tuple) -> dict:
+    """Per INT8 engine, the ``keep`` modules its graph holds; every module must be in one of them."""
+    from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD
+
+    from .precision import module_names
+    int8 = {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}
+    int8 = {e: f for e, f in int8.items() if precisions[e] == "int8"}
+    if not keep:
+        return {e: set() for e in int8}
+    if not int8:
+        raise CalibrationError(f"modules to keep unquantized ({', '.join(keep)}) apply to INT8 engines only; "
+                               f"the precisions are {precisions}")
+    import onnx
+    modules = {e: set(module_names(onnx.load(str(src / f), load_external_data=False))) for e, f in int8.items()}
+    found = {e: {m for m in keep if m in names} for e, names in modules.items()}
+    missing = [m for m in keep if not any(m in f for f in found.values())]
+    if missing:
+        known = sorted({m for names in modules.values() for m in names if m.count(".") <= 1})
+        if not known:
+            raise CalibrationError(f"{src}: the graphs record no module names (exported by an older tmanet "
+                                   "export?): re-export the checkpoint to keep modules unquantized")
+        raise CalibrationError(f"no module {', '.join(map(repr, missing))} in the INT8 graph(s) "
+                               f"({', '.join(int8.values())}); modules include: {', '.join(known)}")
+    return found
 
 
 def _versions() -> dict:

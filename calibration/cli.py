@@ -29,6 +29,13 @@ def register(sub):
                    help="INT8 range calibration (default entropy, ModelOpt's default)")
     p.add_argument("--int8-high-precision", choices=("fp16", "fp32"), default="fp16",
                    help="precision of the unquantized parts of INT8 graphs (default fp16)")
+    p.add_argument("--quantize-residual", action="store_true",
+                   help="INT8: quantize the residual shortcuts too (identity additions and downsample "
+                        "convolutions: ModelOpt's default placement, lets TensorRT fuse the additions into INT8 "
+                        "convolutions, less accurate). Default: the shortcuts stay fp16/fp32")
+    p.add_argument("--int8-keep", action="append", default=[], metavar="MODULE",
+                   help="INT8: leave this torch module and its submodules unquantized, by its path in the "
+                        "model (e.g. backbone.layer1, backbone.layer2.0.downsample, key_conv); repeatable")
     p.add_argument("--data-max", type=float, metavar="X",
                    help="FP16: AutoCast keeps nodes whose fp32 values exceed X in fp32 (default 512)")
     p.add_argument("--reference-batches", type=int, default=8, metavar="K",
@@ -81,7 +88,9 @@ def run_calibrate(args) -> int:
         manifest = calibrate(args.export_dir, args.out, args.frames, num=args.num, precision=args.precision,
                              frame_precision=args.frame_precision, head_precision=args.head_precision,
                              keep_attention_fp32=args.keep_attention_fp32, method=args.method,
-                             int8_high_precision=args.int8_high_precision, data_max=args.data_max,
+                             int8_high_precision=args.int8_high_precision,
+                             quantize_residual=args.quantize_residual, int8_keep=args.int8_keep,
+                             data_max=args.data_max,
                              reference_batches=args.reference_batches, gate=not args.no_gate,
                              gate_frames=args.gate_frames, gate_num=args.gate_num, overwrite=args.force,
                              threads=args.threads, progress=not args.no_progress)

@@ -98,6 +98,65 @@ def attention_nodes(model) -> list[str]:
     return names
 
 
+def module_of(node) -> str | None:
+    """The torch module a node was exported from ('backbone.layer1.0.conv1'; '' for the top module), as
+    ``torch.onnx.export`` records it in the node's metadata; None where the exporter recorded none."""
+    import ast
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)  # the module scopes, then the node's own name
+            return scopes[-2] if len(scopes) >= 2 else ""
+    return None
+
+
+def in_module(module: str | None, prefix: str) -> bool:
+    """Whether ``module`` is the module ``prefix`` or inside it (dotted paths: 'backbone.layer1' holds
+    'backbone.layer1.0.conv1', not 'backbone.layer10')."""
+    return module is not None and (module == prefix or module.startswith(prefix + "."))
+
+
+def module_names(model) -> list[str]:
+    """Every module path recorded in the graph and all its parents, sorted ('backbone', 'backbone.layer1', ...)."""
+    names = set()
+    for node in model.graph.node:
+        parts = (module_of(node) or "").split(".")
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if parts[0])
+    return sorted(names)
+
+
+def read_unquantized_adds(model) -> int:
+    """Make every Add read the tensor a QuantizeLinear -> DequantizeLinear pair was fed instead of its
+    dequantized copy, and drop Q/DQ nodes nothing reads any more; returns how many inputs were rewired.
+
+    ModelOpt quantizes a residual block's identity input (TensorRT can then fuse the addition into an INT8
+    convolution): the skip path then carries int8 rounding from block to block. Reading the unquantized tensor
+    keeps the residual stream in high precision; the convolutions still read int8."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type != "Add":
+            continue
+        for j, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[j] = q.input[0]
+                rewired += 1
+    freed = set()
+    while True:  # unread Q/DQ nodes, dequantizers first, then their quantizers
+        read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            freed.update(n.input)
+            model.graph.node.remove(n)
+    for init in [t for t in model.graph.initializer if t.name in freed - read]:  # their scales and zero points
+        model.graph.initializer.remove(init)
+    return rewired
+
+
 def tensor_types(model) -> dict[str, int]:
     """Element type of every tensor (inputs, outputs, initializers, inferred intermediates)."""
     import onnx

@@ -22,8 +22,8 @@ import numpy as np
 
 from tmanet.export.manifest import FRAME_ENCODER, head_input_names
 
-from .precision import (PrecisionError, attention_nodes, check_io_kept, name_unnamed_nodes, quiet, require_modelopt,
-                        summarize, tools_log_level)
+from .precision import (PrecisionError, attention_nodes, check_io_kept, in_module, module_names, module_of,
+                        name_unnamed_nodes, quiet, read_unquantized_adds, require_modelopt, summarize, tools_log_level)
 
 log = logging.getLogger("tmanet")
 
@@ -252,11 +252,15 @@ def write_reference_npz(arrays: dict, directory, batch: int, count: int) -> Path
 
 # -- INT8 ---------------------------------------------------------------------------------------------------
 def quantize_int8(src, dst, reader: SampleReader, method: str = "entropy", high_precision: str = "fp16",
-                  keep_attention_fp32: bool = True, workdir=None) -> dict:
+                  keep_attention_fp32: bool = True, quantize_residual: bool = False, keep_modules=(),
+                  workdir=None) -> dict:
     """Write the INT8 (explicit Q/DQ) version of the float32 graph ``src`` to ``dst`` with ModelOpt's ONNX
     PTQ, calibrated on ``reader``'s batches. Unquantized parts run in ``high_precision`` (fp16: ModelOpt's
     default and TensorRT's usual pairing; fp32). ``keep_attention_fp32`` keeps the memory read's
-    MatMul/Softmax out of quantization and, with float16, in float32. I/O names, types and shapes are kept."""
+    MatMul/Softmax out of quantization and, with float16, in float32. Unless ``quantize_residual`` (ModelOpt's
+    default placement), the residual shortcuts stay high precision: additions read unquantized inputs (see
+    :func:`read_unquantized_adds`) and ``downsample`` modules are not quantized. ``keep_modules``: more torch
+    module paths ('backbone.layer1') whose nodes stay unquantized. I/O names, types and shapes are kept."""
     import tempfile
 
     import onnx
@@ -271,12 +275,17 @@ def quantize_int8(src, dst, reader: SampleReader, method: str = "entropy", high_
     renamed = name_unnamed_nodes(source)  # exclusions match node names
     attention = attention_nodes(source)
     keep_fp32_ops = None
-    exclude = []
+    # The residual shortcuts carry every block's output to the next: their rounding accumulates through the
+    # network, while their convolutions (1x1 downsamples) are a few percent of the work.
+    shortcuts = [] if quantize_residual else [m for m in module_names(source) if m.split(".")[-1] == "downsample"]
+    kept = {m: [n.name for n in source.graph.node if in_module(module_of(n), m)] for m in keep_modules}
+    exclude = [f"^{re.escape(n.name)}$" for n in source.graph.node
+               if any(in_module(module_of(n), m) for m in [*keep_modules, *shortcuts])]
     if keep_attention_fp32 and attention:
         # Not quantized (an int8 softmax has 1/127 resolution; ModelOpt only skips attention MatMuls beyond
         # 512 positions) and, in a float16 graph, kept float32: by op type, ModelOpt's option, which in our
         # exports are the attention read's only MatMul/Softmax nodes.
-        exclude = [f"^{re.escape(n)}$" for n in attention]  # ModelOpt reads them as regular expressions
+        exclude += [f"^{re.escape(n)}$" for n in attention]  # ModelOpt reads them as regular expressions
         if high_precision == "fp16":
             keep_fp32_ops = ["MatMul", "Softmax"]
             other = [n.name for n in source.graph.node if n.op_type in keep_fp32_ops and n.name not in attention]
@@ -295,9 +304,11 @@ def quantize_int8(src, dst, reader: SampleReader, method: str = "entropy", high_
             quantize(onnx_path=str(work), quantize_mode="int8", calibration_data_reader=reader,
                      calibration_method=method, calibration_eps=["cpu"], output_path=str(Path(tmp) / "out.onnx"),
                      high_precision_dtype=high_precision, op_types_to_exclude_fp16=keep_fp32_ops,
+                     op_types_to_exclude=None if quantize_residual else ["Add"],
                      nodes_to_exclude=exclude or None,
                      log_level=tools_log_level())
         quantized = onnx.load(str(Path(tmp) / "out.onnx"))
+    rewired = 0 if quantize_residual else read_unquantized_adds(quantized)
     check_io_kept(source, quantized, f"ModelOpt PTQ on {dst.name}")
     info = summarize(quantized)
     if not info["quantize_linear"]:
@@ -305,10 +316,15 @@ def quantize_int8(src, dst, reader: SampleReader, method: str = "entropy", high_
     onnx.save(quantized, str(dst))
     info.update({"tool": "modelopt.onnx.quantization.quantize", "mode": "int8", "calibration_method": method,
                  "calibration_batches": len(reader), "high_precision": high_precision,
-                 "keep_attention_fp32": bool(exclude), "attention_nodes": attention,
+                 "keep_attention_fp32": keep_attention_fp32 and bool(attention), "attention_nodes": attention,
+                 "residual": ({"precision": "int8"} if quantize_residual else
+                              {"precision": high_precision, "addition_inputs": rewired, "shortcut_modules": shortcuts}),
+                 "kept_modules": kept,
                  "quantized_nodes": _quantized_nodes(quantized)})
-    log.info("%s: int8 Q/DQ on %d nodes (%d batches, %s calibration), rest %s", dst.name,
-             len(info["quantized_nodes"]), len(reader), method, high_precision)
+    log.info("%s: int8 Q/DQ on %d nodes (%d batches, %s calibration), rest %s%s", dst.name,
+             len(info["quantized_nodes"]), len(reader), method, high_precision,
+             "" if quantize_residual or not (rewired or shortcuts) else
+             f" (residual shortcuts too: {rewired} addition inputs, {len(shortcuts)} downsample modules)")
     return info
 
 

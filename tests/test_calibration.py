@@ -17,8 +17,8 @@ import pytest
 from tmanet.calibration import CalibrationError, calibrate
 from tmanet.calibration.compare import CompareError, _miou, compare_exports, format_table, target_agreement
 from tmanet.training.evaluate import confusion_matrix
-from tmanet.calibration.precision import (FLOAT, FLOAT16, attention_nodes, convert_fp16, io_signature,
-                                          node_compute_types)
+from tmanet.calibration.precision import (FLOAT, FLOAT16, attention_nodes, convert_fp16, in_module, io_signature,
+                                          module_names, module_of, node_compute_types)
 from tmanet.calibration.quantize import (CalibrationDataError, SampleReader, build_samples, frame_streams,
                                          write_reference_npz)
 from tmanet.export import export_onnx, load_manifest
@@ -259,6 +259,84 @@ def test_int8_head_keeps_attention_unquantized(modelopt, tiny_export, clip_file,
     assert sha256_file(out / "frame_encoder.onnx") == sha256_file(tiny_export / "frame_encoder.onnx")
 
 
+def _adds_reading_int8(model) -> int:
+    """Add inputs that come straight from a DequantizeLinear (an int8 residual stream)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return sum(producer[i].op_type == "DequantizeLinear" for n in model.graph.node if n.op_type == "Add"
+               for i in n.input if i in producer)
+
+
+def test_int8_residual_additions_read_high_precision_unless_asked(modelopt, tiny_export, clip_file, tmp_path):
+    runs = {}
+    for quantize_residual in (False, True):
+        out = tmp_path / f"residual_{quantize_residual}"
+        manifest = calibrate(tiny_export, out, clip_file, frame_precision="int8", head_precision="fp32",
+                             quantize_residual=quantize_residual, gate=False, progress=False)
+        info = manifest["calibration"]["engines"]["frame_encoder"]
+        runs[quantize_residual] = (_load(out / "frame_encoder.onnx"), info)
+    (plain, plain_info), (fused, fused_info) = runs[False], runs[True]
+    assert _adds_reading_int8(fused) > 0  # ModelOpt's own placement: the identity path in int8
+    assert _adds_reading_int8(plain) == 0 and fused_info["residual"] == {"precision": "int8"}
+    residual = plain_info["residual"]
+    assert residual["precision"] == "fp16" and residual["addition_inputs"] > 0
+    assert residual["shortcut_modules"] == ["backbone.layer2.0.downsample", "backbone.layer3.0.downsample",
+                                            "backbone.layer4.0.downsample"]
+    # The shortcut convolutions stay high precision, every other convolution reads int8 either way, and
+    # nothing dangles where the Adds were rewired.
+    convs = {n.name: module_of(n) for n in _load(tiny_export / "frame_encoder.onnx").graph.node
+             if n.op_type == "Conv"}
+    shortcut = {n for n, m in convs.items() if m.endswith(".downsample.0")}
+    assert len(shortcut) == 3 and shortcut <= set(fused_info["quantized_nodes"])
+    assert set(convs) & set(plain_info["quantized_nodes"]) == set(convs) & set(fused_info["quantized_nodes"]) - shortcut
+    read = {i for n in plain.graph.node for i in n.input} | {o.name for o in plain.graph.output}
+    assert all(any(o in read for o in n.output) for n in plain.graph.node)
+    onnx.checker.check_model(plain)
+    assert io_signature(plain) == io_signature(fused)
+
+
+def test_int8_keep_modules_unquantized(modelopt, tiny_export, clip_file, tmp_path):
+    out = tmp_path / "keep"
+    manifest = calibrate(tiny_export, out, clip_file, precision="int8", gate=False, progress=False,
+                         int8_keep=["backbone.layer1", "key_conv"])
+    engines = manifest["calibration"]["engines"]
+    kept = engines["frame_encoder"]["kept_modules"]
+    assert set(kept) == {"backbone.layer1", "key_conv"} and all(kept.values())
+    assert engines["memory_head"]["kept_modules"] == {}  # neither module is in the head graph
+    source = _load(tiny_export / "frame_encoder.onnx")
+    convs = {n.name: module_of(n) for n in source.graph.node if n.op_type == "Conv"}
+    quantized = set(engines["frame_encoder"]["quantized_nodes"])
+    kept_convs = {n for n, m in convs.items() if in_module(m, "backbone.layer1") or in_module(m, "key_conv")}
+    assert kept_convs and not kept_convs & quantized
+    # ModelOpt's own rules skip the thin stem convolutions, the shortcuts stay high precision by default;
+    # the other convolutions are quantized as without int8_keep
+    later = {n for n, m in convs.items() if any(in_module(m, f"backbone.layer{i}") for i in (2, 3, 4))
+             and ".downsample" not in m}
+    assert later and later <= quantized
+    # weights quantized only where the convolutions are
+    graph = _load(out / "frame_encoder.onnx").graph
+    weights = {i.name for i in graph.initializer}
+    quantized_weights = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"} & weights
+    assert any(w.startswith("backbone.layer2.") for w in quantized_weights)
+    assert not any(w.startswith(("backbone.layer1.", "key_conv.")) for w in quantized_weights)
+
+
+def test_int8_keep_errors_leave_nothing(modelopt, tiny_export, clip_file, tmp_path):
+    with pytest.raises(CalibrationError, match=r"no module 'backbone\.layer9'.*modules include: backbone, "
+                                                r"backbone\.layer1"):
+        calibrate(tiny_export, tmp_path / "a", clip_file, precision="int8", int8_keep=["backbone.layer9"])
+    with pytest.raises(CalibrationError, match="INT8 engines only"):
+        calibrate(tiny_export, tmp_path / "a", clip_file, precision="fp16", int8_keep=["backbone"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_module_paths_from_the_export(tiny_export):
+    graph = _load(tiny_export / "frame_encoder.onnx")
+    names = module_names(graph)
+    assert {"backbone", "backbone.layer1", "backbone.layer1.0", "backbone.layer1.0.conv1"} <= set(names)
+    assert in_module("backbone.layer1.0.conv1", "backbone.layer1") and in_module("backbone", "backbone")
+    assert not in_module("backbone.layer10", "backbone.layer1") and not in_module(None, "backbone")
+
+
 # -- accuracy on a meaningful model (official-layout R50) -----------------------------------------------------
 def test_r50_fp16_gate(modelopt, r50_export, r50_clips, tmp_path):
     calib, gate_frames = r50_clips
@@ -273,7 +351,7 @@ def test_r50_fp16_gate(modelopt, r50_export, r50_clips, tmp_path):
 
 def test_r50_int8_head_gate(modelopt, r50_export, r50_clips, tmp_path):
     """INT8 memory head (calibrated on the streamed memory encodings) against fp32: >= 99 %. (The INT8
-    frame engine of the synthetic R50 measures ~97.5 %: see the report.)"""
+    frame engine of the synthetic R50 measures 97.6 %: see the README; the trained demo model passes, see above.)"""
     calib, gate_frames = r50_clips
     out = tmp_path / "r50_int8_head"
     manifest = calibrate(r50_export, out, calib, frame_precision="fp32", head_precision="int8",
@@ -281,6 +359,26 @@ def test_r50_int8_head_gate(modelopt, r50_export, r50_clips, tmp_path):
     gate = manifest["calibration"]["gate"]
     assert gate["target"] == 0.99 and gate["pixel_agreement"] >= 0.99, format_table(gate)
     assert gate["logits_max_abs"] > 0
+
+
+def test_trained_demo_model_full_int8_gate(modelopt, tmp_path):
+    """Full INT8 of a trained model (the shipped demo model, 128x256) passes the 99 % gate with the default
+    recipe, and keeping the residual shortcuts high precision beats ModelOpt's own placement (README: 99.2 %
+    against 98.2 % at 256x512)."""
+    from tmanet.checkpoints import load_model
+    from tmanet.demo import DEMO_MODEL
+    from tmanet.training.synthetic import ClipSpec
+    from tmanet.training.synthetic import make_clip as driving_clip
+    size = (128, 256)
+    src = export_onnx(load_model(DEMO_MODEL), tmp_path / "fp32", *size, check=False)
+    calib, _ = driving_clip(ClipSpec(frames=32, height=size[0], width=size[1], degradation=0.5, seed=11))
+    gate_frames, _ = driving_clip(ClipSpec(frames=24, height=size[0], width=size[1], degradation=0.5, seed=2026))
+    agreement = {}
+    for quantize_residual in (False, True):
+        manifest = calibrate(src, tmp_path / f"int8_{quantize_residual}", calib, precision="int8",
+                             quantize_residual=quantize_residual, gate_frames=gate_frames, progress=False)
+        agreement[quantize_residual] = manifest["calibration"]["gate"]["pixel_agreement"]
+    assert agreement[False] >= 0.99 and agreement[False] > agreement[True], agreement
 
 
 # -- compare ------------------------------------------------------------------------------------------------
@@ -386,3 +484,8 @@ def test_cli_compare_json_and_errors(tiny_export, clip_file, tmp_path, capsys):
     assert main(["calibrate", str(tiny_export), "--frames", str(clip_file), "--precision", "fp32",
                  "--out", str(tmp_path / "o")]) == 2
     assert "nothing to convert" in capsys.readouterr().err
+    if _modelopt_usable():
+        assert main(["calibrate", str(tiny_export), "--frames", str(clip_file), "--precision", "int8",
+                     "--int8-keep", "backbone.layer1", "--int8-keep", "neck", "--out", str(tmp_path / "o")]) == 2
+        assert "no module 'neck' in the INT8 graph(s)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
