@@ -103,6 +103,10 @@ def run_calibrate(args) -> int:
     if gate is None:
         return 0
     print(format_table(gate))
+    if gate["passed"] is False and "int8" in prec.values():
+        print("INT8 below its target: try --int8-high-precision fp32, --int8-keep MODULE for sensitive modules "
+              "(e.g. backbone.layer1, reduce), more or more varied --frames, or an fp16 frame engine "
+              "(--frame-precision fp16 --head-precision int8)")
     return 0 if gate["passed"] in (True, None) else 1
 
 
