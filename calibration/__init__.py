@@ -149,7 +149,7 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
                                                 high_precision=int8_high_precision,
                                                 keep_attention_fp32=keep_attention_fp32,
                                                 quantize_residual=quantize_residual,
-                                                keep_modules=[m for m in int8_keep if m in int8_keep_found[engine]],
+                                                keep_modules=int8_keep_found[engine],
                                                 workdir=work)
         del samples
         shutil.rmtree(work)
@@ -189,20 +189,20 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
 
 
 def _check_int8_keep(src: Path, precisions: dict, keep: tuple) -> dict:
-    """Per INT8 engine, the ``keep`` modules its graph holds; every module must be in one of them."""
+    """Per INT8 engine, the ``keep`` modules its graph holds, in order; every module must be in one of them."""
     from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD
 
     from .precision import module_names
     int8 = {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}
     int8 = {e: f for e, f in int8.items() if precisions[e] == "int8"}
     if not keep:
-        return {e: set() for e in int8}
+        return {e: [] for e in int8}
     if not int8:
         raise CalibrationError(f"modules to keep unquantized ({', '.join(keep)}) apply to INT8 engines only; "
                                f"the precisions are {precisions}")
     import onnx
     modules = {e: set(module_names(onnx.load(str(src / f), load_external_data=False))) for e, f in int8.items()}
-    found = {e: {m for m in keep if m in names} for e, names in modules.items()}
+    found = {e: [m for m in keep if m in names] for e, names in modules.items()}
     missing = [m for m in keep if not any(m in f for f in found.values())]
     if missing:
         known = sorted({m for names in modules.values() for m in names if m.count(".") <= 1})

@@ -278,9 +278,11 @@ def quantize_int8(src, dst, reader: SampleReader, method: str = "entropy", high_
     # The residual shortcuts carry every block's output to the next: their rounding accumulates through the
     # network, while their convolutions (1x1 downsamples) are a few percent of the work.
     shortcuts = [] if quantize_residual else [m for m in module_names(source) if m.split(".")[-1] == "downsample"]
-    kept = {m: [n.name for n in source.graph.node if in_module(module_of(n), m)] for m in keep_modules}
-    exclude = [f"^{re.escape(n.name)}$" for n in source.graph.node
-               if any(in_module(module_of(n), m) for m in [*keep_modules, *shortcuts])]
+    node_modules = {n.name: module_of(n) for n in source.graph.node}
+    kept = {m: [n for n, module in node_modules.items() if in_module(module, m)] for m in keep_modules}
+    unquantized = {n for n, module in node_modules.items()
+                   if any(in_module(module, m) for m in [*keep_modules, *shortcuts])}
+    exclude = [f"^{re.escape(n)}$" for n in node_modules if n in unquantized]
     if keep_attention_fp32 and attention:
         # Not quantized (an int8 softmax has 1/127 resolution; ModelOpt only skips attention MatMuls beyond
         # 512 positions) and, in a float16 graph, kept float32: by op type, ModelOpt's option, which in our
