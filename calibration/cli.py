@@ -69,13 +69,13 @@ def register(sub):
 
 
 def _positive(value, flag):
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
     if value is not None and value < 1:
         raise UserError(f"{flag} must be >= 1, got {value}")
 
 
 def run_calibrate(args) -> int:
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
 
     from . import CalibrationError, calibrate
     from .compare import CompareError, format_table
@@ -114,7 +114,7 @@ def run_compare(args) -> int:
     import json
     from pathlib import Path
 
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
 
     from .compare import CompareError, compare_exports, format_table
     _positive(args.num, "--num")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.cli import UserError
+from tmanet.errors import UserError
 
 from .metadata import (ENGINE_NAMES, EngineIntegrityError, current_gpu, engine_path, is_up_to_date,
                        make_engines_manifest, make_metadata, read_metadata, sidecar_path,

@@ -28,7 +28,7 @@ def register(sub):
 
 
 def run(args) -> int:
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
 
     from .build import build_engines, parse_batch, require_tensorrt
     require_tensorrt()  # first: without TensorRT nothing else here matters

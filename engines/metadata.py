@@ -19,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tmanet.cli import UserError
+from tmanet.errors import UserError
 
 from .versioning import format_compute_capability, format_version
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from tmanet.cli import UserError
+from tmanet.errors import UserError
 
 MIN_TENSORRT_MAJOR = 10
 WEAK_TYPING_LAST_MAJOR = 10           # TensorRT 11 removed BuilderFlag.FP16/INT8 and the INT8 calibrators

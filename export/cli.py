@@ -26,7 +26,7 @@ def register(sub):
 
 def run(args) -> int:
     from tmanet.checkpoints import load_model
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
 
     from .onnx_export import DEFAULT_TOLERANCE, export_onnx
     if args.height < 32 or args.width < 32:

@@ -72,7 +72,7 @@ def _engine_args(p):
 
 def _backend_options(args) -> dict:
     """The backend options of the engine flags; flags that the chosen backend does not take are errors."""
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
     options = {}
     if args.precision is not None:
         if args.backend != "torch":
@@ -92,7 +92,7 @@ def _backend_options(args) -> dict:
 
 
 def _open(args, **kwargs):
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
     from tmanet.export.manifest import ManifestError
 
     from .backends import BackendUnavailable
@@ -114,7 +114,7 @@ def run_command(args) -> int:
 
     from tqdm import tqdm
 
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
 
     from .io_threads import Prefetch, Worker
     from .video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
@@ -196,7 +196,7 @@ def run_command(args) -> int:
 
 
 def bench_command(args) -> int:
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
     from tmanet.export.manifest import ManifestError
 
     from .backends import BackendUnavailable

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tmanet.cli import UserError, main
+from tmanet.cli import main
+from tmanet.errors import UserError
 from tmanet.engines.build import (DEFAULT_DYNAMIC_BATCH, TensorRTNotInstalled, build_engines, calibration_feeds,
                                   onnx_input_shapes, parse_batch, profile_shapes, require_tensorrt, resolve_batch)
 from tmanet.engines.metadata import (EngineIntegrityError, is_up_to_date, load_engine_metadata,

@@ -19,10 +19,6 @@ COMMAND_MODULES = (
 )
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one message, exit status 2, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmanet", description="TMANet video segmentation: export, run, "
                                      "benchmark, calibrate, build TensorRT engines, train, evaluate.")
@@ -42,6 +38,7 @@ def main(argv=None) -> int:
     from tmanet.export import ExportCheckError, ManifestError
 
     from .checkpoints import CheckpointError
+    from .errors import UserError
     try:
         return int(args.func(args) or 0)
     except (UserError, CheckpointError, ManifestError, ExportCheckError, FileNotFoundError) as e:

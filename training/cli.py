@@ -79,7 +79,7 @@ def register(sub):
 
 
 def run_train(args) -> int:
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
 
     from .trainer import InputError, train
     if args.threads is not None:
@@ -114,7 +114,7 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    from tmanet.cli import UserError
+    from tmanet.errors import UserError
 
     from .evaluate import evaluate, format_report, write_json
     from .trainer import InputError, parse_pair

@@ -1,0 +1,7 @@
+"""The toolkit's user-facing error: a problem with the user's input or files, reported as one line.
+
+It lives in the core so every package can raise it without importing the CLI (the application layer)."""
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one message, exit status 2, no traceback."""
