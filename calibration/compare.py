@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.training.evaluate import confusion_matrix, scores_from_confusion
+from tmanet.metrics import confusion_matrix, scores_from_confusion
 
 log = logging.getLogger("tmanet")
 

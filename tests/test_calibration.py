@@ -16,7 +16,7 @@ import pytest
 
 from tmanet.calibration import CalibrationError, calibrate
 from tmanet.calibration.compare import CompareError, _miou, compare_exports, format_table, target_agreement
-from tmanet.training.evaluate import confusion_matrix
+from tmanet.metrics import confusion_matrix
 from tmanet.calibration.precision import (FLOAT, FLOAT16, attention_nodes, convert_fp16, in_module, io_signature,
                                           module_names, module_of, node_compute_types)
 from tmanet.calibration.quantize import (CalibrationDataError, SampleReader, build_samples, frame_streams,

@@ -7,7 +7,7 @@ import numpy as np
 
 from tmanet import demo
 from tmanet.checkpoints import load_model
-from tmanet.training.evaluate import confusion_matrix, scores_from_confusion
+from tmanet.metrics import confusion_matrix, scores_from_confusion
 from tmanet.training.synthetic import ClipSpec, make_clip
 
 

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from tmanet.runtime import StreamingSegmenter
     from tmanet.runtime.bench import format_report, run_bench
     from tmanet.runtime.video_io import VideoWriter, overlay
-    from tmanet.training.evaluate import FlipCounter, confusion_matrix, scores_from_confusion
+    from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
     from tmanet.training.synthetic import ClipSpec, make_clip
     torch.set_num_threads(2)
     out = Path(a.out)

@@ -142,7 +142,7 @@ def evaluate_variant(model, clips, order: str, score_from: int, batch: int = 4, 
     """Pooled and per-clip scores of ``model`` under memory ``order`` on ``clips`` (from :func:`eval_clips`)."""
     from tqdm import tqdm
 
-    from .evaluate import FlipCounter, confusion_matrix, scores_from_confusion
+    from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
     C = model.config.num_classes
     cm = np.zeros((C, C), np.int64)
     flips = FlipCounter()

@@ -19,6 +19,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+# IGNORE_INDEX is never produced: labels describe the clean scene even where the image is destroyed.
+from tmanet.metrics import IGNORE_INDEX
+
 # Cityscapes trainIds of the classes drawn here.
 ROAD, SIDEWALK, BUILDING, POLE, TRAFFIC_SIGN, VEGETATION, SKY, PERSON, CAR = 0, 1, 2, 5, 7, 8, 10, 11, 13
 SYNTHETIC_CLASSES: dict[int, str] = {
@@ -32,7 +35,6 @@ SYNTHETIC_CLASSES: dict[int, str] = {
     PERSON: "person",
     CAR: "car",
 }
-IGNORE_INDEX = 255  # never produced: labels describe the clean scene even where the image is destroyed
 
 _Z_MAX = 150.0     # depth beyond which everything collapses onto the horizon band
 _Z_NEAR = 0.9      # objects closer than this are behind the image plane's useful range

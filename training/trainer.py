@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmanet.checkpoints import config_from_checkpoint, load_state, read_checkpoint, save_checkpoint, split_state_dict
+from tmanet.metrics import IGNORE_INDEX
 from tmanet.model import TMANet
 from tmanet.model.resnet import BasicBlock, Bottleneck
 from tmanet.presets import ModelConfig, get_preset
 
 log = logging.getLogger("tmanet")
 
-IGNORE_INDEX = 255
 LATEST, FINAL = "latest.pth", "final.pth"
 MODEL = "model.pth"  # the deployable weights: no auxiliary head, no optimizer state (under half of final.pth)
 LOG_CSV, LOG_JSON = "log.csv", "log.json"
