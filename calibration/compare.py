@@ -93,7 +93,7 @@ def _frame_iter(frames, num):
             raise CompareError(f"frames must be uint8 RGB (F, H, W, 3), got {frames.dtype} {frames.shape}")
         clip = frames if num is None else frames[:num]
         return len(clip), iter(clip), "<array>"
-    from tmanet.runtime.video_io import open_frames
+    from tmanet.video_io import open_frames
     path = Path(frames)
     if not path.exists():
         raise FileNotFoundError(f"frames source not found: {path}")

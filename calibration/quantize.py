@@ -64,7 +64,7 @@ def read_clip(source, num: int | None = None) -> tuple[np.ndarray, str]:
         clip = source if num is None else source[:num]
         kind = "array"
     else:
-        from tmanet.runtime.video_io import open_frames
+        from tmanet.video_io import open_frames
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"frames source not found: {path}")

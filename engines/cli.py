@@ -61,5 +61,5 @@ def _read_clip(path):
         return path
     import numpy as np
 
-    from tmanet.runtime.video_io import open_frames
+    from tmanet.video_io import open_frames
     return np.stack([frame for frame, _ in open_frames(path, max_frames=MAX_CALIB_FRAMES)])

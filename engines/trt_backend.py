@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.export.manifest import ENCODER_OUTPUTS, HEAD_OUTPUTS, head_input_names
+from tmanet.runtime.address_cache import AddressKeyedCache
 from tmanet.runtime.backends import Backend, BackendUnavailable, register_backend
 
 from .build import TensorRTNotInstalled, require_tensorrt, trt_dtype_name
@@ -43,8 +44,6 @@ from .metadata import (ENGINE_NAMES, EngineIntegrityError, current_gpu, load_eng
 from .versioning import check_compatible
 
 log = logging.getLogger("tmanet")
-
-MAX_GRAPHS = 64        # per engine; beyond it the addresses have changed (new rings): start over
 
 
 class TensorRTBackendUnavailable(TensorRTNotInstalled, BackendUnavailable):
@@ -92,7 +91,7 @@ class TrtEngine:
                 self.outputs[tname] = entry
         self.batch_shape = None
         self.bound = {}
-        self.graphs = {}
+        self.graphs = AddressKeyedCache()  # bound addresses -> CUDA graph
         self.graphs_ok = True
 
     def batch_range(self) -> tuple[int, int]:
@@ -148,9 +147,7 @@ class TrtEngine:
             log.warning("%s: CUDA graph capture failed (%s): running without CUDA graphs", self.name, e)
             self.graphs_ok = False
             return
-        if len(self.graphs) >= MAX_GRAPHS:
-            self.graphs.clear()
-        self.graphs[key] = graph
+        self.graphs.put(key, graph)
 
     def close(self):
         self.graphs.clear()

@@ -38,7 +38,7 @@ def run(args) -> int:
     if args.check_frames:
         import numpy as np
 
-        from tmanet.runtime.video_io import open_frames
+        from tmanet.video_io import open_frames
         source = open_frames(args.check_frames, max_frames=model.config.sequence_num + 2)
         frames = np.stack([frame for frame, _ in source])
         if frames.shape[1:3] != (args.height, args.width):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmanet.slots import memory_frame_indices
+
 from .manifest import (ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, file_entries,
                        head_input_names, library_versions, write_manifest)
 
@@ -123,8 +125,6 @@ def check_frames_for(height, width, count, seed=0) -> np.ndarray:
 def check_against_torch(out, encoder, head, sequence_num, frames, batch, tolerance) -> dict:
     """Stream ``frames`` through torch and ONNX Runtime side by side; compare every output."""
     import onnxruntime as ort
-
-    from tmanet.runtime.ring_buffer import MemoryRing
     height, width = head.out_size
     frames = check_frames_for(height, width, sequence_num + 2) if frames is None else np.asarray(frames)
     if frames.dtype != np.uint8 or frames.shape[1:] != (height, width, 3):
@@ -137,20 +137,20 @@ def check_against_torch(out, encoder, head, sequence_num, frames, batch, toleran
     worst_enc = worst_logits = 0.0
     mask_equal = total = 0
     scale = []
-    ring = None
+    encodings = []  # (memory key, memory value) of every frame so far, for the slot rule to pick from
     with torch.no_grad():
-        for frame in frames:
+        for t, frame in enumerate(frames):
             x = np.repeat(frame[None], batch, 0)
             ref = encoder(torch.from_numpy(x))
             got = enc_s.run(ENCODER_OUTPUTS, {"frames": x})
             worst_enc = max(worst_enc, *(float(np.abs(r.numpy() - g).max()) for r, g in zip(ref, got)))
             qk, qv, mk, mv = ref
-            ring = ring or MemoryRing.like(mk, mv)
-            ring.write(mk, mv)
-            inputs = [qk, qv, *ring.slot_keys(), *ring.slot_values()]
+            encodings.append((mk, mv))
+            reads = memory_frame_indices(t, 0, sequence_num)  # slot i reads frame reads[i] under slot i's weights
+            inputs = [qk, qv, *[encodings[f][0][:, i] for i, f in enumerate(reads)],
+                      *[encodings[f][1][:, i] for i, f in enumerate(reads)]]
             ref_mask, ref_logits = head(*inputs)
-            mask, logits = head_s.run(HEAD_OUTPUTS, {n: t.contiguous().numpy() for n, t in zip(names, inputs)})
-            ring.advance()
+            mask, logits = head_s.run(HEAD_OUTPUTS, {n: v.contiguous().numpy() for n, v in zip(names, inputs)})
             worst_logits = max(worst_logits, float(np.abs(ref_logits.numpy() - logits).max()))
             scale.append(float(ref_logits.std()))
             mask_equal += int((ref_mask.numpy() == mask).sum())

@@ -27,6 +27,8 @@ import numpy as np
 
 from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
 
+from .address_cache import AddressKeyedCache
+
 log = logging.getLogger("tmanet")
 
 
@@ -147,7 +149,7 @@ class OrtBackend(Backend):
         self._out_types = {o.name: _ORT_TYPES[o.type] for o in
                            self.encoder.get_outputs() + self.memory_head.get_outputs()}
         self._buffers: dict[tuple, dict[str, np.ndarray]] = {}
-        self._bindings: dict[tuple, object] = {}
+        self._bindings = AddressKeyedCache()
         self.last_head_binding = None  # for inspection: the binding the last head call ran
 
     def zeros(self, shape):
@@ -170,18 +172,17 @@ class OrtBackend(Backend):
         """An IOBinding of these exact arrays, by address, reused while the addresses are the same."""
         arrays = list(inputs.items()) + list(outputs.items())
         key = (id(session),) + tuple((n, a.ctypes.data, a.shape, a.dtype.str) for n, a in arrays)
-        binding = self._bindings.get(key)
-        if binding is None:
-            if len(self._bindings) > 256:  # stale addresses after re-allocations: start over
-                self._bindings.clear()
-            binding = session.io_binding()
-            for name, a in inputs.items():
-                if not a.flags.c_contiguous:
-                    raise ValueError(f"input {name} must be C-contiguous to be bound by address")
-                binding.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-            for name, a in outputs.items():
-                binding.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-            self._bindings[key] = binding
+        return self._bindings.get_or_make(key, lambda: self._bind(session, inputs, outputs))
+
+    @staticmethod
+    def _bind(session, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
+        binding = session.io_binding()
+        for name, a in inputs.items():
+            if not a.flags.c_contiguous:
+                raise ValueError(f"input {name} must be C-contiguous to be bound by address")
+            binding.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        for name, a in outputs.items():
+            binding.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         return binding
 
     def encode(self, frames):
@@ -284,7 +285,7 @@ class TorchBackend(Backend):
             log.warning("no fused attention kernel takes this head's inputs (%d key, %d value channels, %s): "
                         "the memory read runs in chunks", self.key_channels, self.value_channels, precision)
         self._encoder_graphs: dict[int, tuple] = {}   # batch -> (graph, static input, static outputs)
-        self._head_graphs: dict[tuple, tuple] = {}    # input addresses -> (graph, static outputs)
+        self._head_graphs = AddressKeyedCache()      # input addresses -> (graph, static outputs)
 
     def zeros(self, shape):
         return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device_obj)
@@ -356,13 +357,8 @@ class TorchBackend(Backend):
         with self.torch.inference_mode():
             if self.cuda_graphs:
                 key = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in inputs)
-                entry = self._head_graphs.get(key)
-                if entry is None:
-                    if len(self._head_graphs) > 256:  # stale addresses after re-allocations: start over
-                        self._head_graphs.clear()
-                    # The graph reads these exact addresses: valid for every later call with the same key.
-                    entry = self._head_graphs[key] = self._capture(self._run_head, inputs)
-                graph, (mask, out) = entry
+                # The graph reads these exact addresses: valid for every later call with the same key.
+                graph, (mask, out) = self._head_graphs.get_or_make(key, lambda: self._capture(self._run_head, inputs))
                 graph.replay()
             else:
                 mask, out = self._run_head(inputs)

@@ -117,7 +117,7 @@ def run_command(args) -> int:
     from tmanet.errors import UserError
 
     from .io_threads import Prefetch, Worker
-    from .video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
+    from tmanet.video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
     if not (args.output or args.save_masks or args.save_logits):
         log.info("no --output, --save-masks or --save-logits: segmenting without writing results")
     _backend_options(args)  # flag errors before any file is opened

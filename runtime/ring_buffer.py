@@ -7,11 +7,11 @@ when time advances. The only copy per frame is the new frame's encodings going i
 
 Warm-up: when a stream (batch index) starts, its first frame is written to every position, so reads of
 frames before the start return the first frame, which is exactly the clamp rule of
-:func:`~tmanet.runtime.slots.memory_frame_indices`. All streams of a batch rotate together.
+:func:`~tmanet.slots.memory_frame_indices`. All streams of a batch rotate together.
 """
 from __future__ import annotations
 
-from .slots import ring_positions
+from tmanet.slots import ring_positions
 
 
 def zeros_like_backend(like, shape):

@@ -176,7 +176,7 @@ def test_attention_nodes_cover_every_query_chunk():
 
 
 def test_frames_from_a_video(tiny_export, tmp_path):
-    from tmanet.runtime.video_io import VideoWriter
+    from tmanet.video_io import VideoWriter
     with VideoWriter(tmp_path / "clip.mp4", fps=10) as writer:
         for frame in make_clip(4, H, W, seed=9):
             writer.write(frame)

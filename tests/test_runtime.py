@@ -275,7 +275,7 @@ class ReferenceStreams:
         self.cache = {}
 
     def logits(self, history):
-        from tmanet.runtime.slots import memory_frame_indices
+        from tmanet.slots import memory_frame_indices
         t = len(history) - 1
         ids = tuple(history[i] for i in memory_frame_indices(t, 0, self.T))
         key = (history[-1], ids)
@@ -411,7 +411,7 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
     _, changed = binding.copy_outputs_to_cpu()
     assert max_abs(changed[0], last.logits) > 1e-2
     # ... and it is exactly what a plain (copying) run on the ring's current slot contents gives.
-    from tmanet.runtime.slots import ring_positions
+    from tmanet.slots import ring_positions
     _, read = ring_positions(ring.t - 1, ring.sequence_num)
     feeds = {"query_key": backend._outputs("encoder", 1)["query_key"].copy(),
              "query_value": backend._outputs("encoder", 1)["query_value"].copy()}
@@ -425,6 +425,34 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
         assert view.flags.c_contiguous
         assert np.shares_memory(view, ring.keys) or np.shares_memory(view, ring.values)
 
+
+
+def test_ort_bindings_are_made_once_per_ring_phase(export_b1, clips):
+    """The head's IOBindings are keyed by the slot addresses: T+1 ring phases, then only reuse."""
+    seg = StreamingSegmenter.open(export_b1)
+    T = seg.manifest["sequence_num"]
+    frames = np.concatenate(clips)
+    made = []
+    for f in frames[:T + 1]:
+        seg.push(f)
+        made.append(seg.backend.last_head_binding)
+    assert len({id(b) for b in made}) == T + 1
+    for k, f in enumerate(frames[T + 1:2 * T + 2]):
+        seg.push(f)
+        assert seg.backend.last_head_binding is made[k]  # same phase, same addresses: the same binding
+
+
+def test_address_keyed_cache_makes_once_and_starts_over_when_full():
+    from tmanet.runtime.address_cache import AddressKeyedCache
+    cache, calls = AddressKeyedCache(max_entries=3), []
+
+    def make(key):
+        return lambda: calls.append(key) or f"entry {key}"
+    assert [cache.get_or_make(k, make(k)) for k in (1, 2, 1, 3, 2)] == ["entry 1", "entry 2", "entry 1", "entry 3",
+                                                                        "entry 2"]
+    assert calls == [1, 2, 3] and len(cache) == 3
+    cache.get_or_make(4, make(4))  # full: stale addresses are dropped, the new entry kept
+    assert len(cache) == 1 and cache.get(4) == "entry 4" and cache.get(1) is None
 
 # -- backends: registry, errors ----------------------------------------------------------------------------
 def test_trt_backend_reports_clearly_when_unavailable(export_b1):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tmanet.runtime.ring_buffer import MemoryRing
-from tmanet.runtime.slots import memory_frame_indices, ring_positions
+from tmanet.slots import memory_frame_indices, ring_positions
 
 
 # -- memory_frame_indices -------------------------------------------------------------------------------

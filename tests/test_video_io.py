@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tmanet.cli import main
-from tmanet.runtime.video_io import (NpyWriter, VideoWriter, colorize, open_frames, overlay, save_mask_png)
+from tmanet.video_io import (NpyWriter, VideoWriter, colorize, open_frames, overlay, save_mask_png)
 from tmanet.synthetic_weights import make_clip
 
 H, W = 64, 128

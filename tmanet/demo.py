@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from tmanet.export import export_onnx
     from tmanet.runtime import StreamingSegmenter
     from tmanet.runtime.bench import format_report, run_bench
-    from tmanet.runtime.video_io import VideoWriter, overlay
+    from tmanet.video_io import VideoWriter, overlay
     from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
     from tmanet.training.synthetic import ClipSpec, make_clip
     torch.set_num_threads(2)

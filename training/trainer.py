@@ -37,6 +37,7 @@ from tmanet.metrics import IGNORE_INDEX
 from tmanet.model import TMANet
 from tmanet.model.resnet import BasicBlock, Bottleneck
 from tmanet.presets import ModelConfig, get_preset
+from tmanet.slots import memory_frame_indices
 
 log = logging.getLogger("tmanet")
 
@@ -108,13 +109,10 @@ def memory_frame_order(t: int, sequence_num: int, order: str = "oldest_first", s
     """The frame each memory slot 0..T-1 reads for frame ``t`` of a clip that begins at ``start``, under
     ``order``; indices before ``start`` clamp to it (the warm-up rule)."""
     order = check_memory_order(order)
-    if t < start:
-        raise ValueError(f"frame {t} precedes the clip start {start}")
+    official = memory_frame_indices(t, start, sequence_num)  # raises for t before start
     if order == "current":
         return [t] * sequence_num
-    if order == "newest_first":
-        return [max(t - 1 - i, start) for i in range(sequence_num)]
-    return [max(t - sequence_num + i, start) for i in range(sequence_num)]
+    return official[::-1] if order == "newest_first" else official
 
 
 def order_memory(image, memory, order: str = "oldest_first"):

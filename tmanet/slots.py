@@ -1,4 +1,6 @@
-"""Which frame each memory slot reads: the rule of the streaming design, as pure functions."""
+"""Which frame each memory slot reads: the rule of the streaming design, as pure functions.
+
+TMANet semantics, so part of the core: the runtime's ring, the export check and the trainer all follow it."""
 from __future__ import annotations
 
 

@@ -1,4 +1,4 @@
-"""Frame sources and result sinks for ``tmanet run``.
+"""Frame sources and result sinks: shared by `tmanet run`, export checks, calibration, engine builds and the demo.
 
 Sources (one interface, :func:`open_frames`): a video file (PyAV), a folder of images (png/jpg, sorted by
 name) or a ``.npy`` clip ``(F, H, W, 3)`` uint8. Each yields ``(frame, timestamp)`` with frame a uint8 RGB
