@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.export.manifest import FRAME_ENCODER, head_input_names
+from tmanet.onnx_session import cpu_session
 
 from .precision import (PrecisionError, attention_nodes, check_io_kept, in_module, module_names, module_of,
                         name_unnamed_nodes, quiet, read_unquantized_adds, require_modelopt, summarize, tools_log_level)
@@ -120,13 +121,6 @@ class CalibrationSamples:
         return {"frames": self.frames} if graph == "frame_encoder" else self.head
 
 
-def _frame_session(path):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def engine_batch(manifest: dict) -> int:
     """Batch the graphs are run with: the fixed export batch, or 1 for a dynamic-batch export."""
     b = manifest.get("batch", 1)
@@ -166,7 +160,7 @@ def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=Non
         head = {n: array(n, (S, *shapes[n]), np.float32) for n in head_input_names(T)}
     index = [(s, t) for s in range(nstreams) for t in range(F)]
     B = engine_batch(manifest)
-    session = _frame_session(Path(export_dir) / FRAME_ENCODER) if with_head else None
+    session = cpu_session(Path(export_dir) / FRAME_ENCODER) if with_head else None
     bar = tqdm(total=S, desc="calibration samples", unit="sample", disable=not progress or not with_head)
     for first in range(0, nstreams, B):
         lanes = list(range(first, min(first + B, nstreams)))

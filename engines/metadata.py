@@ -13,13 +13,13 @@ manifest, so an engine directory is self-describing even when it lives apart fro
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 from tmanet.errors import UserError
+from tmanet.export.manifest import sha256_file
 
 from .versioning import format_compute_capability, format_version
 
@@ -33,14 +33,6 @@ REQUIRED_KEYS = ("schema", "engine", "engine_file", "engine_sha256", "engine_byt
 
 class EngineIntegrityError(UserError):
     """An engine file or its metadata is missing, unreadable or does not match."""
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sidecar_path(engine_path) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmanet.onnx_session import cpu_session
 from tmanet.slots import memory_frame_indices
 
 from .manifest import (ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, file_entries,
@@ -118,21 +119,17 @@ def export_onnx(model, out_dir, height: int, width: int, batch: int = 1, dynamic
 
 def check_frames_for(height, width, count, seed=0) -> np.ndarray:
     """Real-looking frames for the check when the user gives none: the documented synthetic clip rule."""
-    from tmanet.synthetic_weights import make_clip
-    return make_clip(count, height, width, seed)
+    from tmanet.synthetic_weights import make_noise_clip
+    return make_noise_clip(count, height, width, seed)
 
 
 def check_against_torch(out, encoder, head, sequence_num, frames, batch, tolerance) -> dict:
     """Stream ``frames`` through torch and ONNX Runtime side by side; compare every output."""
-    import onnxruntime as ort
     height, width = head.out_size
     frames = check_frames_for(height, width, sequence_num + 2) if frames is None else np.asarray(frames)
     if frames.dtype != np.uint8 or frames.shape[1:] != (height, width, 3):
         raise ValueError(f"check frames must be uint8 (F, {height}, {width}, 3), got {frames.dtype} {frames.shape}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    enc_s = ort.InferenceSession(str(out / FRAME_ENCODER), opts, providers=["CPUExecutionProvider"])
-    head_s = ort.InferenceSession(str(out / MEMORY_HEAD), opts, providers=["CPUExecutionProvider"])
+    enc_s, head_s = cpu_session(out / FRAME_ENCODER), cpu_session(out / MEMORY_HEAD)
     names = head_input_names(sequence_num)
     worst_enc = worst_logits = 0.0
     mask_equal = total = 0

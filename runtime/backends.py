@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
+from tmanet.onnx_session import cpu_session
 
 from .address_cache import AddressKeyedCache
 
@@ -129,18 +130,9 @@ class OrtBackend(Backend):
         except ImportError as e:
             raise BackendUnavailable(f"onnxruntime is not installed: {e}") from None
         self.ort = ort
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of convs: parallel within ops
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        if inter_threads:
-            opts.inter_op_num_threads = int(inter_threads)
-        opts.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
         self.threads = threads
-        self.encoder = ort.InferenceSession(str(self.export_dir / FRAME_ENCODER), opts, providers=providers)
-        self.memory_head = ort.InferenceSession(str(self.export_dir / MEMORY_HEAD), opts, providers=providers)
+        self.encoder = cpu_session(self.export_dir / FRAME_ENCODER, threads, inter_threads)
+        self.memory_head = cpu_session(self.export_dir / MEMORY_HEAD, threads, inter_threads)
         T = self.sequence_num
         self.head_inputs = head_input_names(T)
         got = [i.name for i in self.memory_head.get_inputs()]

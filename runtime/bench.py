@@ -125,8 +125,8 @@ def summarize(ms) -> dict:
 
 def bench_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     """A synthetic clip at the export size: the documented smooth moving texture."""
-    from tmanet.synthetic_weights import make_clip
-    return make_clip(count, height, width, seed)
+    from tmanet.synthetic_weights import make_noise_clip
+    return make_noise_clip(count, height, width, seed)
 
 
 # -- the official protocol --------------------------------------------------------------------------------

@@ -16,9 +16,6 @@ from tmanet.runtime.segmenter import STAGES
 H, W = 64, 128
 
 
-@pytest.fixture(scope="module")
-def export_b1(tiny_export_dir):
-    return tiny_export_dir()
 
 
 def export_ring_bytes(export_dir) -> int:

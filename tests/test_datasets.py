@@ -7,14 +7,14 @@ import pytest
 from PIL import Image
 
 from tmanet.training.datasets import CamVidVideo, CityscapesVideo, TrainTransform
-from tmanet.training.synthetic import ClipSpec, make_clip, write_cityscapes_sequence
+from tmanet.training.synthetic import ClipSpec, make_street_clip, write_cityscapes_sequence
 
 FIRST = 100  # Cityscapes-style frame numbers that do not start at 0
 
 
 @pytest.fixture(scope="module")
 def cs_clips():
-    return [make_clip(ClipSpec(frames=8, height=24, width=48, degradation=0.3, seed=s)) for s in (1, 2)]
+    return [make_street_clip(ClipSpec(frames=8, height=24, width=48, degradation=0.3, seed=s)) for s in (1, 2)]
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from tmanet.engines.build import (DEFAULT_DYNAMIC_BATCH, TensorRTNotInstalled, b
                                   onnx_input_shapes, parse_batch, profile_shapes, require_tensorrt, resolve_batch)
 from tmanet.engines.metadata import (EngineIntegrityError, is_up_to_date, load_engine_metadata,
                                      make_engines_manifest, make_metadata, read_engines_manifest, read_metadata,
-                                     sha256_file, sidecar_path, verify_engine_file, write_engines_manifest,
-                                     write_metadata)
+                                     sidecar_path, verify_engine_file, write_engines_manifest, write_metadata)
 from tmanet.engines.versioning import (EngineCompatibilityError, build_plan, check_compatible,
                                        format_compute_capability, parse_trt_version)
+from tmanet.export.manifest import sha256_file
 
 H, W = 64, 128
 TRT_SENTENCE = "TensorRT is not installed: "
@@ -268,12 +268,6 @@ def test_profile_shapes_from_onnx(tmp_path):
 
 
 # -- a tiny real export --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_export(make_tiny_model, tmp_path_factory):
-    from tmanet.export import export_onnx
-    return export_onnx(make_tiny_model(seed=5), tmp_path_factory.mktemp("export"), H, W, batch=1, check=False)
-
-
 def test_export_profiles(tiny_export):
     """The real export's inputs give the profile shapes the build would use."""
     from tmanet.export import load_manifest

@@ -12,7 +12,7 @@ from tmanet.checkpoints import load_model, save_checkpoint
 from tmanet.cli import main as cli_main
 from tmanet.metrics import confusion_matrix, scores_from_confusion
 from tmanet.training.evaluate import Predictor, evaluate, feature_size, format_report
-from tmanet.training.synthetic import ClipSpec, make_clip, write_cityscapes_sequence
+from tmanet.training.synthetic import ClipSpec, make_street_clip, write_cityscapes_sequence
 from tmanet.training.trainer import SYNTHETIC_VAL_SEED, InputError
 
 H, W, F = 64, 128, 4
@@ -32,23 +32,8 @@ def test_feature_size_matches_the_encoder(make_tiny_model):
 
 
 # -- end to end ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_ckpt(make_tiny_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval") / "tiny.pth"
-    save_checkpoint(make_tiny_model(seed=3), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tiny_ckpt, tmp_path_factory):
-    from tmanet.export import export_onnx
-    torch.set_num_threads(1)
-    return export_onnx(load_model(tiny_ckpt), tmp_path_factory.mktemp("eval") / "onnx", H, W,
-                       checkpoint=tiny_ckpt, check=False)
-
-
 def val_clips(count, frames=F, degradation=0.5):
-    return [make_clip(ClipSpec(frames=frames, height=H, width=W, degradation=degradation, seed=SYNTHETIC_VAL_SEED + i))
+    return [make_street_clip(ClipSpec(frames=frames, height=H, width=W, degradation=degradation, seed=SYNTHETIC_VAL_SEED + i))
             for i in range(count)]
 
 
@@ -136,7 +121,7 @@ def test_checkpoint_with_ort_backend_exports_at_the_frame_size(tiny_ckpt, tiny_e
 
 def test_evaluate_cityscapes_layout(tiny_ckpt, tmp_path):
     root = tmp_path / "cityscapes"
-    clips = [make_clip(ClipSpec(frames=F, height=H, width=W, seed=s)) for s in (11, 12, 13)]
+    clips = [make_street_clip(ClipSpec(frames=F, height=H, width=W, seed=s)) for s in (11, 12, 13)]
     write_cityscapes_sequence(root, clips, split="val", annotate=F - 1)
     model = load_model(tiny_ckpt)
     cm = np.zeros((19, 19), np.int64)

@@ -12,22 +12,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import max_abs, top2_margin
 from tmanet.model import FrameResult
 from tmanet.runtime import StreamingSegmenter
 from tmanet.runtime.backends import (BACKENDS, BackendUnavailable, OrtBackend, get_backend,
                                      register_backend)
 from tmanet.runtime.segmenter import default_stride
-from tmanet.synthetic_weights import make_clip
+from tmanet.synthetic_weights import make_noise_clip
 
 ATOL = 1e-3          # set A: float32 tolerance recommended by the reference (rtol 0)
 MASK_MARGIN = 2e-3   # set A: masks must agree where the golden top-2 margin is at least this
 TINY_ATOL = 1e-4     # tiny model (logit std ~2.4): ORT/torch vs the unsplit model, measured ~1e-6
 H, W = 64, 128       # export size of the tiny models
-
-
-@pytest.fixture(scope="module")
-def export_b1(tiny_export_dir):
-    return tiny_export_dir()
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +45,11 @@ def tiny_model(export_b1):
 @pytest.fixture(scope="module")
 def clips():
     """Three different 6-frame clips at the export size."""
-    return [make_clip(6, H, W, seed) for seed in (11, 12, 13)]
+    return [make_noise_clip(6, H, W, seed) for seed in (11, 12, 13)]
 
 
 def stream_logits(model, clip):
     return np.stack([r.logits for r in model.stream(clip)])
-
-
-def max_abs(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
-def top2_margin(logits):
-    part = np.sort(logits, axis=0)
-    return part[-1] - part[-2]
 
 
 # -- parity with the official golden (set A, R50 cityscapes) -----------------------------------------------
@@ -290,7 +277,7 @@ class ReferenceStreams:
 
 @pytest.fixture(scope="module")
 def reference_streams(tiny_model):
-    pool = [make_clip(1, H, W, seed)[0] for seed in (21, 22, 23)]
+    pool = [make_noise_clip(1, H, W, seed)[0] for seed in (21, 22, 23)]
     return pool, ReferenceStreams(tiny_model, pool)
 
 
@@ -338,7 +325,7 @@ def test_stream_handling_property(export_b2, reference_streams, ops):
 # -- slide mode --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["ort", "torch"])
 def test_slide_matches_predict_clip(export_b1, tiny_model, backend):
-    clip = make_clip(3, 80, 160, seed=5)  # larger than the export: 2 x 2 overlapping 64x128 windows
+    clip = make_noise_clip(3, 80, 160, seed=5)  # larger than the export: 2 x 2 overlapping 64x128 windows
     stride = (16, 32)
     seg = StreamingSegmenter.open(export_b1, backend=backend, mode="slide", stride=stride, return_logits=True)
     out = [seg.push(f) for f in clip]
@@ -355,7 +342,7 @@ def test_slide_matches_predict_clip(export_b1, tiny_model, backend):
 
 
 def test_slide_batches_windows_and_streams(export_b2, export_dyn, tiny_model):
-    clips = [make_clip(3, 64, 200, seed=6), make_clip(3, 64, 200, seed=8)]  # 3 windows per frame
+    clips = [make_noise_clip(3, 64, 200, seed=6), make_noise_clip(3, 64, 200, seed=8)]  # 3 windows per frame
     stride = (64, 64)
     T = tiny_model.config.sequence_num
     expected = [tiny_model.predict_clip(c, mode="slide", crop=(H, W), stride=stride)[0] for c in clips]
@@ -523,7 +510,7 @@ def test_torch_describe_records_precision_and_graphs(export_b1):
 def test_cli_rejects_torch_cuda_flags_with_ort(export_b1, tmp_path, capsys, flags, message):
     from tmanet.cli import main
     clip = tmp_path / "clip.npy"
-    np.save(clip, make_clip(2, H, W, 3))
+    np.save(clip, make_noise_clip(2, H, W, 3))
     for cmd in (["run", str(export_b1), "--input", str(clip), "--backend", "ort"],
                 ["bench", str(export_b1), "--frames", "1", "--backend", "ort"]):
         assert main(cmd + flags + ["--no-progress"]) == 2
@@ -540,7 +527,7 @@ def gpu_stream(export_dir, clip, **options):
 
 @pytest.fixture(scope="module")
 def long_clip():
-    return make_clip(2 * 2 + 2, H, W, 21)  # 2T+2 frames for T=2: every ring phase, twice over
+    return make_noise_clip(2 * 2 + 2, H, W, 21)  # 2T+2 frames for T=2: every ring phase, twice over
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ import torch
 from tmanet.checkpoints import load_model, read_checkpoint
 from tmanet.cli import main as cli_main
 from tmanet.model import TMANet
-from tmanet.training.synthetic import ClipSpec, make_clip
+from tmanet.training.synthetic import ClipSpec, make_street_clip
 from tmanet.training.trainer import (EpochSampler, InputError, Trainer, init_from_scratch, make_optimizer,
                                      parse_data, parse_overrides, poly_lr, resolve_config, segmentation_loss,
                                      train)
@@ -114,8 +114,8 @@ def test_epoch_sampler_resumes_mid_stream():
 
 # -- training ------------------------------------------------------------------------------------------
 def test_overfits_a_fixed_synthetic_batch(tiny_config):
-    from tmanet.training.synthetic import ClipSpec, make_clip
-    frames, labels = make_clip(ClipSpec(frames=4, height=64, width=64, seed=3))
+    from tmanet.training.synthetic import ClipSpec, make_street_clip
+    frames, labels = make_street_clip(ClipSpec(frames=4, height=64, width=64, seed=3))
     batch = {"image": torch.from_numpy(frames[2:4]), "memory": torch.from_numpy(frames[[[0, 1], [1, 2]]]),
              "label": torch.from_numpy(labels[2:4]).long()}
     torch.manual_seed(0)
@@ -276,7 +276,7 @@ def test_train_on_cuda(tmp_path, capsys, amp):
     assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     model = load_model(out / "final.pth")  # CPU tensors, whatever device trained it
-    clip = make_clip(ClipSpec(frames=3, height=64, width=128, seed=5))[0]
+    clip = make_street_clip(ClipSpec(frames=3, height=64, width=128, seed=5))[0]
     assert model.predict_clip(clip).shape == (1, 19, 64, 128)
 
 

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from tmanet.runtime.bench import format_report, run_bench
     from tmanet.video_io import VideoWriter, overlay
     from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
-    from tmanet.training.synthetic import ClipSpec, make_clip
+    from tmanet.training.synthetic import ClipSpec, make_street_clip
     torch.set_num_threads(2)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     T = cfg.sequence_num
     say(f"      ResNet-{cfg.depth} width {cfg.base_channels}, T={T}, Ck={cfg.key_channels}, Cv={cfg.value_channels}, "
         f"{cfg.num_classes} classes")
-    frames, labels = make_clip(ClipSpec(frames=a.frames, height=a.height, width=a.width, degradation=0.5,
+    frames, labels = make_street_clip(ClipSpec(frames=a.frames, height=a.height, width=a.width, degradation=0.5,
                                         seed=a.seed))
     np.save(out / "clip.npy", frames)
     report.update(checkpoint=str(ckpt), checkpoint_kind=what, demo_model=info, clip={

@@ -150,7 +150,7 @@ def state_dict_sha256(sd) -> str:
     return h.hexdigest()
 
 
-def make_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+def make_noise_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
     """uint8 RGB ``(frames, height, width, 3)``: two octaves of smooth noise (cells of 16 and 4 px) mixed
     0.7/0.3 and stretched to 0..255; frame t is the window at offset (2t, 3t) of one canvas."""
     if min(frames, height, width) < 1:
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         if a.make_clip:
             if None in (a.frames, a.height, a.width):
                 p.error("--make-clip needs --frames, --height and --width")
-            clip = make_clip(a.frames, a.height, a.width, a.seed)
+            clip = make_noise_clip(a.frames, a.height, a.width, a.seed)
             np.save(a.out, clip)
             print(f"clip {clip.shape} uint8 -> {a.out}")
             return 0

@@ -97,13 +97,13 @@ def eval_clips(count: int, size=(128, 256), frames: int = 12, degradation: float
     """Held-out clips (seeds from ``SYNTHETIC_VAL_SEED``, disjoint from training): a list of
     ``(frames uint8 [F,H,W,3], labels uint8 [F,H,W], corrupted bool [F,H,W])``, ``corrupted`` marking the
     pixels whose degraded colour is far from the clean rendering."""
-    from .synthetic import ClipSpec, make_clip, render_clip
+    from .synthetic import ClipSpec, make_street_clip, render_clip
     from .trainer import SYNTHETIC_VAL_SEED
     out = []
     for i in range(count):
         spec = ClipSpec(frames=frames, height=size[0], width=size[1], degradation=degradation,
                         seed=SYNTHETIC_VAL_SEED + i)
-        clip, labels = make_clip(spec)
+        clip, labels = make_street_clip(spec)
         clean, _ = render_clip(spec)
         diff = np.abs(clip.astype(np.int16) - clean.astype(np.int16)).mean(-1)
         out.append((clip, labels, diff > CORRUPT_THRESHOLD))

@@ -651,7 +651,7 @@ def _frame_rng(seed: int, t: int) -> np.random.Generator:
     return np.random.default_rng([seed, 0xDE9, t])
 
 
-def make_clip(spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
+def make_street_clip(spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
     """Render and degrade a clip: frames uint8 (F, H, W, 3) RGB, labels uint8 (F, H, W) trainIds."""
     frames, labels = render_clip(spec)
     if spec.degradation > 0:
@@ -713,7 +713,7 @@ def write_cityscapes_sequence(
     gt_dir = root / "gtFine" / split / city
     written: list[Path] = []
     for i, clip in enumerate(_as_clip_list(clips)):
-        frames, labels = make_clip(clip) if isinstance(clip, ClipSpec) else clip
+        frames, labels = make_street_clip(clip) if isinstance(clip, ClipSpec) else clip
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"clip {i}: frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -738,7 +738,7 @@ def write_cityscapes_sequence(
 
 
 __all__ = [
-    "SYNTHETIC_CLASSES", "IGNORE_INDEX", "ClipSpec", "make_clip", "render_clip", "degrade_frame",
+    "SYNTHETIC_CLASSES", "IGNORE_INDEX", "ClipSpec", "make_street_clip", "render_clip", "degrade_frame",
     "write_cityscapes_sequence",
     "ROAD", "SIDEWALK", "BUILDING", "POLE", "TRAFFIC_SIGN", "VEGETATION", "SKY", "PERSON", "CAR",
 ]

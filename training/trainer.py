@@ -251,7 +251,7 @@ class SyntheticVideo:
                  first_target: int | None = None):
         from tqdm import tqdm
 
-        from .synthetic import ClipSpec, make_clip
+        from .synthetic import ClipSpec, make_street_clip
         if frames <= sequence_num:
             raise InputError(f"synthetic clips need more than T={sequence_num} frames, got {frames}")
         first = sequence_num if first_target is None else int(first_target)
@@ -266,7 +266,7 @@ class SyntheticVideo:
         h, w = size
         specs = [ClipSpec(frames=frames, height=h, width=w, degradation=degradation, seed=base + i)
                  for i in range(count)]
-        self.clips = [make_clip(s) for s in tqdm(specs, desc=f"rendering synthetic {split} clips", unit="clip",
+        self.clips = [make_street_clip(s) for s in tqdm(specs, desc=f"rendering synthetic {split} clips", unit="clip",
                                                  disable=not progress, leave=False)]
         self.samples = [(c, t) for c in range(count) for t in range(first, frames)]
 
