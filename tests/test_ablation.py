@@ -16,8 +16,10 @@ from tmanet.training.ablation import (DEFAULT_VARIANTS, VARIANTS, Variant, cross
                                       evaluate_variant, main, parse_variant, predict_clip, run_ablation,
                                       small_config)
 from tmanet.training.synthetic import ClipSpec, make_street_clip
-from tmanet.training.trainer import (MEMORY_ORDERS, InputError, SyntheticVideo, TrainSamples, check_memory_order,
-                                     init_from_scratch, memory_frame_order, order_memory, train)
+from tmanet.training.config import MEMORY_ORDERS, InputError, check_memory_order
+from tmanet.training.data import SyntheticVideo, TrainSamples
+from tmanet.training.recipe import init_from_scratch, memory_frame_order, order_memory
+from tmanet.training.trainer import train
 
 TINY = dict(base_channels=16, key_channels=16, value_channels=32, channels=32, aux_channels=16)
 

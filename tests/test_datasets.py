@@ -215,7 +215,7 @@ def camvid_official_root(tmp_path):
 
 
 def test_camvid_official_layout(camvid_official_root):
-    from tmanet.training.trainer import parse_data
+    from tmanet.training.data import parse_data
     assert parse_data(camvid_official_root).kind == "camvid"
     ds = CamVidVideo(camvid_official_root, split="train", sequence_num=4, sequence_range=4)
     assert ds.layout == "official" and ds.frames_dir == camvid_official_root / "images_sequence"

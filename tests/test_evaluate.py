@@ -13,7 +13,8 @@ from tmanet.cli import main as cli_main
 from tmanet.metrics import confusion_matrix, scores_from_confusion
 from tmanet.training.evaluate import Predictor, evaluate, feature_size, format_report
 from tmanet.training.synthetic import ClipSpec, make_street_clip, write_cityscapes_sequence
-from tmanet.training.trainer import SYNTHETIC_VAL_SEED, InputError
+from tmanet.training.config import InputError
+from tmanet.training.data import SYNTHETIC_VAL_SEED
 
 H, W, F = 64, 128, 4
 

@@ -49,7 +49,7 @@ ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 class Variant:
     name: str
     sequence_num: int
-    memory_order: str  # one of trainer.MEMORY_ORDERS
+    memory_order: str  # one of config.MEMORY_ORDERS
 
     @property
     def slug(self) -> str:
@@ -72,7 +72,7 @@ _SPEC = re.compile(r"^T=(?P<t>\d+)(?:\s+(?P<order>oldest-first|newest-first|curr
 
 def parse_variant(v) -> Variant:
     """A :class:`Variant`, a name of :data:`VARIANTS`, or ``"T=<n> [oldest-first|newest-first|current]"``."""
-    from .trainer import InputError
+    from .config import InputError
     if isinstance(v, Variant):
         return v
     text = " ".join(str(v).split())
@@ -98,7 +98,7 @@ def eval_clips(count: int, size=(128, 256), frames: int = 12, degradation: float
     ``(frames uint8 [F,H,W,3], labels uint8 [F,H,W], corrupted bool [F,H,W])``, ``corrupted`` marking the
     pixels whose degraded colour is far from the clean rendering."""
     from .synthetic import ClipSpec, make_street_clip, render_clip
-    from .trainer import SYNTHETIC_VAL_SEED
+    from .data import SYNTHETIC_VAL_SEED
     out = []
     for i in range(count):
         spec = ClipSpec(frames=frames, height=size[0], width=size[1], degradation=degradation,
@@ -115,7 +115,7 @@ def predict_clip(model, frames, order: str, score_from: int, batch: int = 4) -> 
     (``model.forward(image, memory)``), memory frames picked by ``order`` and clamped to frame 0."""
     import torch
 
-    from .trainer import memory_frame_order
+    from .recipe import memory_frame_order
     T = model.config.sequence_num
     clip = torch.from_numpy(np.ascontiguousarray(frames))
     targets = list(range(score_from, len(frames)))
@@ -216,7 +216,8 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
     Returns the ablation.json dict."""
     from tmanet.checkpoints import load_model
 
-    from .trainer import LATEST, MODEL, InputError, check_memory_order, parse_pair, train
+    from .config import InputError, check_memory_order, parse_pair
+    from .trainer import LATEST, MODEL, train
     variants = [parse_variant(v) for v in variants]
     if not variants:
         raise InputError("no ablation variants given")
@@ -305,7 +306,8 @@ def _finished_run(run_dir: Path, config, wanted: dict) -> dict | None:
     from tmanet.checkpoints import read_checkpoint
     from tmanet.presets import ModelConfig
 
-    from .trainer import LATEST, MODEL, InputError
+    from .config import InputError
+    from .trainer import LATEST, MODEL
     path = run_dir / MODEL if (run_dir / MODEL).is_file() else run_dir / LATEST
     if not path.is_file():
         return None
@@ -449,7 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from .trainer import InputError, resolve_config
+    from .config import InputError, resolve_config
     try:
         if args.threads is not None:
             if args.threads < 1:

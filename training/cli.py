@@ -81,7 +81,8 @@ def register(sub):
 def run_train(args) -> int:
     from tmanet.errors import UserError
 
-    from .trainer import InputError, train
+    from .config import InputError
+    from .trainer import train
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
@@ -117,7 +118,7 @@ def run_eval(args) -> int:
     from tmanet.errors import UserError
 
     from .evaluate import evaluate, format_report, write_json
-    from .trainer import InputError, parse_pair
+    from .config import InputError, parse_pair
     for name in ("limit", "synthetic_frames", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:

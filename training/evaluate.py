@@ -50,7 +50,7 @@ class Predictor:
 
     def __init__(self, source, mode: str = "whole", backend: str | None = None, device: str = "cpu",
                  threads: int | None = None, stride=None):
-        from .trainer import InputError
+        from .config import InputError
         if mode not in ("whole", "slide"):
             raise InputError(f"mode must be 'whole' or 'slide', got {mode!r}")
         self.source = Path(source)
@@ -103,7 +103,7 @@ class Predictor:
         """The (reset) segmenter for frames of H x W."""
         from tmanet.runtime.backends import BackendUnavailable
 
-        from .trainer import InputError
+        from .config import InputError
         key = (H, W)
         seg = self._segmenters.get(key)
         if seg is None:
@@ -165,7 +165,8 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
     """
     from tqdm import tqdm
 
-    from .trainer import SYNTHETIC_VAL_SEED, DataSpec, InputError, open_dataset, parse_data, parse_pair
+    from .config import InputError, parse_pair
+    from .data import SYNTHETIC_VAL_SEED, DataSpec, open_dataset, parse_data
     spec = parse_data(data)
     if not 0.0 <= float(synthetic_degradation) <= 1.0:
         raise InputError(f"synthetic degradation must lie in [0, 1], got {synthetic_degradation}")
@@ -230,7 +231,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
 
 
 def _stream(predictor: Predictor, frames) -> Iterator[np.ndarray]:
-    from .trainer import InputError
+    from .config import InputError
     try:
         yield from predictor.stream(frames)
     except ValueError as e:  # the runtime's message for a frame size the export does not serve
