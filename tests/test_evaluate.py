@@ -34,8 +34,8 @@ def test_feature_size_matches_the_encoder(make_tiny_model):
 
 # -- end to end ----------------------------------------------------------------------------------------
 def val_clips(count, frames=F, degradation=0.5):
-    return [make_street_clip(ClipSpec(frames=frames, height=H, width=W, degradation=degradation, seed=SYNTHETIC_VAL_SEED + i))
-            for i in range(count)]
+    return [make_street_clip(ClipSpec(frames=frames, height=H, width=W, degradation=degradation,
+                                      seed=SYNTHETIC_VAL_SEED + i)) for i in range(count)]
 
 
 def reference(model, clips, first):

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     say(f"      ResNet-{cfg.depth} width {cfg.base_channels}, T={T}, Ck={cfg.key_channels}, Cv={cfg.value_channels}, "
         f"{cfg.num_classes} classes")
     frames, labels = make_street_clip(ClipSpec(frames=a.frames, height=a.height, width=a.width, degradation=0.5,
-                                        seed=a.seed))
+                                               seed=a.seed))
     np.save(out / "clip.npy", frames)
     report.update(checkpoint=str(ckpt), checkpoint_kind=what, demo_model=info, clip={
         "frames": a.frames, "size": [a.height, a.width], "seed": a.seed, "degradation": 0.5})

@@ -83,8 +83,8 @@ class SyntheticVideo:
         h, w = size
         specs = [ClipSpec(frames=frames, height=h, width=w, degradation=degradation, seed=base + i)
                  for i in range(count)]
-        self.clips = [make_street_clip(s) for s in tqdm(specs, desc=f"rendering synthetic {split} clips", unit="clip",
-                                                 disable=not progress, leave=False)]
+        self.clips = [make_street_clip(s) for s in tqdm(specs, desc=f"rendering synthetic {split} clips",
+                                                        unit="clip", disable=not progress, leave=False)]
         self.samples = [(c, t) for c in range(count) for t in range(first, frames)]
 
     def __len__(self):
