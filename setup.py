@@ -24,6 +24,9 @@ setup(
         "av>=12",
         "pillow>=10",
         "tqdm>=4.60",
+        # ROS 2 bags (MCAP) in and out of `tmanet run`, without a ROS installation (pure Python + zstd/lz4).
+        "mcap>=1.2",
+        "mcap-ros2-support>=0.5",
         # Pure Python; NVIDIA's loaders for TensorRT builds (tensorrt itself imported lazily) and what
         # ModelOpt AutoCast runs its reference inference with.
         "polygraphy>=0.49",

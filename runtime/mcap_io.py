@@ -23,28 +23,43 @@ def _unreadable(path):
     try:
         yield
     except (McapError, EOFError, OSError, ValueError, KeyError, IndexError, AssertionError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(f"{path}:"):
-            raise
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: not a complete, readable MCAP file ({detail})") from None
+
+
+MAGIC = b"\x89MCAP0\r\n"  # at both ends of a complete MCAP file
+
+
+def _reader(f, path, **options):
+    """A seeking reader over the open file ``f``, once both magics are in place (a recording cut short lacks
+    the closing one)."""
+    from mcap.reader import SeekingReader
+    head = f.read(len(MAGIC))
+    f.seek(-min(len(MAGIC), f.seek(0, os.SEEK_END)), os.SEEK_END)
+    tail = f.read(len(MAGIC))
+    f.seek(0)
+    if head != MAGIC:
+        raise ValueError(f"{path}: not an MCAP file (it does not start with the MCAP magic)")
+    if tail != MAGIC:
+        raise ValueError(f"{path}: the MCAP file ends without its footer (truncated, or still being "
+                         "recorded?): `mcap recover` rebuilds what it holds")
+    with _unreadable(path):
+        return SeekingReader(f, **options)
 
 
 def _summary(reader, path):
     with _unreadable(path):
         summary = reader.get_summary()
     if summary is None:
-        raise ValueError(f"{path}: the MCAP file has no summary section (an unfinished recording?): "
-                         "re-index it with `mcap recover`")
+        raise ValueError(f"{path}: the MCAP file has no summary section (no index of its topics): "
+                         "`mcap recover` rewrites it with one")
     return summary
 
 
 def image_topics(path) -> dict[str, str]:
     """``{topic: message type}`` of the file's image topics (Image and CompressedImage), sorted by topic."""
-    from mcap.reader import SeekingReader
     with open(path, "rb") as f:
-        with _unreadable(path):
-            reader = SeekingReader(f)
-        summary = _summary(reader, path)
+        summary = _summary(_reader(f, path), path)
     topics = {}
     for channel in summary.channels.values():
         schema = summary.schemas.get(channel.schema_id)
@@ -55,9 +70,8 @@ def image_topics(path) -> dict[str, str]:
 
 def count_messages(path, topics) -> int | None:
     """Messages on ``topics`` according to the file's statistics (None when it has none)."""
-    from mcap.reader import SeekingReader
     with open(path, "rb") as f:
-        summary = _summary(SeekingReader(f), path)
+        summary = _summary(_reader(f, path), path)
     if summary.statistics is None:
         return None
     counts = summary.statistics.channel_message_counts
@@ -67,11 +81,10 @@ def count_messages(path, topics) -> int | None:
 def read_images(path, topics) -> Iterator[tuple[str, int, int, object]]:
     """``(topic, log_time, publish_time, message)`` of the image messages on ``topics``, in log-time order
     (nanoseconds), with CRCs checked."""
-    from mcap.reader import SeekingReader
     from mcap_ros2.decoder import DecoderFactory
     with open(path, "rb") as f:
+        reader = _reader(f, path, validate_crcs=True, decoder_factories=[DecoderFactory()])
         with _unreadable(path):
-            reader = SeekingReader(f, validate_crcs=True, decoder_factories=[DecoderFactory()])
             for _schema, channel, message, decoded in reader.iter_decoded_messages(topics=list(topics)):
                 yield channel.topic, message.log_time, message.publish_time, decoded
 

@@ -236,11 +236,11 @@ def test_mcap_bad_input_one_line_error_nothing_written(export_b1, drive, tmp_pat
         path = tmp_path / "cut.mcap"
         data = drive["path"].read_bytes()
         path.write_bytes(data[:len(data) * 2 // 3])
-        expected = "cut.mcap: not a complete, readable MCAP file"
+        expected = "cut.mcap: the MCAP file ends without its footer (truncated"
     else:
         path = tmp_path / "fake.mcap"
         path.write_bytes(b"hello" * 100)
-        expected = "fake.mcap: not a complete, readable MCAP file"
+        expected = "fake.mcap: not an MCAP file"
     run_fails(export_b1, path, out, *flags)
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1
