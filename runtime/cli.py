@@ -282,7 +282,8 @@ def _mcap_arguments(args):
     if unknown:
         raise UserError(f"{source} has no image topic {', '.join(unknown)}; its image topics: {listing}")
     if not args.output or not args.output.lower().endswith(".mcap"):
-        raise UserError("an MCAP input needs --output OUT.mcap")
+        raise UserError("an MCAP input writes an MCAP: --output OUT.mcap (for an overlay video or mask PNGs "
+                        "of one topic, give --input X.mcap:/TOPIC)")
     output = Path(args.output)
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input: choose another file")

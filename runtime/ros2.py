@@ -43,9 +43,14 @@ class SegmentationNodeCore:
 
 def build_node(parameters: dict | None = None):  # pragma: no cover - needs rclpy (ROS 2); tests/test_mcap.py
     """The rclpy node (after ``rclpy.init()``); ``parameters`` override the declared ones (else ``--ros-args``)."""
+    import array
+
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import CompressedImage, Image
+
+    def to_ros(fields):  # array('B') is what rclpy keeps: from bytes it checks every element in Python
+        return Image(**{**fields, "data": array.array("B", fields["data"])})
 
     class SegmentationNode(Node):
         def __init__(self):
@@ -65,9 +70,9 @@ def build_node(parameters: dict | None = None):  # pragma: no cover - needs rclp
             except ValueError as e:  # a bad image: say so, keep serving the next ones
                 self.get_logger().error(str(e))
                 return
-            self.mask_pub.publish(Image(**mask))
+            self.mask_pub.publish(to_ros(mask))
             if color is not None:
-                self.color_pub.publish(Image(**color))
+                self.color_pub.publish(to_ros(color))
 
         def destroy_node(self):
             self.core.close()

@@ -1,8 +1,10 @@
 """Frame sources and result sinks for ``tmanet run``.
 
 Sources (one interface, :func:`open_frames`): a video file (PyAV), a folder of images (png/jpg, sorted by
-name) or a ``.npy`` clip ``(F, H, W, 3)`` uint8. Each yields ``(frame, timestamp)`` with frame a uint8 RGB
-``(H, W, 3)`` array and timestamp in seconds (video: the frame's presentation time; others: None).
+name), a ``.npy`` clip ``(F, H, W, 3)`` uint8 or one image topic of an MCAP file (``drive.mcap`` with one
+image topic, or ``drive.mcap:/cam/front/image_raw``). Each yields ``(frame, timestamp)`` with frame a uint8
+RGB ``(H, W, 3)`` array and timestamp in seconds (video: the frame's presentation time; MCAP: the header
+stamp; others: None).
 
 Sinks: an overlay video (the class palette blended over the frames), one palette PNG per mask (pixel values
 are the class ids, the palette makes them viewable), and a logits ``.npy`` written frame by frame.
@@ -37,8 +39,10 @@ class FrameSource:
 
 
 def open_frames(path, max_frames: int | None = None) -> FrameSource:
-    """The frames of a video file, an image folder or a ``.npy`` clip (at most ``max_frames``)."""
-    path = Path(path)
+    """The frames of a video file, an image folder, a ``.npy`` clip or an MCAP image topic (at most
+    ``max_frames``)."""
+    from .mcap_io import split_topic
+    path, topic = split_topic(path)
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if max_frames is not None and max_frames < 1:
@@ -47,6 +51,8 @@ def open_frames(path, max_frames: int | None = None) -> FrameSource:
         source = _image_folder(path)
     elif path.suffix.lower() == ".npy":
         source = _npy_clip(path)
+    elif path.suffix.lower() == ".mcap":
+        source = _mcap_topic(path, topic)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
         raise ValueError(f"{path} is a single image: give the folder of frames, a video or a .npy clip")
     else:
@@ -73,6 +79,20 @@ def _npy_clip(path: Path) -> FrameSource:
         for f in clip:
             yield np.ascontiguousarray(f), None
     return FrameSource(path, "npy", len(clip), None, frames)
+
+
+def _mcap_topic(path: Path, topic: str | None) -> FrameSource:
+    from .mcap_io import count_messages, frame_topic, read_images
+    from .ros_images import field, image_to_rgb, stamp_seconds
+    topic = frame_topic(path, topic)
+
+    def frames():
+        for _, log_time, _, msg in read_images(path, [topic]):
+            try:
+                yield image_to_rgb(msg), stamp_seconds(field(msg, "header"))
+            except ValueError as e:
+                raise ValueError(f"{path}, {topic}, message at log time {log_time} ns: {e}") from None
+    return FrameSource(f"{path}:{topic}", "mcap", count_messages(path, [topic]), None, frames)
 
 
 def _image_folder(path: Path) -> FrameSource:

@@ -259,11 +259,31 @@ def test_mcap_corrupt_chunk_fails_part_way_without_output(export_b1, drive, tmp_
 def test_mcap_options_that_do_not_apply(export_b1, drive, tmp_path, capsys):
     base = ["run", str(export_b1), "--input", str(drive["path"]), "--topic", FRONT, "--no-progress"]
     assert main(base + ["--output", str(tmp_path / "o.mp4")]) == 2
-    assert "needs --output OUT.mcap" in capsys.readouterr().err
+    assert "writes an MCAP: --output OUT.mcap" in capsys.readouterr().err
     assert main(base + ["--output", str(drive["path"])]) == 2
     assert "is the input" in capsys.readouterr().err
     assert main(["run", str(export_b1), "--input", "x.npy", "--topic", FRONT]) == 2
     assert "apply to an MCAP input" in capsys.readouterr().err
+
+
+# -- an MCAP topic as a frame source (calibrate, compare, build, export checks, run to video/PNGs) -----------
+def test_an_mcap_topic_is_a_frame_source(export_b1, drive, tmp_path, capsys):
+    from tmanet.runtime.video_io import open_frames
+    frames, times = drive["front"]
+    source = open_frames(f"{drive['path']}:{FRONT}", max_frames=5)
+    got = list(source)
+    assert source.kind == "mcap" and source.count == 5 and len(got) == 5
+    assert all(np.array_equal(f, g) for (f, _), g in zip(got, frames))
+    assert [t for _, t in got] == pytest.approx([EPOCH + t for t in times[:5]], abs=1e-6)
+    with pytest.raises(ValueError, match=f"has 2 image topics \\({FRONT}, {REAR}\\): name one as .*:/TOPIC"):
+        open_frames(drive["path"])
+    with pytest.raises(ValueError, match=f"has no image topic /cam/left; its image topics: {FRONT}, {REAR}"):
+        open_frames(f"{drive['path']}:/cam/left")
+    assert main(["run", str(export_b1), "--input", f"{drive['path']}:{FRONT}", "--save-masks",
+                 str(tmp_path / "masks"), "--no-progress"]) == 0
+    want, _ = api_masks(export_b1, frames, times)
+    pngs = sorted((tmp_path / "masks").glob("*.png"))
+    assert len(pngs) == len(want) and all(np.array_equal(np.asarray(Image.open(p)), w) for p, w in zip(pngs, want))
 
 
 # -- the ROS 2 node -----------------------------------------------------------------------------------------
