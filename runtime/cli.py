@@ -19,7 +19,7 @@ def register(subparsers):
     p.add_argument("export_dir", metavar="DIR", help="export directory (manifest.json + ONNX files)")
     p.add_argument("--input", "-i", required=True, metavar="PATH",
                    help="video file, folder of png/jpg frames (sorted by name), .npy clip (F,H,W,3) uint8, "
-                        "or .mcap (ROS 2 bag: with --topic)")
+                        ".mcap (ROS 2 bag: with --topic), or X.mcap:/TOPIC (one topic's frames, as a video)")
     p.add_argument("--topic", action="append", metavar="TOPIC",
                    help="MCAP input: an image topic to segment (repeat for several cameras); without it, "
                         "the image topics are listed")

@@ -74,7 +74,7 @@ def default_stride(input_size, slide_crop, slide_stride) -> tuple[int, int]:
 
 def resize_frames(frames: np.ndarray, size) -> np.ndarray:
     """uint8 ``(N, H, W, 3)`` -> uint8 ``(N, h, w, 3)`` at ``size`` = (h, w): bilinear, half-pixel centres
-    (``align_corners=False``, as OpenCV's/mmcv's resize of the official test pipeline), rounded."""
+    (``align_corners=False``, as the OpenCV resize of the official test pipeline), rounded."""
     import torch
     import torch.nn.functional as F
     x = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
@@ -290,12 +290,12 @@ class StreamingSegmenter:
         timer.begin()
         with timer("pre"):
             frames = self._check_frames(frames, api)
+            times = self._check_times(timestamps, frames.shape[0])
             camera_size = frames.shape[1:3]
             rescale = self.resize and camera_size != self.input_size
             if rescale:
                 frames = resize_frames(frames, self.input_size)
             n, H, W = frames.shape[:3]
-            times = self._check_times(timestamps, n)
             # -- valid: from here on state changes --
             if self.streams is None:
                 self._setup(api, n, H, W)
