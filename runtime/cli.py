@@ -19,12 +19,12 @@ def register(subparsers):
     p.add_argument("export_dir", metavar="DIR", help="export directory (manifest.json + ONNX files)")
     p.add_argument("--input", "-i", required=True, metavar="PATH",
                    help="video file, folder of png/jpg frames (sorted by name), .npy clip (F,H,W,3) uint8, "
-                        ".mcap (ROS 2 bag: with --topic), or X.mcap:/TOPIC (one topic's frames, as a video)")
+                        "ROS bag .mcap/.db3/.bag (with --topic), or X.mcap:/TOPIC (one topic, as a video)")
     p.add_argument("--topic", action="append", metavar="TOPIC",
-                   help="MCAP input: an image topic to segment (repeat for several cameras); without it, "
+                   help="ROS bag input: an image topic to segment (repeat for several cameras); without it, "
                         "the image topics are listed")
     p.add_argument("--color", action="store_true",
-                   help="MCAP input: also write <topic>/color_mask (rgb8, the preset's palette)")
+                   help="ROS bag input: also write <topic>/color_mask (rgb8, the preset's palette)")
     p.add_argument("--resize", action="store_true",
                    help="whole mode, frames of another size: resize each frame to the export size and the "
                         "logits back to the frame size (bilinear) before the argmax")
@@ -35,7 +35,7 @@ def register(subparsers):
     p.add_argument("--stride", type=int, nargs="+", metavar="S",
                    help="slide stride (one value or H W); default: the preset's overlap ratio")
     p.add_argument("--output", "-o", metavar="PATH",
-                   help="write an overlay video (e.g. overlay.mp4); for an MCAP input, the output MCAP")
+                   help="write an overlay video (e.g. overlay.mp4); for a ROS bag input, the output MCAP")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0..1)")
     p.add_argument("--save-masks", metavar="DIR", help="write one palette PNG per frame (pixel = class id)")
     p.add_argument("--save-logits", metavar="F.npy", help="write all logits as one (F, C, H, W) float32 .npy")
@@ -130,10 +130,11 @@ def run_command(args) -> int:
 
     from .io_threads import Prefetch, Worker
     from .video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
-    if str(args.input).lower().endswith(".mcap"):
-        return run_mcap_command(args)
+    from .driving_logs import is_log
+    if is_log(args.input):
+        return run_log_command(args)
     if args.topic or args.color:
-        raise UserError("--topic and --color apply to an MCAP input (--input X.mcap)")
+        raise UserError("--topic and --color apply to a ROS bag input (--input X.mcap, X.db3, X.bag)")
     if not (args.output or args.save_masks or args.save_logits):
         log.info("no --output, --save-masks or --save-logits: segmenting without writing results")
     _backend_options(args)  # flag errors before any file is opened
@@ -211,9 +212,10 @@ def run_command(args) -> int:
     return 0
 
 
-def run_mcap_command(args) -> int:
-    """``tmanet run DIR --input X.mcap --topic T [...] --output OUT.mcap [--color]``: each topic one camera
-    stream; per topic ``<topic>/mask`` (and ``<topic>/color_mask``) with the input's header and log time."""
+def run_log_command(args) -> int:
+    """``tmanet run DIR --input X.mcap|X.db3|X.bag --topic T [...] --output OUT.mcap [--color]``: each topic
+    one camera stream; per topic ``<topic>/mask`` (and ``<topic>/color_mask``) with the input's header and
+    log time."""
     import time
 
     from tqdm import tqdm
@@ -221,19 +223,21 @@ def run_mcap_command(args) -> int:
     from tmanet.errors import UserError
 
     from .camera_streams import CameraStreams
-    from .mcap_io import McapImageWriter, count_messages, read_images
+    from .driving_logs import log_reader
+    from .mcap_io import McapImageWriter
     from .ros_images import segment_image_message
     _backend_options(args)
-    source, topics, output = _mcap_arguments(args)
+    source, topics, output = _log_arguments(args)
     if topics is None:
         return 0
+    reader = log_reader(source)
     streams = CameraStreams(lambda: _open(args, max_gap=args.max_gap or None, resize=args.resize))
     described = streams.describe()
     palette = streams.palette if args.color else None
     count, started = 0, time.perf_counter()
     try:
         with McapImageWriter(output) as writer:
-            messages = tqdm(read_images(source, topics), total=count_messages(source, topics),
+            messages = tqdm(reader.read_images(source, topics), total=reader.count_messages(source, topics),
                             desc="tmanet run", unit="image", disable=args.no_progress)
             for topic, log_time, publish_time, msg in messages:
                 try:
@@ -256,22 +260,22 @@ def run_mcap_command(args) -> int:
     return 0
 
 
-def _mcap_arguments(args):
-    """``(source, topics, output)`` of an MCAP run, checked before anything is written; ``topics`` is None
+def _log_arguments(args):
+    """``(source, topics, output)`` of a ROS bag run, checked before anything is written; ``topics`` is None
     when none was asked for (the image topics are printed instead)."""
     from pathlib import Path
 
     from tmanet.errors import UserError
 
-    from .mcap_io import image_topics
+    from .driving_logs import log_reader
     if args.save_masks or args.save_logits or args.mode != "whole" or args.max_frames:
-        raise UserError("an MCAP input takes --topic, --output OUT.mcap, --color and --resize (whole mode; "
+        raise UserError("a ROS bag input takes --topic, --output OUT.mcap, --color and --resize (whole mode; "
                         "not --save-masks, --save-logits, --mode slide or --max-frames)")
     source = Path(args.input)
-    if not source.is_file():
+    if not source.exists():
         raise UserError(f"input not found: {source}")
     try:
-        found = image_topics(source)
+        found = log_reader(source).image_topics(source)
     except ValueError as e:
         raise UserError(str(e)) from None
     listing = ", ".join(f"{t} ({kind.rsplit('/', 1)[-1]})" for t, kind in found.items()) or "none"
@@ -282,8 +286,8 @@ def _mcap_arguments(args):
     if unknown:
         raise UserError(f"{source} has no image topic {', '.join(unknown)}; its image topics: {listing}")
     if not args.output or not args.output.lower().endswith(".mcap"):
-        raise UserError("an MCAP input writes an MCAP: --output OUT.mcap (for an overlay video or mask PNGs "
-                        "of one topic, give --input X.mcap:/TOPIC)")
+        raise UserError("a ROS bag input writes an MCAP: --output OUT.mcap (for an overlay video or mask "
+                        "PNGs of one topic, give --input X.mcap:/TOPIC)")
     output = Path(args.output)
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input: choose another file")

@@ -78,27 +78,6 @@ def count_messages(path, topics) -> int | None:
     return sum(counts.get(cid, 0) for cid, ch in summary.channels.items() if ch.topic in topics)
 
 
-def split_topic(source) -> tuple[Path, str | None]:
-    """``drive.mcap:/cam/front/image_raw`` -> (``drive.mcap``, ``/cam/front/image_raw``); a bare path -> None."""
-    text = str(source)
-    cut = text.lower().find(".mcap:/")
-    if cut < 0:
-        return Path(text), None
-    return Path(text[:cut + 5]), text[cut + 6:]
-
-
-def frame_topic(path, topic: str | None) -> str:
-    """The image topic to read frames from: ``topic`` if the file has it, else its only image topic."""
-    found = image_topics(path)
-    listing = ", ".join(found) or "none"
-    if topic is not None and topic not in found:
-        raise ValueError(f"{path} has no image topic {topic}; its image topics: {listing}")
-    if topic is None and len(found) != 1:
-        raise ValueError(f"{path} has {len(found) or 'no'} image topics ({listing}): name one as "
-                         f"{path}:/TOPIC")
-    return topic or next(iter(found))
-
-
 def read_images(path, topics) -> Iterator[tuple[str, int, int, object]]:
     """``(topic, log_time, publish_time, message)`` of the image messages on ``topics``, in log-time order
     (nanoseconds), with CRCs checked."""

@@ -1,10 +1,10 @@
 """Frame sources and result sinks for ``tmanet run``.
 
 Sources (one interface, :func:`open_frames`): a video file (PyAV), a folder of images (png/jpg, sorted by
-name), a ``.npy`` clip ``(F, H, W, 3)`` uint8 or one image topic of an MCAP file (``drive.mcap`` with one
-image topic, or ``drive.mcap:/cam/front/image_raw``). Each yields ``(frame, timestamp)`` with frame a uint8
-RGB ``(H, W, 3)`` array and timestamp in seconds (video: the frame's presentation time; MCAP: the header
-stamp; others: None).
+name), a ``.npy`` clip ``(F, H, W, 3)`` uint8 or one image topic of a ROS bag (``drive.mcap`` / ``.db3`` /
+``.bag`` with one image topic, or ``drive.mcap:/cam/front/image_raw``). Each yields ``(frame, timestamp)``
+with frame a uint8 RGB ``(H, W, 3)`` array and timestamp in seconds (video: the frame's presentation time;
+ROS bag: the header stamp; others: None).
 
 Sinks: an overlay video (the class palette blended over the frames), one palette PNG per mask (pixel values
 are the class ids, the palette makes them viewable), and a logits ``.npy`` written frame by frame.
@@ -39,20 +39,20 @@ class FrameSource:
 
 
 def open_frames(path, max_frames: int | None = None) -> FrameSource:
-    """The frames of a video file, an image folder, a ``.npy`` clip or an MCAP image topic (at most
+    """The frames of a video file, an image folder, a ``.npy`` clip or a ROS bag's image topic (at most
     ``max_frames``)."""
-    from .mcap_io import split_topic
+    from .driving_logs import is_log, split_topic
     path, topic = split_topic(path)
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    if path.is_dir():
+    if is_log(path):
+        source = _log_topic(path, topic)
+    elif path.is_dir():
         source = _image_folder(path)
     elif path.suffix.lower() == ".npy":
         source = _npy_clip(path)
-    elif path.suffix.lower() == ".mcap":
-        source = _mcap_topic(path, topic)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
         raise ValueError(f"{path} is a single image: give the folder of frames, a video or a .npy clip")
     else:
@@ -81,18 +81,19 @@ def _npy_clip(path: Path) -> FrameSource:
     return FrameSource(path, "npy", len(clip), None, frames)
 
 
-def _mcap_topic(path: Path, topic: str | None) -> FrameSource:
-    from .mcap_io import count_messages, frame_topic, read_images
+def _log_topic(path: Path, topic: str | None) -> FrameSource:
+    from .driving_logs import frame_topic, log_reader
     from .ros_images import field, image_to_rgb, stamp_seconds
     topic = frame_topic(path, topic)
+    reader = log_reader(path)
 
     def frames():
-        for _, log_time, _, msg in read_images(path, [topic]):
+        for _, log_time, _, msg in reader.read_images(path, [topic]):
             try:
                 yield image_to_rgb(msg), stamp_seconds(field(msg, "header"))
             except ValueError as e:
                 raise ValueError(f"{path}, {topic}, message at log time {log_time} ns: {e}") from None
-    return FrameSource(f"{path}:{topic}", "mcap", count_messages(path, [topic]), None, frames)
+    return FrameSource(f"{path}:{topic}", "rosbag", reader.count_messages(path, [topic]), None, frames)
 
 
 def _image_folder(path: Path) -> FrameSource:

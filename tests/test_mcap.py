@@ -263,7 +263,7 @@ def test_mcap_options_that_do_not_apply(export_b1, drive, tmp_path, capsys):
     assert main(base + ["--output", str(drive["path"])]) == 2
     assert "is the input" in capsys.readouterr().err
     assert main(["run", str(export_b1), "--input", "x.npy", "--topic", FRONT]) == 2
-    assert "apply to an MCAP input" in capsys.readouterr().err
+    assert "apply to a ROS bag input" in capsys.readouterr().err
 
 
 # -- an MCAP topic as a frame source (calibrate, compare, build, export checks, run to video/PNGs) -----------
@@ -272,7 +272,7 @@ def test_an_mcap_topic_is_a_frame_source(export_b1, drive, tmp_path, capsys):
     frames, times = drive["front"]
     source = open_frames(f"{drive['path']}:{FRONT}", max_frames=5)
     got = list(source)
-    assert source.kind == "mcap" and source.count == 5 and len(got) == 5
+    assert source.kind == "rosbag" and source.count == 5 and len(got) == 5
     assert all(np.array_equal(f, g) for (f, _), g in zip(got, frames))
     assert [t for _, t in got] == pytest.approx([EPOCH + t for t in times[:5]], abs=1e-6)
     with pytest.raises(ValueError, match=f"has 2 image topics \\({FRONT}, {REAR}\\): name one as .*:/TOPIC"):
