@@ -37,6 +37,8 @@ setup(
         # are what modelopt.onnx needs to import. Pinned set: requirements/quant.txt.
         "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes", "onnxslim", "lief"],
         "tensorrt": ["tensorrt"],
+        # ROS 2 .db3 and ROS 1 .bag input of `tmanet run` (MCAP needs only the required mcap packages).
+        "rosbags": ["rosbags>=0.10"],
     },
     entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},
 )

@@ -286,6 +286,61 @@ def test_an_mcap_topic_is_a_frame_source(export_b1, drive, tmp_path, capsys):
     assert len(pngs) == len(want) and all(np.array_equal(np.asarray(Image.open(p)), w) for p, w in zip(pngs, want))
 
 
+# -- ROS 2 .db3 and ROS 1 .bag (rosbags) --------------------------------------------------------------------
+def write_bag(path, ros1: bool, messages):
+    """A rosbag2 folder (sqlite3 .db3) or a ROS 1 .bag of ``(topic, type, message dict)``, written by rosbags."""
+    from rosbags.rosbag1 import Writer as Writer1
+    from rosbags.rosbag2 import Writer as Writer2
+    from rosbags.typesys import Stores, get_typestore
+    store = get_typestore(Stores.ROS1_NOETIC if ros1 else Stores.ROS2_HUMBLE)
+    T = store.types
+    with (Writer1(path) if ros1 else Writer2(path, version=9)) as writer:
+        connections = {}
+        for topic, kind, msg in messages:
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, kind, typestore=store)
+            h = msg["header"]
+            stamp_ = T["builtin_interfaces/msg/Time"](**h["stamp"])
+            head = T["std_msgs/msg/Header"](**({"seq": 0} if ros1 else {}), stamp=stamp_, frame_id=h["frame_id"])
+            fields = {k: np.frombuffer(v, np.uint8) if k == "data" else v for k, v in msg.items() if k != "header"}
+            ros = T[kind](header=head, **fields)
+            raw = store.serialize_ros1(ros, kind) if ros1 else store.serialize_cdr(ros, kind)
+            writer.write(connections[topic], h["stamp"]["sec"] * 10**9 + h["stamp"]["nanosec"], raw)
+
+
+@pytest.mark.parametrize("ros1", [False, True], ids=["ros2-db3", "ros1-bag"])
+def test_ros_bags_segment_like_mcap(export_b1, drive, tmp_path, capsys, ros1):
+    pytest.importorskip("rosbags", reason="the optional rosbags package (extra [rosbags], installed by make test)")
+    front, times = drive["front"][0][:4], drive["front"][1][:4]
+    rear = make_clip(2, CAM_H, CAM_W, seed=23)
+    messages = [(FRONT, IMAGE, raw_image(f, t, "front_cam", "bgr8")) for f, t in zip(front, times)]
+    messages += [(REAR, COMPRESSED_IMAGE, compressed_image(f, t, "rear_cam", "png")) for f, t in zip(rear, [0.05, 0.25])]
+    messages.sort(key=lambda m: stamp_ns(m[2]))
+    bag = tmp_path / ("drive.bag" if ros1 else "drive_bag")
+    write_bag(bag, ros1, messages)
+    out = tmp_path / "masks.mcap"
+    assert main(["run", str(export_b1), "--input", str(bag), "--no-progress"]) == 0
+    assert f"{FRONT} (Image), {REAR} (CompressedImage)" in capsys.readouterr().out
+    assert main(["run", str(export_b1), "--input", str(bag), "--topic", FRONT, "--topic", REAR, "--resize",
+                 "--output", str(out), "--no-progress"]) == 0
+    written = read_mcap(out)
+    for topic, frames, frame_times in ((FRONT, front, times), (REAR, rear, [0.05, 0.25])):
+        want, _ = api_masks(export_b1, frames, frame_times)
+        got = written[f"{topic}/mask"]
+        assert [stamp(m) for _, m in got] == pytest.approx(frame_times, abs=1e-9)
+        assert all(np.array_equal(image_to_rgb(m)[..., 0], w) for (_, m), w in zip(got, want))
+    (tmp_path / "broken.bag").write_bytes(b"#ROSBAG V2.0\n" + b"\0" * 64)
+    assert main(["run", str(export_b1), "--input", str(tmp_path / "broken.bag"), "--topic", FRONT,
+                 "--output", str(tmp_path / "b.mcap"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.bag: not a readable ROS bag" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.mcap").exists()
+
+
+def stamp_ns(msg: dict) -> int:
+    return msg["header"]["stamp"]["sec"] * 10**9 + msg["header"]["stamp"]["nanosec"]
+
+
 # -- the ROS 2 node -----------------------------------------------------------------------------------------
 def cdr_round_trip(kind, msg):
     """``msg`` serialized to CDR and decoded again, as it crosses a ROS 2 topic."""
