@@ -279,6 +279,12 @@ def test_an_mcap_topic_is_a_frame_source(export_b1, drive, tmp_path, capsys):
         open_frames(drive["path"])
     with pytest.raises(ValueError, match=f"has no image topic /cam/left; its image topics: {FRONT}, {REAR}"):
         open_frames(f"{drive['path']}:/cam/left")
+    from tmanet.calibration.compare import _frame_iter
+    from tmanet.calibration.quantize import read_clip
+    clip, kind = read_clip(f"{drive['path']}:{FRONT}", 3)
+    assert kind == "rosbag" and np.array_equal(clip, frames[:3])
+    count, it, _ = _frame_iter(f"{drive['path']}:{FRONT}", 2)
+    assert count == 2 and np.array_equal(np.stack(list(it)), frames[:2])
     assert main(["run", str(export_b1), "--input", f"{drive['path']}:{FRONT}", "--save-masks",
                  str(tmp_path / "masks"), "--no-progress"]) == 0
     want, _ = api_masks(export_b1, frames, times)
