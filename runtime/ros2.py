@@ -81,8 +81,12 @@ def build_node(parameters: dict | None = None):  # pragma: no cover - needs rclp
     return SegmentationNode()
 
 
-def main(argv=None):  # pragma: no cover - needs rclpy
-    import rclpy
+def main(argv=None):
+    try:
+        import rclpy
+    except ImportError:
+        raise SystemExit("tmanet.runtime.ros2 needs rclpy, which comes with ROS 2: source its setup "
+                         "(e.g. /opt/ros/jazzy/setup.bash) in the Python environment that has tmanet") from None
     rclpy.init(args=argv)
     node = build_node()
     try:

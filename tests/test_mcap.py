@@ -375,6 +375,16 @@ def test_node_core_segments_each_camera_as_its_own_stream(export_b1):
         assert all(np.array_equal(g, w) for g, w in zip(got[cam], want))
 
 
+def test_node_without_ros_says_what_it_needs():
+    import subprocess
+    import sys
+    code = "import sys; sys.modules['rclpy'] = None; from tmanet.runtime.ros2 import main; main()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "tmanet.runtime.ros2 needs rclpy, which comes with ROS 2: source its setup (e.g. /opt/ros/jazzy/setup.bash) "
+        "in the Python environment that has tmanet"]
+
+
 def test_rclpy_node_publishes_masks(export_b1):
     rclpy = pytest.importorskip(
         "rclpy", reason="rclpy comes with a ROS 2 installation (not installable from PyPI); the node's "
