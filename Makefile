@@ -11,7 +11,7 @@ $(STAMP): setup.py requirements/cpu.txt requirements/quant.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/quant.txt  # includes cpu.txt (the torch pin)
-	$(PY) -m pip install --quiet -e ".[test,quant]"
+	$(PY) -m pip install --quiet -e ".[test,quant,rosbags]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -24,6 +24,9 @@ setup(
         "av>=12",
         "pillow>=10",
         "tqdm>=4.60",
+        # ROS 2 bags (MCAP) in and out of `tmanet run`, without a ROS installation (pure Python + zstd/lz4).
+        "mcap>=1.2",
+        "mcap-ros2-support>=0.5",
         # Pure Python; NVIDIA's loaders for TensorRT builds (tensorrt itself imported lazily) and what
         # ModelOpt AutoCast runs its reference inference with.
         "polygraphy>=0.49",
@@ -34,6 +37,8 @@ setup(
         # are what modelopt.onnx needs to import. Pinned set: requirements/quant.txt.
         "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes", "onnxslim", "lief"],
         "tensorrt": ["tensorrt"],
+        # ROS 2 .db3 and ROS 1 .bag input of `tmanet run` (MCAP needs only the required mcap packages).
+        "rosbags": ["rosbags>=0.10"],
     },
     entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},
 )

@@ -93,9 +93,10 @@ def _frame_iter(frames, num):
             raise CompareError(f"frames must be uint8 RGB (F, H, W, 3), got {frames.dtype} {frames.shape}")
         clip = frames if num is None else frames[:num]
         return len(clip), iter(clip), "<array>"
+    from tmanet.driving_logs import split_topic
     from tmanet.video_io import open_frames
     path = Path(frames)
-    if not path.exists():
+    if not split_topic(path)[0].exists():  # a ROS bag may name a topic: drive.mcap:/cam/front
         raise FileNotFoundError(f"frames source not found: {path}")
     source = open_frames(path, max_frames=num)
     return source.count, (f for f, _ in source), str(path)

@@ -65,9 +65,10 @@ def read_clip(source, num: int | None = None) -> tuple[np.ndarray, str]:
         clip = source if num is None else source[:num]
         kind = "array"
     else:
+        from tmanet.driving_logs import split_topic
         from tmanet.video_io import open_frames
         path = Path(source)
-        if not path.exists():
+        if not split_topic(path)[0].exists():  # a ROS bag may name a topic: drive.mcap:/cam/front
             raise FileNotFoundError(f"frames source not found: {path}")
         frames_source = open_frames(path, max_frames=num)
         frames = [f for f, _ in frames_source]

@@ -1,4 +1,5 @@
-"""``tmanet run`` (segment a video, an image folder or a .npy clip) and ``tmanet bench``."""
+"""``tmanet run`` (segment a video, an image folder, a .npy clip or the image topics of an MCAP) and
+``tmanet bench``."""
 from __future__ import annotations
 
 import logging
@@ -10,20 +11,31 @@ BACKEND_CHOICES = ("ort", "torch", "trt")
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "run", help="segment a video, a folder of images or a .npy clip with an export",
+        "run", help="segment a video, a folder of images, a .npy clip or an MCAP's camera topics",
         description="Stream frames through an export directory and write an overlay video, masks and/or "
-                    "logits. Whole mode needs frames of the export size (no resizing is done: resize the "
-                    "input, re-export at its size, or use --mode slide for larger frames).")
+                    "logits. Whole mode needs frames of the export size unless --resize (or use --mode slide "
+                    "for larger frames). An MCAP input (ROS 2 bag) is segmented per --topic, each topic its "
+                    "own stream timed by the message header stamps, into an MCAP of <topic>/mask images.")
     p.add_argument("export_dir", metavar="DIR", help="export directory (manifest.json + ONNX files)")
     p.add_argument("--input", "-i", required=True, metavar="PATH",
-                   help="video file, folder of png/jpg frames (sorted by name) or .npy clip (F,H,W,3) uint8")
+                   help="video file, folder of png/jpg frames (sorted by name), .npy clip (F,H,W,3) uint8, "
+                        "ROS bag .mcap/.db3/.bag (with --topic), or X.mcap:/TOPIC (one topic, as a video)")
+    p.add_argument("--topic", action="append", metavar="TOPIC",
+                   help="ROS bag input: an image topic to segment (repeat for several cameras); without it, "
+                        "the image topics are listed")
+    p.add_argument("--color", action="store_true",
+                   help="ROS bag input: also write <topic>/color_mask (rgb8, the preset's palette)")
+    p.add_argument("--resize", action="store_true",
+                   help="whole mode, frames of another size: resize each frame to the export size and the "
+                        "logits back to the frame size (bilinear) before the argmax")
     _engine_args(p)
     p.add_argument("--mode", choices=("whole", "slide"), default="whole",
                    help="whole: frames of the export size; slide: larger frames as overlapping crops of the "
                         "export size, each crop with its own memory (official slide protocol)")
     p.add_argument("--stride", type=int, nargs="+", metavar="S",
                    help="slide stride (one value or H W); default: the preset's overlap ratio")
-    p.add_argument("--output", "-o", metavar="VIDEO", help="write an overlay video (e.g. overlay.mp4)")
+    p.add_argument("--output", "-o", metavar="PATH",
+                   help="write an overlay video (e.g. overlay.mp4); for a ROS bag input, the output MCAP")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0..1)")
     p.add_argument("--save-masks", metavar="DIR", help="write one palette PNG per frame (pixel = class id)")
     p.add_argument("--save-logits", metavar="F.npy", help="write all logits as one (F, C, H, W) float32 .npy")
@@ -118,6 +130,11 @@ def run_command(args) -> int:
 
     from .io_threads import Prefetch, Worker
     from tmanet.video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
+    from tmanet.driving_logs import is_log
+    if is_log(args.input):
+        return run_log_command(args)
+    if args.topic or args.color:
+        raise UserError("--topic and --color apply to a ROS bag input (--input X.mcap, X.db3, X.bag)")
     if not (args.output or args.save_masks or args.save_logits):
         log.info("no --output, --save-masks or --save-logits: segmenting without writing results")
     _backend_options(args)  # flag errors before any file is opened
@@ -131,7 +148,7 @@ def run_command(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     seg = _open(args, mode=args.mode, stride=stride, return_logits=bool(args.save_logits),
-                max_gap=args.max_gap or None)
+                max_gap=args.max_gap or None, resize=args.resize)
     palette = seg.palette
     described = seg.backend.describe()
     writer = VideoWriter(args.output, fps=source.fps or 25.0) if args.output else None
@@ -193,6 +210,88 @@ def run_command(args) -> int:
         if where:
             print(f"  {what}: {where}")
     return 0
+
+
+def run_log_command(args) -> int:
+    """``tmanet run DIR --input X.mcap|X.db3|X.bag --topic T [...] --output OUT.mcap [--color]``: each topic
+    one camera stream; per topic ``<topic>/mask`` (and ``<topic>/color_mask``) with the input's header and
+    log time."""
+    import time
+
+    from tqdm import tqdm
+
+    from tmanet.errors import UserError
+
+    from .camera_streams import CameraStreams
+    from tmanet.driving_logs import log_reader
+    from tmanet.mcap_io import McapImageWriter
+    from .camera_streams import segment_image_message
+    _backend_options(args)
+    source, topics, output = _log_arguments(args)
+    if topics is None:
+        return 0
+    reader = log_reader(source)
+    streams = CameraStreams(lambda: _open(args, max_gap=args.max_gap or None, resize=args.resize))
+    described = streams.describe()
+    palette = streams.palette if args.color else None
+    count, started = 0, time.perf_counter()
+    try:
+        with McapImageWriter(output) as writer:
+            messages = tqdm(reader.read_images(source, topics), total=reader.count_messages(source, topics),
+                            desc="tmanet run", unit="image", disable=args.no_progress)
+            for topic, log_time, publish_time, msg in messages:
+                try:
+                    mask, color = segment_image_message(streams, topic, msg, palette)
+                except ValueError as e:
+                    raise UserError(f"{source}, {topic}, message at log time {log_time} ns: {e}") from None
+                writer.write(f"{topic}/mask", mask, log_time, publish_time)
+                if color is not None:
+                    writer.write(f"{topic}/color_mask", color, log_time, publish_time)
+                count += 1
+            if count == 0:
+                raise UserError(f"{source}: no messages on {', '.join(topics)}")
+    except ValueError as e:  # the input turned unreadable part-way (the writer has removed its partial file)
+        raise UserError(str(e)) from None
+    finally:
+        streams.close()
+    wall = time.perf_counter() - started
+    print(f"{count} images from {len(topics)} topic(s), {described}: {count / wall:.2f} images/s\n"
+          f"  masks: {output}")
+    return 0
+
+
+def _log_arguments(args):
+    """``(source, topics, output)`` of a ROS bag run, checked before anything is written; ``topics`` is None
+    when none was asked for (the image topics are printed instead)."""
+    from pathlib import Path
+
+    from tmanet.errors import UserError
+
+    from tmanet.driving_logs import log_reader
+    if args.save_masks or args.save_logits or args.mode != "whole" or args.max_frames:
+        raise UserError("a ROS bag input takes --topic, --output OUT.mcap, --color and --resize (whole mode; "
+                        "not --save-masks, --save-logits, --mode slide or --max-frames)")
+    source = Path(args.input)
+    if not source.exists():
+        raise UserError(f"input not found: {source}")
+    try:
+        found = log_reader(source).image_topics(source)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    listing = ", ".join(f"{t} ({kind.rsplit('/', 1)[-1]})" for t, kind in found.items()) or "none"
+    if not args.topic:
+        print(f"image topics in {source}: {listing}\nchoose them with --topic")
+        return source, None, None
+    unknown = [t for t in args.topic if t not in found]
+    if unknown:
+        raise UserError(f"{source} has no image topic {', '.join(unknown)}; its image topics: {listing}")
+    if not args.output or not args.output.lower().endswith(".mcap"):
+        raise UserError("a ROS bag input writes an MCAP: --output OUT.mcap (for an overlay video or mask "
+                        "PNGs of one topic, give --input X.mcap:/TOPIC)")
+    output = Path(args.output)
+    if output.resolve() == source.resolve():
+        raise UserError(f"--output {output} is the input: choose another file")
+    return source, list(dict.fromkeys(args.topic)), output
 
 
 def bench_command(args) -> int:

@@ -72,6 +72,25 @@ def default_stride(input_size, slide_crop, slide_stride) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def resize_frames(frames: np.ndarray, size) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` -> uint8 ``(N, h, w, 3)`` at ``size`` = (h, w): bilinear, half-pixel centres
+    (``align_corners=False``, as the OpenCV resize of the official test pipeline), rounded."""
+    import torch
+    import torch.nn.functional as F
+    x = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def rescale_logits(logits: np.ndarray, size, align_corners: bool) -> np.ndarray:
+    """float ``(N, C, h, w)`` -> ``(N, C, H, W)``: bilinear with the preset's ``align_corners``, the official
+    test protocol's rescale of the logits to the original image before the argmax."""
+    import torch
+    import torch.nn.functional as F
+    x = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners).numpy()
+
+
 class _Chunk:
     """One engine batch: a ring for its lanes and the input buffer its crops are gathered into."""
 
@@ -84,9 +103,11 @@ class _Chunk:
 
 class StreamingSegmenter:
     def __init__(self, backend: Backend, manifest: dict, mode: str = "whole", stride=None,
-                 return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP):
+                 return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP, resize: bool = False):
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        if resize and mode != "whole":
+            raise ValueError("resize applies to whole mode (slide mode runs crops of the export size)")
         if max_gap is not None and not (isinstance(max_gap, (int, float)) and max_gap > 0):
             raise ValueError(f"max_gap must be a positive number of seconds or None, got {max_gap!r}")
         self.backend = backend
@@ -94,6 +115,8 @@ class StreamingSegmenter:
         self.mode = mode
         self.return_logits = bool(return_logits)
         self.max_gap = max_gap
+        self.resize = bool(resize)
+        self.align_corners = bool(manifest.get("align_corners", False))
         self.sequence_num = int(manifest["sequence_num"])
         self.input_size = tuple(int(s) for s in manifest["input_size"])
         self.num_classes = int(manifest["num_classes"])
@@ -112,13 +135,15 @@ class StreamingSegmenter:
     @classmethod
     def open(cls, directory, backend: str = "ort", device: str = "cpu", mode: str = "whole", stride=None,
              return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP, verify: bool = True,
-             **backend_options) -> "StreamingSegmenter":
+             resize: bool = False, **backend_options) -> "StreamingSegmenter":
         """A segmenter over the export directory ``directory`` (manifest.json + the two ONNX files).
+        ``resize``: whole mode takes frames of any size (see :func:`resize_frames`, :func:`rescale_logits`).
         ``backend_options`` go to the backend (e.g. ``threads=`` for ort)."""
         from tmanet.export.manifest import load_manifest
         manifest = load_manifest(directory, verify=verify)
         engine = get_backend(backend)(Path(directory), manifest, device, **backend_options)
-        return cls(engine, manifest, mode=mode, stride=stride, return_logits=return_logits, max_gap=max_gap)
+        return cls(engine, manifest, mode=mode, stride=stride, return_logits=return_logits, max_gap=max_gap,
+                   resize=resize)
 
     # -- state --------------------------------------------------------------------------------------------
     def _clear(self):
@@ -184,11 +209,11 @@ class StreamingSegmenter:
                              "(the stream count is fixed at the first push; reset() to change it)")
         b = self.backend.batch
         if self.mode == "whole":
-            if (H, W) != (eh, ew):
+            if (H, W) != (eh, ew) and not self.resize:
                 hint = ("use slide mode (mode='slide', `--mode slide`) to run crops of the export size, "
                         if H >= eh and W >= ew else "")
                 raise ValueError(f"frame size {H}x{W} differs from the export size {eh}x{ew}: {hint}resize "
-                                 f"the frames, or export at {H}x{W}")
+                                 f"them with `--resize` (resize=True), or export at {H}x{W}")
             if b is not None and n != b:
                 hint = ("push() needs a batch-1 or dynamic-batch export" if api == "push" else
                         f"push_batch() needs exactly {b} frames")
@@ -265,8 +290,12 @@ class StreamingSegmenter:
         timer.begin()
         with timer("pre"):
             frames = self._check_frames(frames, api)
+            times = self._check_times(timestamps, frames.shape[0])
+            camera_size = frames.shape[1:3]
+            rescale = self.resize and camera_size != self.input_size
+            if rescale:
+                frames = resize_frames(frames, self.input_size)
             n, H, W = frames.shape[:3]
-            times = self._check_times(timestamps, n)
             # -- valid: from here on state changes --
             if self.streams is None:
                 self._setup(api, n, H, W)
@@ -275,7 +304,7 @@ class StreamingSegmenter:
                 if self.max_gap is not None and t is not None and last is not None and \
                         not 0 <= t - last <= self.max_gap:
                     self._restart(s)  # a gap (or time going back): the memory no longer shows this scene
-        need_logits = self.return_logits or self.mode == "slide"
+        need_logits = self.return_logits or self.mode == "slide" or rescale
         nwin = len(self.windows)
         masks = [None] * n
         logits_out = [None] * n
@@ -297,7 +326,7 @@ class StreamingSegmenter:
                     s, wi = divmod(lane, nwin)
                     if self.mode == "whole":
                         masks[s] = mask[row].copy()
-                        if self.return_logits:
+                        if self.return_logits or rescale:
                             logits_out[s] = logits[row].copy()
                     else:
                         y1, y2, x1, x2 = self.windows[wi]
@@ -309,12 +338,20 @@ class StreamingSegmenter:
                     masks[s] = merged.argmax(0).astype(np.uint8)
                     if self.return_logits:
                         logits_out[s] = merged
+            if rescale:
+                masks, logits_out = self._to_camera_size(logits_out, camera_size)
             results = []
             for s in range(n):
                 results.append(SegmentResult(self._index[s], masks[s], logits_out[s], s, times[s]))
                 self._index[s] += 1
                 self._last_time[s] = times[s]
         return results
+
+    def _to_camera_size(self, logits: list, size) -> tuple[list, list]:
+        """Masks (and logits, when asked) at the camera size from the export-size logits of each stream."""
+        full = rescale_logits(np.stack(logits), size, self.align_corners)
+        masks = list(full.argmax(1).astype(np.uint8))
+        return masks, list(full) if self.return_logits else [None] * len(masks)
 
     def _gather(self, chunk: _Chunk, frames: np.ndarray) -> np.ndarray:
         """The chunk's engine input: its lanes' crops, idle rows left as they are."""

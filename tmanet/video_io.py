@@ -1,8 +1,10 @@
 """Frame sources and result sinks: shared by `tmanet run`, export checks, calibration, engine builds and the demo.
 
 Sources (one interface, :func:`open_frames`): a video file (PyAV), a folder of images (png/jpg, sorted by
-name) or a ``.npy`` clip ``(F, H, W, 3)`` uint8. Each yields ``(frame, timestamp)`` with frame a uint8 RGB
-``(H, W, 3)`` array and timestamp in seconds (video: the frame's presentation time; others: None).
+name), a ``.npy`` clip ``(F, H, W, 3)`` uint8 or one image topic of a ROS bag (``drive.mcap`` / ``.db3`` /
+``.bag`` with one image topic, or ``drive.mcap:/cam/front/image_raw``). Each yields ``(frame, timestamp)``
+with frame a uint8 RGB ``(H, W, 3)`` array and timestamp in seconds (video: the frame's presentation time;
+ROS bag: the header stamp; others: None).
 
 Sinks: an overlay video (the class palette blended over the frames), one palette PNG per mask (pixel values
 are the class ids, the palette makes them viewable), and a logits ``.npy`` written frame by frame.
@@ -37,13 +39,17 @@ class FrameSource:
 
 
 def open_frames(path, max_frames: int | None = None) -> FrameSource:
-    """The frames of a video file, an image folder or a ``.npy`` clip (at most ``max_frames``)."""
-    path = Path(path)
+    """The frames of a video file, an image folder, a ``.npy`` clip or a ROS bag's image topic (at most
+    ``max_frames``)."""
+    from .driving_logs import is_log, split_topic
+    path, topic = split_topic(path)
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    if path.is_dir():
+    if is_log(path):
+        source = _log_topic(path, topic)
+    elif path.is_dir():
         source = _image_folder(path)
     elif path.suffix.lower() == ".npy":
         source = _npy_clip(path)
@@ -73,6 +79,21 @@ def _npy_clip(path: Path) -> FrameSource:
         for f in clip:
             yield np.ascontiguousarray(f), None
     return FrameSource(path, "npy", len(clip), None, frames)
+
+
+def _log_topic(path: Path, topic: str | None) -> FrameSource:
+    from .driving_logs import frame_topic, log_reader
+    from .ros_images import field, image_to_rgb, stamp_seconds
+    topic = frame_topic(path, topic)
+    reader = log_reader(path)
+
+    def frames():
+        for _, log_time, _, msg in reader.read_images(path, [topic]):
+            try:
+                yield image_to_rgb(msg), stamp_seconds(field(msg, "header"))
+            except ValueError as e:
+                raise ValueError(f"{path}, {topic}, message at log time {log_time} ns: {e}") from None
+    return FrameSource(f"{path}:{topic}", "rosbag", reader.count_messages(path, [topic]), None, frames)
 
 
 def _image_folder(path: Path) -> FrameSource:
