@@ -353,7 +353,8 @@ class TrtBackend(Backend):
         return mask, out
 
     def synchronize(self):
-        self.stream.synchronize()
+        """The whole device: our stream, and the segmenter's ring write on torch's current stream."""
+        self.torch.cuda.synchronize(self.device_obj)
 
     def close(self):
         if getattr(self, "stream", None) is not None:

@@ -471,9 +471,9 @@ def test_runtime_package_import_is_light():
     assert out.stdout.strip() == "StreamingSegmenter"
 
 
-# -- torch backend options: fp16 autocast and CUDA graphs (CUDA only) --------------------------------------
+# -- torch backend options: half precision, channels_last, compile; CUDA graphs, cudnn.benchmark (CUDA) ----
 @pytest.mark.parametrize("options, message", [
-    ({"precision": "fp16"}, "fp16 autocast needs device='cuda'"),
+    ({"cudnn_benchmark": True}, "cudnn_benchmark needs device='cuda'"),
     ({"cuda_graphs": True}, "cuda_graphs needs device='cuda'"),
     ({"fused_attention": True}, "fused_attention needs device='cuda'"),
     ({"precision": "bf16"}, "precision must be one of fp32, fp16"),
@@ -502,17 +502,55 @@ def test_cli_rejects_torch_cuda_flags_with_ort(export_b1, tmp_path, capsys, flag
         assert message in capsys.readouterr().err
 
 
-def gpu_stream(export_dir, clip, **options):
-    seg = StreamingSegmenter.open(export_dir, backend="torch", device="cuda", return_logits=True, **options)
+def torch_stream(export_dir, clip, device="cpu", **options):
+    seg = StreamingSegmenter.open(export_dir, backend="torch", device=device, return_logits=True, **options)
     try:
         return [seg.push(f) for f in clip]
     finally:
         seg.close()
 
 
+def gpu_stream(export_dir, clip, **options):
+    return torch_stream(export_dir, clip, "cuda", **options)
+
+
 @pytest.fixture(scope="module")
 def long_clip():
     return make_clip(2 * 2 + 2, H, W, 21)  # 2T+2 frames for T=2: every ring phase, twice over
+
+
+def assert_close_to_fp32(fp32, got, precision):
+    """fp32: logits within TINY_ATOL and equal masks where the top-2 margin is clear; fp16: masks equal on at
+    least 99 % of the pixels (the fp16 tolerance of these tests)."""
+    for a, b in zip(fp32, got):
+        assert b.logits.dtype == np.float32 and b.mask.dtype == np.uint8
+        if precision == "fp32":
+            assert max_abs(a.logits, b.logits) <= TINY_ATOL
+            sure = top2_margin(a.logits) >= MASK_MARGIN
+            assert np.array_equal(a.mask[sure], b.mask[sure])
+        else:
+            assert np.mean(a.mask == b.mask) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def cpu_fp32(export_b1, long_clip):
+    return torch_stream(export_b1, long_clip)
+
+
+@pytest.mark.parametrize("options", [{"precision": "fp16"}, {"channels_last": True},
+                                     {"precision": "fp16", "channels_last": True}])
+def test_torch_speed_options_on_cpu_equal_eager_fp32(export_b1, long_clip, cpu_fp32, options):
+    """The options that exist on the CPU: true half weights and activations (ring included), NHWC layout."""
+    got = torch_stream(export_b1, long_clip, **options)
+    assert_close_to_fp32(cpu_fp32, got, options.get("precision", "fp32"))
+    seg = StreamingSegmenter.open(export_b1, backend="torch", **options)
+    seg.push(long_clip[0])
+    half = options.get("precision") == "fp16"
+    assert next(seg.backend.encoder.parameters()).dtype == (torch.float16 if half else torch.float32)
+    assert all(r.keys.dtype == r.values.dtype == (torch.float16 if half else torch.float32) for r in seg.rings)
+    if options.get("channels_last"):
+        conv = seg.backend.encoder.reduce.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and "channels_last" in seg.backend.describe()
 
 
 @pytest.mark.gpu
@@ -532,16 +570,27 @@ def test_torch_cuda_fp32_matches_ort_cpu(export_b1, long_clip, fused):
 
 
 @pytest.mark.gpu
-def test_torch_cuda_fp16_autocast_agrees_with_fp32(export_b1, long_clip):
+def test_torch_cuda_fp16_agrees_with_fp32(export_b1, long_clip):
     fp32 = gpu_stream(export_b1, long_clip)
-    fp16 = gpu_stream(export_b1, long_clip, precision="fp16")
-    for a, b in zip(fp32, fp16):
-        assert b.logits.dtype == np.float32 and b.mask.dtype == np.uint8
-        assert np.mean(a.mask == b.mask) >= 0.99
+    assert_close_to_fp32(fp32, gpu_stream(export_b1, long_clip, precision="fp16"), "fp16")
     seg = StreamingSegmenter.open(export_b1, backend="torch", device="cuda", precision="fp16")
     seg.push(long_clip[0])
-    assert all(r.keys.dtype == torch.float32 and r.values.dtype == torch.float32 for r in seg.rings)
+    assert all(r.keys.dtype == torch.float16 and r.values.dtype == torch.float16 for r in seg.rings)
     assert "fp16" in seg.backend.describe()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [
+    {"precision": "fp16", "channels_last": True, "cudnn_benchmark": True, "cuda_graphs": True},
+    {"channels_last": True, "cudnn_benchmark": True},
+    {"precision": "fp16", "channels_last": True, "compile": True, "cuda_graphs": True},
+])
+def test_torch_cuda_speed_options_equal_eager_fp32(export_b1, long_clip, options, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)   # process-wide: restored after the test
+    fp32 = gpu_stream(export_b1, long_clip)
+    got = gpu_stream(export_b1, long_clip, **options)
+    # cudnn.benchmark may pick TF32-free but differently ordered kernels: the fp32 bound is the fp32 one.
+    assert_close_to_fp32(fp32, got, options.get("precision", "fp32"))
 
 
 @pytest.mark.gpu
