@@ -26,7 +26,8 @@ setup(
         "tqdm>=4.60",
         # Pure Python; NVIDIA's loaders for TensorRT builds (tensorrt itself imported lazily) and what
         # ModelOpt AutoCast runs its reference inference with.
-        "polygraphy>=0.49",
+        # 0.49.22: progress_monitor (0.49.0 has none) and no config.int8_calibrator read (TensorRT 11 lacks it).
+        "polygraphy>=0.49.22",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],

@@ -1,4 +1,5 @@
-"""The TensorRT backend of the streaming runtime (``backend="trt"``), and ``bench_trt``.
+"""The TensorRT backend of the streaming runtime (``backend="trt"``); ``tmanet bench --backend trt`` reads its
+CUDA-event timings (``profile=True``).
 
 Design (one object per engine, buffers allocated once, addresses rotated instead of data copied):
 
@@ -193,7 +194,7 @@ class TrtBackend(Backend):
         self.batch, self.max_batch = (lo, lo) if lo == hi else (None, hi)
         self._buffers = {}
         self._h2d_done = None       # event: the pinned frame buffer may be overwritten once it has fired
-        self.last_timing = {}       # with profile=True: CUDA-event milliseconds and host seconds of the last frame
+        self.last_timing = {}       # with profile=True: CUDA-event and host-enqueue milliseconds of the last frame
         self._marks, self._enqueue_s = {}, {}
 
     # -- loading ------------------------------------------------------------------------------------------
@@ -277,10 +278,12 @@ class TrtBackend(Backend):
     def _collect_timing(self):
         m = self._marks
         span = (lambda a, b: m[a].elapsed_time(m[b]) if a in m and b in m else None)
-        self.last_timing = {"h2d_ms": span("h2d", "encoder"), "frame_encoder_ms": span("encoder", "encoder_end"),
-                            "memory_head_ms": span("head", "head_end"), "d2h_ms": span("head_end", "d2h_end"),
-                            "encoder_enqueue_s": self._enqueue_s.get("encoder"),
-                            "head_enqueue_s": self._enqueue_s.get("head")}
+        encoder, head = span("encoder", "encoder_end"), span("head", "head_end")
+        enqueue = [self._enqueue_s.get(k) for k in ("encoder", "head")]
+        self.last_timing = {"h2d_ms": span("h2d", "encoder"), "frame_encoder_ms": encoder, "memory_head_ms": head,
+                            "d2h_ms": span("head_end", "d2h_end"),
+                            "gpu_compute_ms": encoder + head if None not in (encoder, head) else None,
+                            "enqueue_ms": sum(enqueue) * 1e3 if None not in enqueue else None}
         self._marks = {}
 
     # -- the interface ------------------------------------------------------------------------------------
@@ -391,95 +394,3 @@ def _require_tensorrt_for_backend():
 
 
 register_backend("trt", TrtBackend)
-
-
-# -- benchmark ----------------------------------------------------------------------------------------------
-def _stats(values) -> dict:
-    a = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if a.size == 0:
-        return {}
-    return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max())}
-
-
-def _open_engine_dir(engine_dir, export_dir=None):
-    """The ONNX manifest for an engine directory: the export's when given, else the copy in engines.json."""
-    if export_dir is not None:
-        from tmanet.export.manifest import load_manifest
-        return Path(export_dir), load_manifest(export_dir, verify=False)
-    return Path(engine_dir), read_engines_manifest(engine_dir)["onnx_manifest"]
-
-
-def bench_trt(engine_dir, frames=32, warmup: int = 10, iters: int = 100, cuda_graphs: bool = True, batch=None,
-              export_dir=None, device="cuda:0") -> dict:
-    """trtexec-like latency of the streaming pipeline on TensorRT: per frame, H2D of the uint8 frames, frame
-    engine, ring write, memory head, D2H of the mask (no logits).
-
-    ``frames``: a uint8 clip (F, H, W, 3) at the export size, or a number of synthetic frames. ``batch``: engine
-    batch (default: the fixed batch, or the profile's opt batch). Returns milliseconds (mean, median, p90,
-    p99, min, max) of: ``gpu_compute_ms`` (both engines, CUDA events), ``frame_encoder_ms``,
-    ``memory_head_ms``, ``h2d_ms``, ``d2h_ms``, ``host_latency_ms`` (wall time from the frames in host memory
-    to the masks in host memory), ``enqueue_ms`` (host time spent launching both engines), plus the
-    throughput in frames (streams x pushes) per second.
-    """
-    from tmanet.runtime.ring_buffer import MemoryRing
-    base_dir, manifest = _open_engine_dir(engine_dir, export_dir)
-    backend = TrtBackend(base_dir, manifest, device, engine_dir=engine_dir, cuda_graphs=cuda_graphs, profile=True)
-    try:
-        torch = backend.torch
-        H, W = backend.input_size
-        if batch is None:
-            batch = backend.batch or backend.metadata["frame_encoder"]["batch"]["opt"]
-        backend._check_batch(batch)
-        if isinstance(frames, (int, np.integer)):
-            rng = np.random.default_rng(0)
-            clip = rng.integers(0, 256, (int(frames), H, W, 3), dtype=np.uint8)
-        else:
-            clip = np.asarray(frames)
-            if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[1:] != (H, W, 3):
-                raise ValueError(f"frames must be a uint8 clip (F, {H}, {W}, 3), got {clip.dtype} {clip.shape}")
-        batches = [np.ascontiguousarray(np.repeat(f[None], batch, 0)) for f in clip]
-        ring = None
-        rows = []
-        wall0 = None
-        for i in range(warmup + iters):
-            if i == warmup:
-                torch.cuda.synchronize(backend.device_obj)
-                wall0 = time.perf_counter()
-            x = batches[i % len(batches)]
-            t0 = time.perf_counter()
-            qk, qv, mk, mv = backend.encode(x)
-            if ring is None:
-                ring = MemoryRing.like(mk, mv)
-            ring.write(mk, mv)
-            backend.head(qk, qv, ring.slot_keys(), ring.slot_values(), logits=False)
-            ring.advance()
-            latency = time.perf_counter() - t0
-            if i >= warmup:
-                t = backend.last_timing
-                rows.append({"host_latency_ms": latency * 1e3,
-                             "enqueue_ms": (t["encoder_enqueue_s"] + t["head_enqueue_s"]) * 1e3,
-                             "frame_encoder_ms": t["frame_encoder_ms"], "memory_head_ms": t["memory_head_ms"],
-                             "gpu_compute_ms": t["frame_encoder_ms"] + t["memory_head_ms"],
-                             "h2d_ms": t["h2d_ms"], "d2h_ms": t["d2h_ms"]})
-        wall = time.perf_counter() - wall0 if wall0 is not None else float("nan")
-        meta = backend.metadata["frame_encoder"]
-        result = {
-            "backend": "trt",
-            "describe": backend.describe(),
-            "tensorrt_version": backend.trt.__version__,
-            "gpu": meta["gpu"],
-            "precision": {n: m["precision"] for n, m in backend.metadata.items()},
-            "cuda_graphs": bool(cuda_graphs) and backend.encoder.graphs_ok and backend.memory_head.graphs_ok,
-            "input_size": [H, W],
-            "batch": int(batch),
-            "warmup": int(warmup),
-            "iters": int(iters),
-            "throughput_fps": (iters * batch / wall) if iters else None,
-        }
-        for key in ("gpu_compute_ms", "frame_encoder_ms", "memory_head_ms", "h2d_ms", "d2h_ms", "host_latency_ms",
-                    "enqueue_ms"):
-            result[key] = _stats(r[key] for r in rows)
-        return result
-    finally:
-        backend.close()

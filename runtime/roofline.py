@@ -102,7 +102,6 @@ def _median_tflops(run, n: int, seconds: float, sync=lambda: None) -> float:
 
 def ort_gemm_peak(threads: int | None = None, n: int = 2048, seconds: float = 1.0) -> float:
     """ONNX Runtime's fp32 MatMul on the CPU, with the backend's session settings."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
