@@ -91,7 +91,11 @@ class TrtEngine:
                 self.inputs[tname] = entry
             else:
                 self.outputs[tname] = entry
+        self._reset_run_state()
+
+    def _reset_run_state(self):
         self.batch_shape = None
+        self.shape_changed = False   # set by set_batch: the next run is eager (see run)
         self.bound = {}
         self.graphs = {}
         self.graphs_ok = True
@@ -110,12 +114,14 @@ class TrtEngine:
                 if not self.context.set_input_shape(tname, (b, *entry["shape"][1:])):
                     raise ValueError(f"{self.name}: batch {b} is outside the engine's profile {self.batch_range()}")
         self.batch_shape = b
+        self.shape_changed = True
 
     def output_shape(self, tname: str, b: int) -> tuple:
         return (b, *self.outputs[tname]["shape"][1:])
 
     def bind(self, tensors: dict):
-        """Bind each named tensor's address (a torch CUDA tensor); only changed addresses are set again."""
+        """Bind each named tensor's address (a torch CUDA tensor); only changed addresses are set again.
+        TensorRT needs 256-byte aligned addresses: see :func:`aligned_for_binding`."""
         for tname, t in tensors.items():
             ptr = t.data_ptr()
             if self.bound.get(tname) != ptr:
@@ -128,25 +134,39 @@ class TrtEngine:
             raise RuntimeError(f"{self.name}: TensorRT enqueue failed (see the TensorRT log above)")
 
     def run(self, use_graph: bool):
-        """Enqueue on the stream, as a CUDA graph replay when asked (one graph per set of bound addresses)."""
+        """Enqueue on the stream, as a CUDA graph replay when asked (one graph per set of bound addresses).
+        After a shape change the context runs once eagerly first: TensorRT finishes its per-shape setup in
+        an enqueue, which a replay would skip."""
         if not (use_graph and self.graphs_ok):
             self._enqueue()
             return
         key = (self.batch_shape, tuple(sorted(self.bound.items())))
         graph = self.graphs.get(key)
-        if graph is not None:
+        if graph is not None and not self.shape_changed:
             graph.replay()
             return
-        # First time these addresses are seen: run eagerly (this frame's result; it also lets TensorRT finish
-        # its deferred per-shape setup, which must not happen during capture), then capture for next time.
+        # This frame's result, eagerly (and TensorRT's deferred per-shape setup, outside any capture).
         self._enqueue()
+        self.shape_changed = False
+        if graph is None:
+            self._capture(key)
+
+    def _capture(self, key):
+        """Capture one enqueue as trtexec does (thread-local capture mode, so other threads' CUDA calls do not
+        invalidate it). An enqueue that fails inside the capture is recorded, not raised: the graph is
+        dropped, the CUDA error cleared, and this engine runs eagerly from then on."""
         torch = self.torch
         graph = torch.cuda.CUDAGraph()
+        enqueued, error = False, None
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._enqueue()
-        except RuntimeError as e:
-            log.warning("%s: CUDA graph capture failed (%s): running without CUDA graphs", self.name, e)
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                enqueued = bool(self.context.execute_async_v3(self.stream.cuda_stream))
+        except RuntimeError as e:   # the capture itself was invalidated (torch raises at its end)
+            error = e
+        if error is not None or not enqueued:
+            _clear_cuda_error()
+            reason = error or "execute_async_v3 returned False during capture"
+            log.warning("%s: CUDA graph capture failed (%s): running without CUDA graphs", self.name, reason)
             self.graphs_ok = False
             return
         if len(self.graphs) >= MAX_GRAPHS:
@@ -156,6 +176,49 @@ class TrtEngine:
     def close(self):
         self.graphs.clear()
         self.context = self.engine = self.runtime = None
+
+
+def _clear_cuda_error():
+    """Reset the CUDA runtime's last error after a failed capture (cudaGetLastError clears it), through
+    Polygraphy's libcudart wrapper; if that cannot be loaded there is nothing of ours to clear."""
+    try:
+        from polygraphy import cuda
+        cuda.wrapper().handle.cudaGetLastError()
+    except Exception as e:   # no libcudart found by Polygraphy: the error stays for torch to report
+        log.debug("could not clear the CUDA error: %s", e)
+
+
+TRT_ALIGNMENT = 256   # bytes: set_tensor_address wants I/O addresses aligned to this
+
+
+def aligned_for_binding(tensors: dict, staging: dict, warned: set, engine: str = "memory_head") -> dict:
+    """``tensors`` with every one whose address is not 256-byte aligned replaced by an aligned copy (a staging
+    buffer per name, allocated once), with a one-line warning per
+    name. The copy runs on the current stream; ring slot views are aligned for the usual sizes, so this is a
+    fallback, not the normal path."""
+    out = {}
+    for name, t in tensors.items():
+        if t.data_ptr() % TRT_ALIGNMENT == 0:
+            out[name] = t
+            continue
+        if name not in warned:
+            warned.add(name)
+            log.warning("%s input %s is not %d-byte aligned (address %#x): copying it into an aligned buffer "
+                        "each frame", engine, name, TRT_ALIGNMENT, t.data_ptr())
+        buf = staging.get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = staging[name] = _aligned_empty(t)
+        buf.copy_(t)
+        out[name] = buf
+    return out
+
+
+def _aligned_empty(like):
+    """An uninitialised tensor like ``like`` at a 256-byte aligned address, whatever the allocator's alignment."""
+    pad = TRT_ALIGNMENT // like.element_size()
+    raw = like.new_empty(like.numel() + pad)
+    offset = (-raw.data_ptr() % TRT_ALIGNMENT) // like.element_size()
+    return raw[offset:offset + like.numel()].view(like.shape)
 
 
 class TrtBackend(Backend):
@@ -193,6 +256,7 @@ class TrtBackend(Backend):
         self.min_batch = lo
         self.batch, self.max_batch = (lo, lo) if lo == hi else (None, hi)
         self._buffers = {}
+        self._staging, self._misaligned = {}, set()   # aligned copies of misaligned head inputs (rare)
         self._h2d_done = None       # event: the pinned frame buffer may be overwritten once it has fired
         self.last_timing = {}       # with profile=True: CUDA-event and host-enqueue milliseconds of the last frame
         self._marks, self._enqueue_s = {}, {}
@@ -335,6 +399,7 @@ class TrtBackend(Backend):
             self.stream.wait_stream(current)    # the ring write on the current stream must have landed
             self._mark("head")
             self.memory_head.set_batch(b)
+            inputs = aligned_for_binding(inputs, self._staging, self._misaligned)
             self.memory_head.bind({**inputs, "mask": bufs["mask"], "logits": bufs["logits"]})
             t0 = time.perf_counter()
             self.memory_head.run(self.cuda_graphs)

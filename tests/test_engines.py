@@ -614,3 +614,109 @@ def test_trt_refuses_a_tampered_engine(trt_engines, tiny_export, tmp_path):
     from tmanet.runtime.segmenter import StreamingSegmenter
     with pytest.raises(EngineIntegrityError, match="does not match its metadata"):
         StreamingSegmenter.open(tiny_export, backend="trt", engine_dir=copy)
+
+
+# -- the TensorRT backend's run loop, with stand-ins for TensorRT's context and torch's CUDA graphs ----------------
+class StandInCuda:
+    """An execution context and torch.cuda's graph capture, logging what runs: 'enqueue' (eager),
+    'enqueue in capture', 'capture', 'replay'. ``fail_in_capture``: the enqueue returns False inside a
+    capture; ``invalidate``: the capture raises at its end, as torch does when a capture was invalidated."""
+
+    def __init__(self):
+        self.log, self.capturing, self.fail_in_capture, self.invalidate, self.modes = [], False, False, False, []
+        stand_in = self
+
+        class Graph:
+            def replay(self):
+                stand_in.log.append("replay")
+
+        class Capture:
+            def __init__(self, graph, stream=None, capture_error_mode="global"):
+                stand_in.modes.append(capture_error_mode)
+
+            def __enter__(self):
+                stand_in.log.append("capture")
+                stand_in.capturing = True
+
+            def __exit__(self, *exc):
+                stand_in.capturing = False
+                if stand_in.invalidate:
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        self.torch = types.SimpleNamespace(cuda=types.SimpleNamespace(CUDAGraph=Graph, graph=Capture))
+        self.context = types.SimpleNamespace(execute_async_v3=self.execute, set_input_shape=lambda name, shape: True)
+
+    def execute(self, stream):
+        self.log.append("enqueue in capture" if self.capturing else "enqueue")
+        return not (self.capturing and self.fail_in_capture)
+
+    def engine(self):
+        from tmanet.engines.trt_backend import TrtEngine
+        engine = TrtEngine.__new__(TrtEngine)
+        engine.torch, engine.context, engine.name = self.torch, self.context, "memory_head"
+        engine.stream = types.SimpleNamespace(cuda_stream=7)
+        engine.inputs = {"x": {"shape": (-1, 4), "profile": [(1, 4), (2, 4), (4, 4)]}}
+        engine._reset_run_state()
+        return engine
+
+
+def test_trt_graphs_capture_thread_local_then_replay():
+    cuda = StandInCuda()
+    engine = cuda.engine()
+    engine.set_batch(1)
+    for _ in range(3):
+        engine.run(use_graph=True)
+    assert cuda.log == ["enqueue", "capture", "enqueue in capture", "replay", "replay"]
+    assert cuda.modes == ["thread_local"]   # as trtexec: other threads' CUDA calls cannot invalidate it
+
+
+@pytest.mark.parametrize("failure", ["fail_in_capture", "invalidate"])
+def test_trt_failed_capture_falls_back_to_eager(monkeypatch, caplog, failure):
+    import logging
+    cleared = []
+    monkeypatch.setattr("tmanet.engines.trt_backend._clear_cuda_error", lambda: cleared.append(True))
+    cuda = StandInCuda()
+    setattr(cuda, failure, True)
+    engine = cuda.engine()
+    engine.set_batch(1)
+    with caplog.at_level(logging.WARNING, logger="tmanet"):
+        engine.run(use_graph=True)   # the frame's result came from the eager enqueue; the capture failed quietly
+    assert not engine.graphs_ok and engine.graphs == {} and cleared == [True]
+    assert "CUDA graph capture failed" in caplog.text and "running without CUDA graphs" in caplog.text
+    engine.run(use_graph=True)
+    assert cuda.log == ["enqueue", "capture", "enqueue in capture", "enqueue"]
+
+
+def test_trt_shape_change_runs_eagerly_before_replaying():
+    """Batch 1, then 2, then 1 again: the batch-1 graph exists, but the context's shapes changed under it, so
+    the first batch-1 frame runs eagerly (TensorRT's per-shape setup) and only the next one replays."""
+    cuda = StandInCuda()
+    engine = cuda.engine()
+    for b in (1, 2):
+        engine.set_batch(b)
+        engine.run(use_graph=True)
+    del cuda.log[:]
+    engine.set_batch(1)
+    engine.run(use_graph=True)
+    engine.run(use_graph=True)
+    assert cuda.log == ["enqueue", "replay"] and len(engine.graphs) == 2
+
+
+def test_misaligned_head_inputs_are_copied_to_aligned_buffers(caplog):
+    import logging
+
+    import torch
+    from tmanet.engines.trt_backend import TRT_ALIGNMENT, aligned_for_binding
+    base = torch.arange(4096, dtype=torch.float32)
+    start = (-base.data_ptr() % TRT_ALIGNMENT) // 4
+    aligned, misaligned = base[start:start + 64], base[start + 1:start + 65]   # 4 bytes past an aligned address
+    staging, warned = {}, set()
+    with caplog.at_level(logging.WARNING, logger="tmanet"):
+        for _ in range(2):
+            out = aligned_for_binding({"memory_key_0": aligned, "memory_key_1": misaligned}, staging, warned)
+            assert out["memory_key_0"] is aligned   # aligned ring views are bound as they are
+            assert out["memory_key_1"].data_ptr() % TRT_ALIGNMENT == 0
+            assert torch.equal(out["memory_key_1"], misaligned)
+    assert staging["memory_key_1"].data_ptr() == out["memory_key_1"].data_ptr()   # allocated once, reused
+    warnings = [r for r in caplog.records if "not 256-byte aligned" in r.getMessage()]
+    assert len(warnings) == 1 and "memory_key_1" in warnings[0].getMessage()
