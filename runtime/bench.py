@@ -227,9 +227,10 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         timer.overall_peak = probe.peak()   # loading the engines counts too
         rss_loaded = probe.current()
         seg.timer = timer
-        measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress)
-        roof = _measure_roofline(export_dir, seg.backend, backend, device, options, threads, streams,
-                                 measured) if roofline else None
+        gemm = _gemm_probe(seg.backend, backend, device, options, threads) if roofline else None
+        measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress,
+                                between=gemm.sample if gemm else None)
+        roof = _roofline(export_dir, gemm, streams, measured) if gemm else None
         described = seg.backend.describe()
     finally:
         seg.close()
@@ -264,9 +265,9 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     return report
 
 
-def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress) -> Measured:
+def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress, between=None) -> Measured:
     """The timing loop: push every frame of ``clip``, time the frames after ``warmup``, interleave the
-    official protocol's frames, follow the memory peaks."""
+    official protocol's frames and ``between()`` (untimed, after each timed frame), follow the memory peaks."""
     from tqdm import tqdm
     m, timer = Measured(), seg.timer
     bar = tqdm(range(len(clip)), desc=f"bench {seg.backend.name}" + (" + official" if official else ""),
@@ -300,6 +301,10 @@ def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, p
             if i >= warmup:     # the frame before the timed ones warms the official model up
                 m.official_ms.append(ms)
                 m.agreement.append(float(np.mean(mask == res[0].mask)))
+        if between is not None and i >= warmup:
+            timer.overall_peak = max(timer.overall_peak, probe.peak())
+            between()
+            probe.reset_peak()  # the probe's matrices are not the runtime's memory
     m.peak_rss = max(timer.overall_peak, probe.peak())
     return m
 
@@ -326,15 +331,19 @@ def _official_report(m: Measured, streams, n_official, official, gpu) -> dict:
     return out
 
 
-def _measure_roofline(export_dir, engine, backend, device, options, threads, streams, m: Measured) -> dict:
-    from .roofline import export_work_gflop, probe_peak, roofline
+def _gemm_probe(engine, backend, device, options, threads):
+    from .roofline import GemmProbe
     precision = options.get("precision", "fp32")
     metadata = getattr(engine, "metadata", None)   # TensorRT: the engines' build precisions
     if metadata:
         precision = "fp32" if all(v["precision"] == "fp32" for v in metadata.values()) else "fp16"
+    return GemmProbe(backend, device, precision, threads)
+
+
+def _roofline(export_dir, gemm, streams, m: Measured) -> dict:
+    from .roofline import export_work_gflop, roofline
     work = export_work_gflop(export_dir, ENGINE_GRAPHS)
-    peak = probe_peak(backend, device, precision, threads)
-    return roofline(work, {s: summarize(m.stages[s])["p50"] for s in ENGINE_GRAPHS}, streams, peak)
+    return roofline(work, {s: summarize(m.stages[s])["p50"] for s in ENGINE_GRAPHS}, streams, gemm.peak())
 
 
 def _sync_for(engine):
@@ -374,7 +383,8 @@ def format_report(r: dict) -> str:
 
 
 def format_roofline(roof: dict) -> list[str]:
-    lines = [f"roofline      peak {roof['peak_tflops'] * 1e3:.1f} GFLOP/s ({roof['probe']})",
+    lines = [f"roofline      peak {roof['peak_tflops'] * 1e3:.1f} GFLOP/s ({roof['probe']}, median of "
+             f"{roof['probe_samples']}, one after each timed frame)",
              f"{'engine':<14}{'GFLOP/frame':>12}{'GFLOP/s':>10}{'of peak':>9}"]
     for name in ENGINE_GRAPHS:
         e = roof[name]
@@ -441,6 +451,7 @@ def _plot_roofline(ax, roof):
     for i, n in enumerate(names):
         ax.text(i, achieved[i], f"{100 * roof[n]['fraction_of_peak']:.0f}%\n{roof[n]['gflop']:.1f} GFLOP",
                 ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.25 * max(achieved + [roof["peak_tflops"] * 1e3]))
     ax.set_ylabel("GFLOP/s")
     ax.set_title("roofline: " + roof["probe"], fontsize=8)
     ax.legend(fontsize=8, loc="lower right")

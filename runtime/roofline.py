@@ -7,10 +7,10 @@ per query chunk, each on its slice of the queries, so counting every MatMul node
 Graphs with loops (``Loop``/``Scan``) are refused: their bodies run a number of times the graph does not
 state. Everything else (activations, softmax, resize, Q/DQ) is memory traffic, not counted.
 
-Peak: the median TFLOP/s of repeated square GEMMs on the backend's own engine, device and precision: ONNX
-Runtime's MatMul with the same thread count for ``ort``, torch ``matmul`` for ``torch`` and ``trt`` (on a
-CUDA device in fp16 when the engines are not fp32, which is the tensor-core peak TensorRT's FP16/INT8
-kernels are measured against).
+Peak: the median TFLOP/s of square GEMMs on the backend's own engine, device and precision, one after each
+timed frame (same machine load as the engines): ONNX Runtime's MatMul with the same thread count for ``ort``,
+torch ``matmul`` for ``torch`` and ``trt`` (on a CUDA device in fp16 when the engines are not fp32, the
+tensor-core peak TensorRT's FP16/INT8 kernels are measured against; INT8 has no probe of its own).
 """
 from __future__ import annotations
 
@@ -87,20 +87,40 @@ def gflop(macs: int) -> float:
 
 
 # -- peak probes ----------------------------------------------------------------------------------------------
-def _median_tflops(run, n: int, seconds: float, sync=lambda: None) -> float:
-    """Median TFLOP/s of ``run()`` (an n x n x n GEMM) over repeats for about ``seconds`` (at least 5)."""
-    run()
-    sync()                                                   # warm-up: allocation, kernel selection
-    rates, started = [], time.perf_counter()
-    while len(rates) < 5 or time.perf_counter() - started < seconds:
+class GemmProbe:
+    """Square GEMMs on the backend's own engine, device and precision, one per :meth:`sample`: the bench
+    samples once after each timed frame, so the peak and the engines see the same machine load, and the
+    peak is the median of those samples (at least ``min_samples``)."""
+
+    def __init__(self, backend: str, device: str, precision: str = "fp32", threads: int | None = None,
+                 min_samples: int = 5):
+        self.min_samples, self.rates = min_samples, []
+        if backend == "ort":
+            self.n, self._run, self._sync = 2048, _ort_matmul(2048, threads), (lambda: None)
+            self.description = f"onnxruntime MatMul fp32 2048^3 (cpu, {threads or 'default'} threads)"
+        else:
+            if backend == "trt" and not str(device).startswith("cuda"):
+                device = "cuda"
+            dtype = "fp32" if precision in (None, "fp32") else "fp16"
+            self.n, self._run, self._sync = _torch_matmul(device, dtype, threads)
+            self.description = f"torch matmul {dtype} {self.n}^3 ({device})"
+        self._run()
+        self._sync()   # warm-up: allocation, kernel selection
+
+    def sample(self):
         t0 = time.perf_counter()
-        run()
-        sync()
-        rates.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e12)
-    return float(np.median(rates))
+        self._run()
+        self._sync()
+        self.rates.append(2 * self.n ** 3 / (time.perf_counter() - t0) / 1e12)
+
+    def peak(self) -> dict:
+        """``{"tflops": median TFLOP/s, "probe": what was measured, "samples": count}``."""
+        while len(self.rates) < self.min_samples:
+            self.sample()
+        return {"tflops": float(np.median(self.rates)), "probe": self.description, "samples": len(self.rates)}
 
 
-def ort_gemm_peak(threads: int | None = None, n: int = 2048, seconds: float = 1.0) -> float:
+def _ort_matmul(n: int, threads: int | None):
     """ONNX Runtime's fp32 MatMul on the CPU, with the backend's session settings."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -116,43 +136,32 @@ def ort_gemm_peak(threads: int | None = None, n: int = 2048, seconds: float = 1.
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)}
-    return _median_tflops(lambda: session.run(None, feeds), n, seconds)
+    return lambda: session.run(None, feeds)
 
 
-def torch_gemm_peak(device: str = "cpu", dtype: str = "fp32", n: int | None = None, seconds: float = 1.0) -> float:
-    """torch ``matmul`` on ``device`` in ``dtype`` (fp32, fp16 or bf16), under the process's TF32 settings."""
+def _torch_matmul(device: str, dtype: str, threads: int | None):
+    """(n, run, sync): torch ``matmul`` on ``device`` in ``dtype``, under the process's TF32 settings."""
     import torch
     on_cuda = str(device).startswith("cuda")
-    n = n or (8192 if on_cuda else 2048)
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if threads and not on_cuda:
+        torch.set_num_threads(int(threads))
+    n = 8192 if on_cuda else 2048
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=g, device=device, dtype=torch_dtype)
     b = torch.randn(n, n, generator=g, device=device, dtype=torch_dtype)
     out = torch.empty_like(a)
-    sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
-    with torch.inference_mode():
-        return _median_tflops(lambda: torch.matmul(a, b, out=out), n, seconds, sync)
 
-
-def probe_peak(backend: str, device: str, precision: str, threads: int | None = None) -> dict:
-    """The GEMM peak of ``backend`` as ``{"tflops", "probe"}`` (what was measured, in words)."""
-    if backend == "ort":
-        return {"tflops": ort_gemm_peak(threads), "probe": f"onnxruntime MatMul fp32 2048^3 (cpu, "
-                                                           f"{threads or 'default'} threads)"}
-    dtype = "fp32" if precision in (None, "fp32") else "fp16"
-    if backend == "trt":
-        device = device if str(device).startswith("cuda") else "cuda"
-    if threads and not str(device).startswith("cuda"):
-        import torch
-        torch.set_num_threads(int(threads))
-    tflops = torch_gemm_peak(device, dtype)
-    return {"tflops": tflops, "probe": f"torch matmul {dtype} ({device})"}
+    def run():
+        with torch.inference_mode():
+            torch.matmul(a, b, out=out)
+    return n, run, (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
 
 
 def roofline(work_gflop: dict[str, float], stage_ms: dict[str, float], streams: int, peak: dict) -> dict:
     """``{peak_tflops, probe, <engine>: {gflop, tflops, fraction_of_peak}}``: ``work_gflop`` per frame of one
     stream, ``stage_ms`` the engine's p50 time per push of ``streams`` frames."""
-    report = {"peak_tflops": peak["tflops"], "probe": peak["probe"]}
+    report = {"peak_tflops": peak["tflops"], "probe": peak["probe"], "probe_samples": peak.get("samples")}
     for name, work in work_gflop.items():
         ms = stage_ms[name]
         tflops = work * streams / ms if ms else float("nan")   # GFLOP / ms = TFLOP / s
