@@ -537,6 +537,18 @@ def cpu_fp32(export_b1, long_clip):
     return torch_stream(export_b1, long_clip)
 
 
+def test_torch_compile_on_cpu_equals_eager_fp32(export_b1, long_clip, cpu_fp32):
+    """torch.compile (Inductor, C++ on the CPU): ~1 minute to compile the two tiny graphs here."""
+    import os
+    import shutil
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (g++, or $CXX)")
+    seg = StreamingSegmenter.open(export_b1, backend="torch", return_logits=True, compile=True)
+    got = [seg.push(f) for f in long_clip]
+    assert "torch.compile" in seg.backend.describe()
+    assert_close_to_fp32(cpu_fp32, got, "fp32")
+
+
 @pytest.mark.parametrize("options", [{"precision": "fp16"}, {"channels_last": True},
                                      {"precision": "fp16", "channels_last": True}])
 def test_torch_speed_options_on_cpu_equal_eager_fp32(export_b1, long_clip, cpu_fp32, options):
