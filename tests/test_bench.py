@@ -185,10 +185,14 @@ def test_bench_torch_cuda_compare_official(export_b1, tmp_path, flags):
     r = json.loads(out.read_text())
     assert r["device"] == "cuda" and r["speedup_vs_official"] > 0
     assert r["mask_agreement_vs_official"] > (0.99 if flags else 0.999)
-    # Device memory: the runtime holds at least its ring (T+1 positions x T slots of key and value features).
-    ring_mb = (r["sequence_num"] + 1) * r["sequence_num"] * export_ring_bytes(export_b1) / 2**20
+    # Device memory: the runtime holds at least its ring (T+1 positions x T slots of key and value features),
+    # in half precision with fp16.
+    ring_mb = (r["sequence_num"] + 1) * r["sequence_num"] * export_ring_bytes(export_b1) / 2**20 / (2 if flags else 1)
     assert ring_mb <= r["cuda_peak_memory_mb"] < 4096
     assert 0 < r["official_cuda_peak_memory_mb"] < 4096
+    roof = r["roofline"]   # the peak probed by torch matmul in the backend's precision, on the device
+    assert f"torch matmul {'fp16' if flags else 'fp32'}" in roof["probe"] and "cuda" in roof["probe"]
+    assert 0 < roof["frame_engine"]["fraction_of_peak"] and 0 < roof["head"]["fraction_of_peak"]
     if flags:
         assert r["backend_options"] == {"precision": "fp16", "cuda_graphs": True}
         assert "fp16" in r["backend_detail"] and "CUDA graphs on" in r["backend_detail"]
