@@ -24,6 +24,7 @@ setup(
         "av>=12",
         "pillow>=10",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # tmanet bench --plot (Agg backend, no display needed)
         # Pure Python; NVIDIA's loaders for TensorRT builds (tensorrt itself imported lazily) and what
         # ModelOpt AutoCast runs its reference inference with.
         # 0.49.22: progress_monitor (0.49.0 has none) and no config.int8_calibrator read (TensorRT 11 lacks it).
