@@ -235,25 +235,12 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     finally:
         seg.close()
     report = {
-        "export": str(Path(export_dir).resolve()),
-        "backend": backend,
-        "backend_detail": described,
-        "device": device,
-        "preset": manifest.get("preset"),
-        "input_size": [H, W],
-        "sequence_num": manifest["sequence_num"],
-        "batch": manifest["batch"],
-        "streams": streams,
-        "precision": manifest.get("precision"),
-        "backend_options": dict(backend_options or {}),
-        "frames": frames,
-        "warmup": warmup,
-        "peak_memory_mb": (measured.peak_rss - rss_before) / MB,
-        "peak_rss_mb": measured.peak_rss / MB,
-        "loaded_memory_mb": (rss_loaded - rss_before) / MB,
-        "stage_peak_memory_mb": ({s: v / MB for s, v in timer.stage_peak.items()} if probe.resettable else None),
-        "memory_method": probe.method,
-        "cuda_peak_memory_mb": (measured.gpu_peak - gpu_before) / MB if gpu else None,
+        "export": str(Path(export_dir).resolve()), "backend": backend, "backend_detail": described,
+        "device": device, "preset": manifest.get("preset"), "input_size": [H, W],
+        "sequence_num": manifest["sequence_num"], "batch": manifest["batch"], "streams": streams,
+        "precision": manifest.get("precision"), "backend_options": dict(backend_options or {}),
+        "frames": frames, "warmup": warmup,
+        **_memory_report(measured, timer, probe, rss_before, rss_loaded, gpu_before if gpu else None),
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
     }
@@ -305,8 +292,19 @@ def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, p
             timer.overall_peak = max(timer.overall_peak, probe.peak())
             between()
             probe.reset_peak()  # the probe's matrices are not the runtime's memory
+            if gpu:
+                gpu.reset()
     m.peak_rss = max(timer.overall_peak, probe.peak())
     return m
+
+
+def _memory_report(m: Measured, timer, probe, rss_before, rss_loaded, gpu_before) -> dict:
+    return {"peak_memory_mb": (m.peak_rss - rss_before) / MB, "peak_rss_mb": m.peak_rss / MB,
+            "loaded_memory_mb": (rss_loaded - rss_before) / MB,
+            "stage_peak_memory_mb": ({s: v / MB for s, v in timer.stage_peak.items()} if probe.resettable
+                                     else None),
+            "memory_method": probe.method,
+            "cuda_peak_memory_mb": (m.gpu_peak - gpu_before) / MB if gpu_before is not None else None}
 
 
 def _latency_report(m: Measured, streams: int) -> dict:

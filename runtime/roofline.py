@@ -90,26 +90,29 @@ def gflop(macs: int) -> float:
 class GemmProbe:
     """Square GEMMs on the backend's own engine, device and precision, one per :meth:`sample`: the bench
     samples once after each timed frame, so the peak and the engines see the same machine load, and the
-    peak is the median of those samples (at least ``min_samples``)."""
+    peak is the median of those samples (at least ``min_samples``). The matrices exist only during a sample,
+    so the runtime's memory figures do not include them."""
 
     def __init__(self, backend: str, device: str, precision: str = "fp32", threads: int | None = None,
                  min_samples: int = 5):
         self.min_samples, self.rates = min_samples, []
         if backend == "ort":
-            self.n, self._run, self._sync = 2048, _ort_matmul(2048, threads), (lambda: None)
+            self.n, (self._inputs, self._run), self._sync = 2048, _ort_matmul(2048, threads), (lambda: None)
             self.description = f"onnxruntime MatMul fp32 2048^3 (cpu, {threads or 'default'} threads)"
         else:
             if backend == "trt" and not str(device).startswith("cuda"):
                 device = "cuda"
             dtype = "fp32" if precision in (None, "fp32") else "fp16"
-            self.n, self._run, self._sync = _torch_matmul(device, dtype, threads)
+            self.n, self._inputs, self._run, self._sync = _torch_matmul(device, dtype, threads)
             self.description = f"torch matmul {dtype} {self.n}^3 ({device})"
-        self._run()
-        self._sync()   # warm-up: allocation, kernel selection
+        self._run(self._inputs())
+        self._sync()   # warm-up: kernel selection, thread pools
 
     def sample(self):
+        inputs = self._inputs()
+        self._sync()
         t0 = time.perf_counter()
-        self._run()
+        self._run(inputs)
         self._sync()
         self.rates.append(2 * self.n ** 3 / (time.perf_counter() - t0) / 1e12)
 
@@ -121,7 +124,7 @@ class GemmProbe:
 
 
 def _ort_matmul(n: int, threads: int | None):
-    """ONNX Runtime's fp32 MatMul on the CPU, with the backend's session settings."""
+    """(inputs, run): ONNX Runtime's fp32 MatMul on the CPU, with the backend's session settings."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
@@ -134,28 +137,28 @@ def _ort_matmul(n: int, threads: int | None):
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {"a": rng.standard_normal((n, n), np.float32), "b": rng.standard_normal((n, n), np.float32)}
-    return lambda: session.run(None, feeds)
+
+    def inputs():
+        return {"a": np.full((n, n), 0.5, np.float32), "b": np.full((n, n), 0.25, np.float32)}
+    return inputs, lambda feeds: session.run(None, feeds)
 
 
 def _torch_matmul(device: str, dtype: str, threads: int | None):
-    """(n, run, sync): torch ``matmul`` on ``device`` in ``dtype``, under the process's TF32 settings."""
+    """(n, inputs, run, sync): torch ``matmul`` on ``device`` in ``dtype``, under the process's TF32 settings."""
     import torch
     on_cuda = str(device).startswith("cuda")
     if threads and not on_cuda:
         torch.set_num_threads(int(threads))
     n = 8192 if on_cuda else 2048
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, generator=g, device=device, dtype=torch_dtype)
-    b = torch.randn(n, n, generator=g, device=device, dtype=torch_dtype)
-    out = torch.empty_like(a)
 
-    def run():
+    def inputs():
+        return [torch.full((n, n), value, device=device, dtype=torch_dtype) for value in (0.5, 0.25)]
+
+    def run(ab):
         with torch.inference_mode():
-            torch.matmul(a, b, out=out)
-    return n, run, (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
+            torch.matmul(*ab)
+    return n, inputs, run, (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
 
 
 def roofline(work_gflop: dict[str, float], stage_ms: dict[str, float], streams: int, peak: dict) -> dict:
