@@ -483,6 +483,14 @@ def test_torch_cuda_options_are_rejected_on_cpu(export_b1, options, message):
         StreamingSegmenter.open(export_b1, backend="torch", device="cpu", **options)
 
 
+def test_cli_cudnn_benchmark_needs_cuda(export_b1, capsys):
+    from tmanet.cli import main
+    assert main(["bench", str(export_b1), "--frames", "1", "--backend", "torch", "--cudnn-benchmark",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cudnn_benchmark needs device='cuda'" in err
+
+
 def test_torch_describe_records_precision_and_graphs(export_b1):
     seg = StreamingSegmenter.open(export_b1, backend="torch")
     assert "fp32" in seg.backend.describe() and "CUDA graphs off" in seg.backend.describe()
@@ -491,7 +499,10 @@ def test_torch_describe_records_precision_and_graphs(export_b1):
 
 @pytest.mark.parametrize("flags, message", [(["--precision", "fp16"], "--precision applies to the torch"),
                                             (["--cuda-graphs"], "--cuda-graphs needs a CUDA backend"),
-                                            (["--no-fused-attention"], "--no-fused-attention applies to the torch")])
+                                            (["--no-fused-attention"], "--no-fused-attention applies to the torch"),
+                                            (["--channels-last"], "--channels-last applies to the torch backend"),
+                                            (["--cudnn-benchmark"], "--cudnn-benchmark applies to the torch"),
+                                            (["--compile"], "--compile applies to the torch backend")])
 def test_cli_rejects_torch_cuda_flags_with_ort(export_b1, tmp_path, capsys, flags, message):
     from tmanet.cli import main
     clip = tmp_path / "clip.npy"
