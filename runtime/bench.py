@@ -382,7 +382,7 @@ def format_report(r: dict) -> str:
 
 def format_roofline(roof: dict) -> list[str]:
     lines = [f"roofline      peak {roof['peak_tflops'] * 1e3:.1f} GFLOP/s ({roof['probe']}, median of "
-             f"{roof['probe_samples']}, one after each timed frame)",
+             f"{roof['probe_samples']}, one after each timed frame; best {roof['probe_best_tflops'] * 1e3:.1f})",
              f"{'engine':<14}{'GFLOP/frame':>12}{'GFLOP/s':>10}{'of peak':>9}"]
     for name in ENGINE_GRAPHS:
         e = roof[name]

@@ -117,10 +117,12 @@ class GemmProbe:
         self.rates.append(2 * self.n ** 3 / (time.perf_counter() - t0) / 1e12)
 
     def peak(self) -> dict:
-        """``{"tflops": median TFLOP/s, "probe": what was measured, "samples": count}``."""
+        """``{"tflops": median TFLOP/s, "best_tflops": the fastest sample, "probe": what was measured,
+        "samples": count}``."""
         while len(self.rates) < self.min_samples:
             self.sample()
-        return {"tflops": float(np.median(self.rates)), "probe": self.description, "samples": len(self.rates)}
+        return {"tflops": float(np.median(self.rates)), "best_tflops": float(max(self.rates)),
+                "probe": self.description, "samples": len(self.rates)}
 
 
 def _ort_matmul(n: int, threads: int | None):
@@ -164,7 +166,8 @@ def _torch_matmul(device: str, dtype: str, threads: int | None):
 def roofline(work_gflop: dict[str, float], stage_ms: dict[str, float], streams: int, peak: dict) -> dict:
     """``{peak_tflops, probe, <engine>: {gflop, tflops, fraction_of_peak}}``: ``work_gflop`` per frame of one
     stream, ``stage_ms`` the engine's p50 time per push of ``streams`` frames."""
-    report = {"peak_tflops": peak["tflops"], "probe": peak["probe"], "probe_samples": peak.get("samples")}
+    report = {"peak_tflops": peak["tflops"], "probe": peak["probe"], "probe_samples": peak.get("samples"),
+              "probe_best_tflops": peak.get("best_tflops")}
     for name, work in work_gflop.items():
         ms = stage_ms[name]
         tflops = work * streams / ms if ms else float("nan")   # GFLOP / ms = TFLOP / s
