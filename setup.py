@@ -24,12 +24,11 @@ setup(
         "av>=12",
         "pillow>=10",
         "tqdm>=4.60",
-        # ROS 2 bags (MCAP) in and out of `tmanet run`, without a ROS installation (pure Python + zstd/lz4).
-        "mcap>=1.2",
-        "mcap-ros2-support>=0.5",
+        "matplotlib>=3.8",  # tmanet bench --plot (Agg backend, no display needed)
         # Pure Python; NVIDIA's loaders for TensorRT builds (tensorrt itself imported lazily) and what
         # ModelOpt AutoCast runs its reference inference with.
-        "polygraphy>=0.49",
+        # 0.49.22: progress_monitor (0.49.0 has none) and no config.int8_calibrator read (TensorRT 11 lacks it).
+        "polygraphy>=0.49.22",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],

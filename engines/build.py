@@ -181,7 +181,9 @@ def calibration_feeds(onnx_dir, manifest: dict, frames: np.ndarray, batch: int, 
                            "<array>", "array", (H, W))
     samples = build_samples(onnx_dir, manifest, streams, workdir=workdir, progress=False)
     rows = [[s * n + t for s in range(batch)] for t in range(n)]  # sample k = stream * frames + t
-    encoder_feeds = [{"frames": samples.frames[r]} for r in rows]
+    # float32, although the engine's input is uint8: TensorRT calibrates non-index inputs in float32 only, and
+    # Polygraphy (>= 0.49.10) declares them float32 and rejects any other batch (then: no scaling factors).
+    encoder_feeds = [{"frames": samples.frames[r].astype(np.float32)} for r in rows]
 
     def head_feeds():
         for r in rows:
@@ -378,9 +380,11 @@ def _build_one(trt, name, onnx_file, onnx_sha256, out, plan, shapes, batch, work
             io = _describe_network(network, shapes)
             serialized = EngineBytesFromNetwork((builder, network, parser), config=config,
                                                 save_timing_cache=str(timing_cache) if timing_cache else None)()
-    except PolygraphyException as e:
-        raise EngineBuildError(f"TensorRT could not build {name} from {onnx_file}: {e} (run `tmanet -v build` "
-                               "for TensorRT's log)") from None
+    except (PolygraphyException, TypeError, AttributeError, RuntimeError) as e:
+        # TypeError/AttributeError: a Polygraphy/TensorRT pair whose APIs disagree (e.g. Polygraphy < 0.49.22
+        # reading config.int8_calibrator on TensorRT 11); RuntimeError: TensorRT's own failures.
+        raise EngineBuildError(f"TensorRT could not build {name} from {onnx_file}: {type(e).__name__}: {e} "
+                               "(run `tmanet -v build` for TensorRT's log)") from None
     seconds = time.perf_counter() - started
     data = memoryview(serialized)
     tmp = Path(out) / f".{name}.engine.partial"

@@ -61,7 +61,11 @@ def register(subparsers):
                    help="timed frames of the official protocol (default: --frames)")
     b.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames")
     b.add_argument("--json", metavar="F", help="write the report as JSON")
-    b.add_argument("--plot", metavar="F.png", help="write a bar chart of the stage latencies (PNG)")
+    b.add_argument("--plot", metavar="F.png",
+                   help="write a PNG: stage latencies (p50 bars, p90/p99 whiskers), every frame's latency, roofline")
+    b.add_argument("--no-roofline", action="store_true",
+                   help="skip the roofline (work counted from the ONNX graphs against a GEMM peak probed on the "
+                        "same backend, ~1 s)")
     b.set_defaults(func=bench_command)
 
 
@@ -72,8 +76,14 @@ def _engine_args(p):
     p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the torch/trt backends")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort/torch (default: all cores)")
     p.add_argument("--precision", choices=("fp32", "fp16"),
-                   help="torch backend on CUDA: fp16 runs both graphs under autocast (the memory ring stays "
-                        "float32); default fp32")
+                   help="torch backend: fp16 runs both graphs in half precision (weights, activations and the "
+                        "memory ring; meant for CUDA, slow on the CPU); default fp32")
+    p.add_argument("--channels-last", action="store_true",
+                   help="torch backend: channels_last (NHWC) memory format for weights and activations")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch backend on CUDA: let cuDNN time its convolution algorithms and keep the fastest")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: torch.compile both graphs (the first frames compile: minutes)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend on CUDA: replay the graphs as captured CUDA graphs (trt: on by default)")
     p.add_argument("--no-fused-attention", action="store_true",
@@ -96,6 +106,12 @@ def _backend_options(args) -> dict:
             raise UserError("--cuda-graphs needs a CUDA backend (--backend torch --device cuda, or trt); "
                             "ort runs on the CPU")
         options["cuda_graphs"] = True
+    for flag in ("channels_last", "cudnn_benchmark", "compile"):
+        if getattr(args, flag):
+            if args.backend != "torch":
+                raise UserError(f"--{flag.replace('_', '-')} applies to the torch backend only (got --backend "
+                                f"{args.backend})")
+            options[flag] = True
     if args.no_fused_attention:
         if args.backend != "torch":
             raise UserError(f"--no-fused-attention applies to the torch backend only (got --backend {args.backend})")
@@ -305,7 +321,8 @@ def bench_command(args) -> int:
         report = run_bench(args.export_dir, backend=args.backend, device=args.device, frames=args.frames,
                            warmup=args.warmup, compare_official=args.compare_official,
                            official_frames=args.official_frames, threads=args.threads, seed=args.seed,
-                           progress=not args.no_progress, backend_options=options)
+                           progress=not args.no_progress, backend_options=options,
+                           roofline=not args.no_roofline)
     except (ManifestError, BackendUnavailable, ValueError) as e:
         raise UserError(str(e)) from None
     print(format_report(report))

@@ -486,9 +486,9 @@ def test_runtime_package_import_is_light():
     assert out.stdout.strip() == "StreamingSegmenter"
 
 
-# -- torch backend options: fp16 autocast and CUDA graphs (CUDA only) --------------------------------------
+# -- torch backend options: half precision, channels_last, compile; CUDA graphs, cudnn.benchmark (CUDA) ----
 @pytest.mark.parametrize("options, message", [
-    ({"precision": "fp16"}, "fp16 autocast needs device='cuda'"),
+    ({"cudnn_benchmark": True}, "cudnn_benchmark needs device='cuda'"),
     ({"cuda_graphs": True}, "cuda_graphs needs device='cuda'"),
     ({"fused_attention": True}, "fused_attention needs device='cuda'"),
     ({"precision": "bf16"}, "precision must be one of fp32, fp16"),
@@ -496,6 +496,14 @@ def test_runtime_package_import_is_light():
 def test_torch_cuda_options_are_rejected_on_cpu(export_b1, options, message):
     with pytest.raises(ValueError, match=message):
         StreamingSegmenter.open(export_b1, backend="torch", device="cpu", **options)
+
+
+def test_cli_cudnn_benchmark_needs_cuda(export_b1, capsys):
+    from tmanet.cli import main
+    assert main(["bench", str(export_b1), "--frames", "1", "--backend", "torch", "--cudnn-benchmark",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cudnn_benchmark needs device='cuda'" in err
 
 
 def test_torch_describe_records_precision_and_graphs(export_b1):
@@ -506,7 +514,10 @@ def test_torch_describe_records_precision_and_graphs(export_b1):
 
 @pytest.mark.parametrize("flags, message", [(["--precision", "fp16"], "--precision applies to the torch"),
                                             (["--cuda-graphs"], "--cuda-graphs needs a CUDA backend"),
-                                            (["--no-fused-attention"], "--no-fused-attention applies to the torch")])
+                                            (["--no-fused-attention"], "--no-fused-attention applies to the torch"),
+                                            (["--channels-last"], "--channels-last applies to the torch backend"),
+                                            (["--cudnn-benchmark"], "--cudnn-benchmark applies to the torch"),
+                                            (["--compile"], "--compile applies to the torch backend")])
 def test_cli_rejects_torch_cuda_flags_with_ort(export_b1, tmp_path, capsys, flags, message):
     from tmanet.cli import main
     clip = tmp_path / "clip.npy"
@@ -517,17 +528,67 @@ def test_cli_rejects_torch_cuda_flags_with_ort(export_b1, tmp_path, capsys, flag
         assert message in capsys.readouterr().err
 
 
-def gpu_stream(export_dir, clip, **options):
-    seg = StreamingSegmenter.open(export_dir, backend="torch", device="cuda", return_logits=True, **options)
+def torch_stream(export_dir, clip, device="cpu", **options):
+    seg = StreamingSegmenter.open(export_dir, backend="torch", device=device, return_logits=True, **options)
     try:
         return [seg.push(f) for f in clip]
     finally:
         seg.close()
 
 
+def gpu_stream(export_dir, clip, **options):
+    return torch_stream(export_dir, clip, "cuda", **options)
+
+
 @pytest.fixture(scope="module")
 def long_clip():
     return make_noise_clip(2 * 2 + 2, H, W, 21)  # 2T+2 frames for T=2: every ring phase, twice over
+
+
+def assert_close_to_fp32(fp32, got, precision):
+    """fp32: logits within TINY_ATOL and equal masks where the top-2 margin is clear; fp16: masks equal on at
+    least 99 % of the pixels (the fp16 tolerance of these tests)."""
+    for a, b in zip(fp32, got):
+        assert b.logits.dtype == np.float32 and b.mask.dtype == np.uint8
+        if precision == "fp32":
+            assert max_abs(a.logits, b.logits) <= TINY_ATOL
+            sure = top2_margin(a.logits) >= MASK_MARGIN
+            assert np.array_equal(a.mask[sure], b.mask[sure])
+        else:
+            assert np.mean(a.mask == b.mask) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def cpu_fp32(export_b1, long_clip):
+    return torch_stream(export_b1, long_clip)
+
+
+def test_torch_compile_on_cpu_equals_eager_fp32(export_b1, long_clip, cpu_fp32):
+    """torch.compile (Inductor, C++ on the CPU): ~1 minute to compile the two tiny graphs here."""
+    import os
+    import shutil
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (g++, or $CXX)")
+    seg = StreamingSegmenter.open(export_b1, backend="torch", return_logits=True, compile=True)
+    got = [seg.push(f) for f in long_clip]
+    assert "torch.compile" in seg.backend.describe()
+    assert_close_to_fp32(cpu_fp32, got, "fp32")
+
+
+@pytest.mark.parametrize("options", [{"precision": "fp16"}, {"channels_last": True},
+                                     {"precision": "fp16", "channels_last": True}])
+def test_torch_speed_options_on_cpu_equal_eager_fp32(export_b1, long_clip, cpu_fp32, options):
+    """The options that exist on the CPU: true half weights and activations (ring included), NHWC layout."""
+    got = torch_stream(export_b1, long_clip, **options)
+    assert_close_to_fp32(cpu_fp32, got, options.get("precision", "fp32"))
+    seg = StreamingSegmenter.open(export_b1, backend="torch", **options)
+    seg.push(long_clip[0])
+    half = options.get("precision") == "fp16"
+    assert next(seg.backend.encoder.parameters()).dtype == (torch.float16 if half else torch.float32)
+    assert all(r.keys.dtype == r.values.dtype == (torch.float16 if half else torch.float32) for r in seg.rings)
+    if options.get("channels_last"):
+        conv = seg.backend.encoder.reduce.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and "channels_last" in seg.backend.describe()
 
 
 @pytest.mark.gpu
@@ -547,16 +608,30 @@ def test_torch_cuda_fp32_matches_ort_cpu(export_b1, long_clip, fused):
 
 
 @pytest.mark.gpu
-def test_torch_cuda_fp16_autocast_agrees_with_fp32(export_b1, long_clip):
+def test_torch_cuda_fp16_agrees_with_fp32(export_b1, long_clip):
     fp32 = gpu_stream(export_b1, long_clip)
-    fp16 = gpu_stream(export_b1, long_clip, precision="fp16")
-    for a, b in zip(fp32, fp16):
-        assert b.logits.dtype == np.float32 and b.mask.dtype == np.uint8
-        assert np.mean(a.mask == b.mask) >= 0.99
+    assert_close_to_fp32(fp32, gpu_stream(export_b1, long_clip, precision="fp16"), "fp16")
     seg = StreamingSegmenter.open(export_b1, backend="torch", device="cuda", precision="fp16")
     seg.push(long_clip[0])
-    assert all(r.keys.dtype == torch.float32 and r.values.dtype == torch.float32 for r in seg.rings)
+    assert all(r.keys.dtype == torch.float16 and r.values.dtype == torch.float16 for r in seg.rings)
     assert "fp16" in seg.backend.describe()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [
+    {"precision": "fp16", "channels_last": True, "cudnn_benchmark": True, "cuda_graphs": True},
+    {"channels_last": True, "cudnn_benchmark": True},
+    {"precision": "fp16", "channels_last": True, "compile": True, "cuda_graphs": True},
+])
+def test_torch_cuda_speed_options_equal_eager_fp32(export_b1, long_clip, options, monkeypatch):
+    import importlib.util
+    if options.get("compile") and importlib.util.find_spec("triton") is None:
+        pytest.skip("torch.compile on CUDA needs Triton, which this torch installation lacks")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)   # process-wide: restored after the test
+    fp32 = gpu_stream(export_b1, long_clip)
+    got = gpu_stream(export_b1, long_clip, **options)
+    # cudnn.benchmark may pick TF32-free but differently ordered kernels: the fp32 bound is the fp32 one.
+    assert_close_to_fp32(fp32, got, options.get("precision", "fp32"))
 
 
 @pytest.mark.gpu
