@@ -12,10 +12,14 @@ lanes when the lanes do not fill it. All rings rotate together, once per push.
 
 Every input is validated before any state changes: a bad frame raises ValueError and the next good frame
 continues exactly as if the bad one had never been pushed.
+
+Thread safety: a segmenter may be shared between threads; each push, reset and close holds the segmenter's
+lock, so pushes are serialized (in the order the threads take the lock) and every result is one whole frame's.
 """
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,6 +111,8 @@ class StreamingSegmenter:
             raise ValueError(f"slide stride {self.stride} must be positive and at most the crop (the export "
                              f"size {self.input_size}), otherwise some pixels are in no window")
         self.timer = StageTimer()
+        self._lock = threading.RLock()  # one push (or reset/close) at a time: see the module docstring
+        self._closed = False
         self._clear()
 
     @classmethod
@@ -138,6 +144,11 @@ class StreamingSegmenter:
     def reset(self, stream: int | None = None):
         """Start stream ``stream`` afresh (its next frame is a first frame), or forget everything: with
         ``None`` the next push may use another stream count, frame size or push method."""
+        with self._lock:
+            self._check_open()
+            self._reset(stream)
+
+    def _reset(self, stream):
         if stream is None:
             self._clear()
             return
@@ -162,6 +173,10 @@ class StreamingSegmenter:
         return self.chunks[lane // size], lane % size
 
     # -- validation (touches nothing) ---------------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this StreamingSegmenter is closed: open a new one")
+
     def _check_frames(self, frames, api: str) -> np.ndarray:
         frames = np.asarray(frames)
         what = "frame" if api == "push" else "frames"
@@ -174,6 +189,8 @@ class StreamingSegmenter:
             frames = frames[None]
         n, H, W = frames.shape[:3]
         eh, ew = self.input_size
+        if H == 0 or W == 0:
+            raise ValueError(f"empty {what}: {H}x{W} pixels")
         if self.api is not None and api != self.api:
             raise ValueError(f"this segmenter serves {self.api}(); {api}() would mix single and batched "
                              "streams (call reset() first, or use one segmenter per use)")
@@ -261,6 +278,11 @@ class StreamingSegmenter:
         return self._push(frames, timestamps, "push_batch")
 
     def _push(self, frames, timestamps, api) -> list[SegmentResult]:
+        with self._lock:
+            self._check_open()
+            return self._push_locked(frames, timestamps, api)
+
+    def _push_locked(self, frames, timestamps, api) -> list[SegmentResult]:
         timer = self.timer
         timer.begin()
         with timer("pre"):
@@ -330,8 +352,13 @@ class StreamingSegmenter:
 
     # -- conveniences -------------------------------------------------------------------------------------
     def close(self):
-        self._clear()
-        self.backend.close()
+        """Release the engines; later pushes raise. Closing twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._clear()
+            self.backend.close()
 
     def __enter__(self):
         return self
