@@ -16,8 +16,9 @@ from tmanet.lazy_exports import lazy_getattr
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from tmanet.safe_files import atomic_directory, check_output, refuse_overwriting_inputs
 
 log = logging.getLogger("tmanet")
 
@@ -57,9 +58,11 @@ def resolve_precisions(precision=None, frame_precision=None, head_precision=None
     return chosen
 
 
-def _check_out(src: Path, out: Path, overwrite: bool):
+def _check_out(src: Path, out: Path, overwrite: bool, frame_sources=()):
     if out.resolve() == src.resolve():
         raise CalibrationError(f"the output directory is the source export {src}: choose another --out")
+    check_output(out, "dir", "--out")
+    refuse_overwriting_inputs([out], [src, *(f for f in frame_sources if isinstance(f, (str, os.PathLike)))])
     if out.exists():
         if not out.is_dir():
             raise CalibrationError(f"{out} exists and is not a directory")
@@ -109,7 +112,7 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     if any(p != "fp32" for p in source_precision.values()):
         raise CalibrationError(f"{src} is not a float32 export (precision {source_precision}): calibrate from "
                                "the fp32 export that `tmanet export` wrote")
-    _check_out(src, out, overwrite)
+    _check_out(src, out, overwrite, (frames, gate_frames))
     require_modelopt()
     int8_keep = tuple(int8_keep)
     int8_keep_found = _check_int8_keep(src, precisions, int8_keep)
@@ -117,12 +120,7 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     batch = engine_batch(manifest)
     names = {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's private 0700 is not what a published export should have
+    with atomic_directory(out) as stage:  # the previous out_dir stays whole until the new one is complete
         work = stage / "work"
         work.mkdir()
         need_head = precisions["memory_head"] != "fp32"
@@ -178,12 +176,6 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
                 result["source"] = streams.source
             new["calibration"]["gate"] = result
             write_manifest(stage, new)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     new["directory"] = str(out)
     return new
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.errors import UserError
+from tmanet.safe_files import PendingFile
 
 from .metadata import (ENGINE_NAMES, EngineIntegrityError, current_gpu, engine_path, is_up_to_date,
                        make_engines_manifest, make_metadata, read_metadata, sidecar_path,
@@ -317,13 +318,12 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
                                           workspace_gb, timing_cache, calibrator_data, options, gpu_name, cc,
                                           bar if progress else None)
                 metas[name] = staged[name][1]
-        for name, (tmp, meta) in staged.items():
-            final = engine_path(out, name)
-            os.replace(tmp, final)
-            write_metadata(final, meta)
+        for name, (pending, meta) in staged.items():
+            pending.commit()
+            write_metadata(pending.path, meta)
     finally:
-        for tmp, _ in staged.values():
-            Path(tmp).unlink(missing_ok=True)
+        for pending, _ in staged.values():
+            pending.discard()
         if work is not None:
             work.cleanup()
     engines_manifest = make_engines_manifest(metas, manifest, onnx_dir)
@@ -383,13 +383,17 @@ def _build_one(trt, name, onnx_file, onnx_sha256, out, plan, shapes, batch, work
                                "for TensorRT's log)") from None
     seconds = time.perf_counter() - started
     data = memoryview(serialized)
-    tmp = Path(out) / f".{name}.engine.partial"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    pending = PendingFile(engine_path(out, name))   # renamed into place once every engine is built
+    try:
+        with open(pending.tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        pending.discard()
+        raise
     meta = make_metadata(
         engine=name, engine_file=engine_path(out, name), engine_sha256=hashlib.sha256(data).hexdigest(),
         engine_bytes=data.nbytes, tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc,
         precision=plan.precision, build_plan=plan.to_dict(), io=io, batch=batch, source_onnx=onnx_file,
         source_sha256=onnx_sha256, build_options=options, build_seconds=seconds)
     log.debug("built %s in %.1f s: %s", name, seconds, plan.reason)
-    return tmp, meta
+    return pending, meta

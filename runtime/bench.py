@@ -11,7 +11,6 @@ above what was allocated before it was opened, and an official frame's transient
 """
 from __future__ import annotations
 
-import json
 import platform
 import re
 import sys
@@ -20,6 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from tmanet import safe_files
+from tmanet.safe_files import atomic_file
 
 from .segmenter import STAGES, StageTimer
 
@@ -334,10 +336,9 @@ def plot_report(r: dict, path):
         d.rectangle([left, y + 4, left + max(1, int(value * scale)), y + row - 8], fill=colour)
         d.text((left + int(value * scale) + 8, y + 8), f"{value:.2f} ms", fill="black")
     d.text((10, height - 22), "mean latency per frame", fill=(90, 90, 90))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with atomic_file(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def write_json(r: dict, path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(r, indent=1) + "\n")
+    safe_files.write_json(path, r)

@@ -284,8 +284,14 @@ def bench_command(args) -> int:
     from tmanet.export.manifest import ManifestError
 
     from .backends import BackendUnavailable
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
+
     from .bench import format_report, plot_report, run_bench, write_json
     options = _backend_options(args)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output(path, "file", flag)
+    refuse_overwriting_inputs([args.json, args.plot], [args.export_dir])
     try:
         report = run_bench(args.export_dir, backend=args.backend, device=args.device, frames=args.frames,
                            warmup=args.warmup, compare_official=args.compare_official,

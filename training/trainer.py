@@ -36,6 +36,7 @@ from tmanet.checkpoints import config_from_checkpoint, load_state, read_checkpoi
 from tmanet.model import TMANet
 from tmanet.model.resnet import BasicBlock, Bottleneck
 from tmanet.presets import ModelConfig, get_preset
+from tmanet.safe_files import atomic_file, write_json
 
 log = logging.getLogger("tmanet")
 
@@ -542,7 +543,7 @@ def _truncate_csv(path: Path, last_iter: int):
         return
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
         w.writerows(r for r in rows if r.get("iter") and int(r["iter"]) <= last_iter)
@@ -801,5 +802,5 @@ def _train(config, preset, spec, data, out, iters, batch, lr, ckpt, crop, worker
                 history = prev.pop("history", []) + [prev]
             except (json.JSONDecodeError, AttributeError):
                 history = []
-        (out / LOG_JSON).write_text(json.dumps(_plain({**summary, "history": history}), indent=1) + "\n")
+        write_json(out / LOG_JSON, _plain({**summary, "history": history}))
     return summary
