@@ -86,11 +86,17 @@ def open_frames(path, max_frames: int | None = None, allow_truncated: bool = Fal
     return source
 
 
-def _npy_clip(path: Path) -> FrameSource:
+def read_npy(path, mmap: bool = True) -> np.ndarray:
+    """A ``.npy`` array (memory-mapped by default; never unpickled), or :class:`FrameSourceError` naming the
+    file when it is missing, truncated or not a ``.npy``."""
     try:
-        clip = np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise FrameSourceError(f"{path}: not a readable .npy clip ({e})") from None
+        raise FrameSourceError(f"{path}: not a readable .npy file ({e})") from None
+
+
+def _npy_clip(path: Path) -> FrameSource:
+    clip = read_npy(path)
     if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
         raise FrameSourceError(f"{path}: expected a uint8 RGB clip (F, H, W, 3), got {clip.dtype} {clip.shape}")
 
@@ -137,11 +143,20 @@ def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
 
     def frames():
         import av.logging
-        good, problem, errors_at_last_good = 0, None, 0
         # FFmpeg reports a cut-off file only in its log ("File ended prematurely", "partial file") or as a
         # corrupt last frame: a demuxer error, or a decoder error after the last good frame, means the video
         # did not end cleanly (decoder errors before good frames, e.g. a stream cut before a keyframe, do not).
         av.logging.set_level(av.logging.ERROR)
+        libav_log = logging.getLogger("libav")
+        level = libav_log.level
+        libav_log.setLevel(logging.CRITICAL)  # FFmpeg's lines are summed up in our error instead
+        try:
+            yield from _decode(av)
+        finally:
+            libav_log.setLevel(level)
+
+    def _decode(av):
+        good, problem, errors_at_last_good = 0, None, 0
         with av.logging.Capture(local=False) as logs, av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
