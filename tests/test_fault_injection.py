@@ -87,6 +87,25 @@ def test_output_paths_are_checked_before_any_work(export_b1, small_clip, tmp_pat
         fails_cleanly(run + extra, capsys, tmp_path, match)
 
 
+def test_other_commands_refuse_their_inputs(export_b1, small_clip, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    shutil.copytree(export_b1, exp)
+    np.save(tmp_path / "clip.npy", small_clip)
+    (tmp_path / "notes.txt").write_text("a user's file")
+    fails_cleanly(["bench", exp, "--json", exp / "manifest.json"], capsys, tmp_path,
+                  f"is a file of the input folder {exp}")
+    fails_cleanly(["bench", exp, "--plot", tmp_path / "notes.txt" / "p.png"], capsys, tmp_path,
+                  "is a file, not a folder")
+    fails_cleanly(["compare", exp, exp, "--frames", tmp_path / "clip.npy", "--json", tmp_path / "clip.npy"],
+                  capsys, tmp_path, "is the input")
+    fails_cleanly(["calibrate", exp, "--frames", tmp_path / "clip.npy", "--precision", "fp16", "--out", tmp_path],
+                  capsys, tmp_path, "contains the input")
+    fails_cleanly(["eval", exp, "--data", "synthetic:1", "--json", exp / "frame_encoder.onnx"], capsys, tmp_path,
+                  "is a file of the input folder")
+    fails_cleanly(["train", "--preset", "cityscapes-r18", "--data", "synthetic:1", "--init",
+                   exp.parent / "notes.txt", "--out", tmp_path], capsys, tmp_path, "contains the input")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_output_in_a_read_only_folder(export_b1, small_clip, tmp_path, capsys):
     np.save(tmp_path / "clip.npy", small_clip)

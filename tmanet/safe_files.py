@@ -85,7 +85,8 @@ def refuse_overwriting_inputs(outputs: Iterable, inputs: Iterable, whole: bool =
 
     ``outputs`` and ``inputs`` are paths (None entries are ignored). An output conflicts with an input when
     both name the same file or folder (same resolved path, or same device and inode: symlinks, hard links,
-    ``./x`` spellings), and, with ``whole`` (an output folder is replaced as a whole), when the input lies
+    ``./x`` spellings), when the input is a folder (an export, an image folder) and the output an existing
+    file directly in it, and, with ``whole`` (an output folder is replaced as a whole), when the input lies
     inside the output. Two outputs naming the same file conflict too."""
     outs = [Path(o) for o in outputs if o is not None]
     ins = [Path(i) for i in inputs if i is not None]
@@ -102,6 +103,9 @@ def refuse_overwriting_inputs(outputs: Iterable, inputs: Iterable, whole: bool =
             if same or (whole and _inside(in_real, out_real)):
                 raise OutputError(f"output {out} {'is' if same else 'contains'} the input {inp}: refusing to "
                                   "overwrite it (choose another output path)")
+            if out_real.parent == in_real and in_real.is_dir() and out_real.is_file():
+                raise OutputError(f"output {out} is a file of the input folder {inp}: refusing to overwrite it "
+                                  "(choose another output path)")
 
 
 def _temporary_name(path: Path) -> Path:
