@@ -150,15 +150,14 @@ def _check_run_outputs(args):
 
 
 @contextmanager
-def _signals_deferred():
-    """SIGINT/SIGTERM wait until the block is done (finishing the outputs is not cut short)."""
+def _signals_ignored():
+    """SIGINT/SIGTERM are ignored inside the block: finishing the outputs is not cut short by a second signal."""
     import signal
     import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
-    previous = {s: signal.signal(s, lambda n, _: received.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -203,10 +202,9 @@ def run_command(args) -> int:
         if writer is not None:
             writer.discard()
         raise
-    if args.save_masks:
+    if args.save_masks:  # created with its first PNG: an early error leaves no empty folder
         from pathlib import Path
         mask_dir = Path(args.save_masks)
-        mask_dir.mkdir(parents=True, exist_ok=True)
 
     def render(index, frame, res):  # in a pool thread: the per-frame work that needs no order
         if mask_dir is not None:
@@ -245,7 +243,7 @@ def run_command(args) -> int:
                 count += 1
         except KeyboardInterrupt as e:  # SIGINT/SIGTERM: the frames segmented so far become valid outputs
             interrupted = e
-        with _signals_deferred():
+        with _signals_ignored():
             output.close()  # the last results are written (and a writing error raised) before the files close
             for sink in (writer, logits_file):
                 if sink is not None:

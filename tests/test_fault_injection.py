@@ -38,9 +38,9 @@ def tiny_ckpt(export_b1):
 
 
 def snapshot(folder: Path) -> dict:
-    """Every file under ``folder`` (hidden ones too) -> (bytes, mtime_ns)."""
-    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under ``folder`` (hidden ones too) -> (bytes, mtime_ns); every folder -> None."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
 
 
 def fails_cleanly(argv, capsys, folder: Path, match: str) -> str:
@@ -117,6 +117,13 @@ def test_output_in_a_read_only_folder(export_b1, small_clip, tmp_path, capsys):
                       tmp_path, "permission denied")
     finally:
         locked.chmod(0o755)
+
+
+def test_early_error_leaves_no_output(export_b1, tmp_path, capsys):
+    np.save(tmp_path / "big.npy", np.zeros((3, 2 * H, 2 * W, 3), np.uint8))
+    fails_cleanly(["run", export_b1, "-i", tmp_path / "big.npy", "--output", tmp_path / "o.mp4", "--save-masks",
+                   tmp_path / "masks", "--save-logits", tmp_path / "out" / "l.npy", "--no-progress"], capsys, tmp_path,
+                  "frame 0 of")
 
 
 def test_export_out_checks(tiny_ckpt, tmp_path, capsys):

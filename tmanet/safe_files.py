@@ -108,6 +108,26 @@ def refuse_overwriting_inputs(outputs: Iterable, inputs: Iterable, whole: bool =
                                   "(choose another output path)")
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above ``path``; the ones created, deepest first (for :func:`_remove_made`)."""
+    missing = []
+    p = path.parent
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_made(folders: list[Path]):
+    """Remove folders :func:`_make_parents` created, if still empty: a failed output leaves no empty folder."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def _temporary_name(path: Path) -> Path:
     """A fresh hidden name beside ``path`` with its suffix kept (writers pick the format by the suffix)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}{PARTIAL_MARK}", suffix=path.suffix, dir=path.parent)
@@ -128,13 +148,14 @@ def atomic_file(path) -> Iterator[Path]:
     """``with atomic_file("out.mp4") as tmp:`` write the whole file at ``tmp`` (same folder, same suffix);
     on leaving the block normally it is renamed to ``path``, on an exception it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(path)
     tmp = _temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_made(made)
         raise
 
 
@@ -144,7 +165,7 @@ class PendingFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._made = _make_parents(self.path)
         self.tmp = _temporary_name(self.path)
         self.done = False
 
@@ -156,6 +177,7 @@ class PendingFile:
     def discard(self):
         if not self.done:
             self.tmp.unlink(missing_ok=True)
+            _remove_made(self._made)
             self.done = True
 
 
@@ -227,7 +249,7 @@ def atomic_directory(path) -> Iterator[Path]:
     leaving the block normally it replaces ``path`` (the old folder stays whole until then), on an exception
     it is deleted and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(path)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL_MARK}", dir=path.parent))
     try:
         _publishable(stage, 0o777)
@@ -235,4 +257,5 @@ def atomic_directory(path) -> Iterator[Path]:
         swap_into_place(stage, path)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        _remove_made(made)
         raise
