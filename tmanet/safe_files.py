@@ -115,7 +115,10 @@ def _make_parents(path: Path) -> list[Path]:
     while not os.path.lexists(p):
         missing.append(p)
         p = p.parent
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the folder {path.parent} for {path}: {e.strerror or e}") from None
     return missing
 
 
@@ -128,12 +131,18 @@ def _remove_made(folders: list[Path]):
             break
 
 
-def _temporary_name(path: Path) -> Path:
-    """A fresh hidden name beside ``path`` with its suffix kept (writers pick the format by the suffix)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}{PARTIAL_MARK}", suffix=path.suffix, dir=path.parent)
+def _temporary_name(path: Path) -> tuple[Path, list[Path]]:
+    """A fresh hidden file beside ``path`` with its suffix kept (writers pick the format by the suffix), and the
+    folders created for it."""
+    made = _make_parents(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}{PARTIAL_MARK}", suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        _remove_made(made)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     _publishable(Path(tmp), 0o666)
-    return Path(tmp)
+    return Path(tmp), made
 
 
 def _publishable(path: Path, mode: int):
@@ -148,8 +157,7 @@ def atomic_file(path) -> Iterator[Path]:
     """``with atomic_file("out.mp4") as tmp:`` write the whole file at ``tmp`` (same folder, same suffix);
     on leaving the block normally it is renamed to ``path``, on an exception it is removed."""
     path = Path(path)
-    made = _make_parents(path)
-    tmp = _temporary_name(path)
+    tmp, made = _temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -165,8 +173,7 @@ class PendingFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        self._made = _make_parents(self.path)
-        self.tmp = _temporary_name(self.path)
+        self.tmp, self._made = _temporary_name(self.path)
         self.done = False
 
     def commit(self):
@@ -250,7 +257,11 @@ def atomic_directory(path) -> Iterator[Path]:
     it is deleted and ``path`` is untouched."""
     path = Path(path)
     made = _make_parents(path)
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL_MARK}", dir=path.parent))
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL_MARK}", dir=path.parent))
+    except OSError as e:
+        _remove_made(made)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         _publishable(stage, 0o777)
         yield stage
