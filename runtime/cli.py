@@ -150,16 +150,25 @@ def _check_run_outputs(args):
 
 
 @contextmanager
-def _signals_ignored():
-    """SIGINT/SIGTERM are ignored inside the block: finishing the outputs is not cut short by a second signal."""
+def _stop_requests():
+    """Inside the block SIGINT/SIGTERM ask to stop: ``stop[0]`` becomes the signal and the frame loop ends at a
+    frame boundary (no exception in the middle of its bookkeeping); a second signal stops at once."""
     import signal
     import threading
+
+    from tmanet.errors import Interrupted
+    stop = [None]
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(signum, _):
+        if stop[0] is not None:
+            raise Interrupted(signum)
+        stop[0] = signum
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -172,7 +181,7 @@ def run_command(args) -> int:
 
     from tqdm import tqdm
 
-    from tmanet.errors import UserError
+    from tmanet.errors import Interrupted, UserError
 
     from .io_threads import Prefetch, Worker
     from .video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
@@ -228,11 +237,13 @@ def run_command(args) -> int:
     frames = Prefetch(source)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tmanet-render")
     output = Worker(write, depth=2 * workers)
-    interrupted = finished = None
+    finished = False
     try:
-        try:
+        with _stop_requests() as stop:  # SIGINT/SIGTERM: the frames segmented so far become valid outputs
             bar = tqdm(frames, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
             for frame, timestamp in bar:
+                if stop[0] is not None:
+                    break
                 t0 = time.perf_counter()
                 try:
                     res = seg.push(frame, timestamp=timestamp)
@@ -241,9 +252,7 @@ def run_command(args) -> int:
                 busy += time.perf_counter() - t0
                 output.submit((pool.submit(render, count, frame, res), res))
                 count += 1
-        except KeyboardInterrupt as e:  # SIGINT/SIGTERM: the frames segmented so far become valid outputs
-            interrupted = e
-        with _signals_ignored():
+            bar.close()
             output.close()  # the last results are written (and a writing error raised) before the files close
             for sink in (writer, logits_file):
                 if sink is not None:
@@ -263,9 +272,9 @@ def run_command(args) -> int:
         seg.close()
     outputs = [f"{what} {where}" for what, where in (("overlay", args.output), ("masks", args.save_masks),
                                                      ("logits", args.save_logits)) if where]
-    if interrupted is not None:
+    if stop[0] is not None:
         print(f"interrupted: {written[0]} frames written" + (f" ({', '.join(outputs)})" if outputs else ""))
-        raise interrupted
+        raise Interrupted(stop[0])
     wall = time.perf_counter() - started
     if count == 0:
         raise UserError(f"{args.input}: no frames")
