@@ -270,19 +270,18 @@ class StreamingSegmenter:
     # -- pushing ------------------------------------------------------------------------------------------
     def push(self, frame, timestamp: float | None = None) -> SegmentResult:
         """Segment the next frame (uint8 RGB ``(H, W, 3)``) of the single stream."""
-        return self._push(frame, None if timestamp is None else [timestamp], "push")[0]
+        with self._lock:
+            self._check_open()
+            return self._push(frame, None if timestamp is None else [timestamp], "push")[0]
 
     def push_batch(self, frames, timestamps=None) -> list[SegmentResult]:
         """Segment the next frame of each of N synchronized streams (``(N, H, W, 3)``) in one engine batch.
         ``timestamps``: one per stream, or one for all."""
-        return self._push(frames, timestamps, "push_batch")
-
-    def _push(self, frames, timestamps, api) -> list[SegmentResult]:
         with self._lock:
             self._check_open()
-            return self._push_locked(frames, timestamps, api)
+            return self._push(frames, timestamps, "push_batch")
 
-    def _push_locked(self, frames, timestamps, api) -> list[SegmentResult]:
+    def _push(self, frames, timestamps, api) -> list[SegmentResult]:
         timer = self.timer
         timer.begin()
         with timer("pre"):
