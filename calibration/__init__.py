@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from tmanet.export.manifest import check_replaceable
 from tmanet.safe_files import atomic_directory, check_output, refuse_overwriting_inputs
 
 log = logging.getLogger("tmanet")
@@ -63,11 +64,10 @@ def _check_out(src: Path, out: Path, overwrite: bool, frame_sources=()):
         raise CalibrationError(f"the output directory is the source export {src}: choose another --out")
     check_output(out, "dir", "--out")
     refuse_overwriting_inputs([out], [src, *(f for f in frame_sources if isinstance(f, (str, os.PathLike)))])
-    if out.exists():
-        if not out.is_dir():
-            raise CalibrationError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
             raise CalibrationError(f"{out} exists and is not empty (use --force to replace it)")
+        check_replaceable(out)  # even with --force, only an export directory is replaced
 
 
 def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str | None = None,

@@ -42,12 +42,56 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+class _Fields:
+    """Typed reads of a manifest dict; each failure is one :class:`ManifestError` naming the field."""
+
+    def __init__(self, m: dict, where: str):
+        self.m, self.where = m, where
+
+    def bad(self, field, want) -> ManifestError:
+        if field not in self.m:
+            return ManifestError(f"{self.where}: field {field!r} is missing (it must be {want})")
+        got = repr(self.m[field])
+        got = got if len(got) <= 60 else got[:57] + "..."
+        return ManifestError(f"{self.where}: field {field!r} must be {want}, got {got}")
+
+    def integer(self, field, low=1, high=None) -> int:
+        v = self.m.get(field)
+        if not _is_int(v) or v < low or (high is not None and v > high):
+            raise self.bad(field, f"an integer in {low}..{high}" if high else f"an integer >= {low}")
+        return v
+
+    def pair(self, field) -> tuple[int, int]:
+        v = self.m.get(field)
+        if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)):
+            raise self.bad(field, "a list of two integers >= 1")
+        return tuple(v)
+
+    def optional(self, field, valid, want):
+        if field in self.m and self.m[field] is not None and not valid(self.m[field]):
+            raise self.bad(field, want)
+
+
+def _is_pair_or_int(v) -> bool:
+    return _is_int(v) and v >= 1 or isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)
+
+
+def _is_palette(v) -> bool:
+    return isinstance(v, list) and all(isinstance(c, list) and len(c) == 3
+                                       and all(_is_int(x) and 0 <= x <= 255 for x in c) for c in v)
+
+
+def _is_file_entry(name, entry) -> bool:
+    return (Path(name).name == name and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+            and bool(_SHA256.fullmatch(entry["sha256"])) and _is_int(entry.get("bytes", 0)))
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """The validated contents of ``manifest.json``: what an export directory holds and at which shapes.
 
-    :meth:`from_dict` checks every field (type, range, mutual consistency) and raises :class:`ManifestError`
-    naming the first bad field."""
+    :meth:`from_dict` checks every field (type, range, consistency) and raises :class:`ManifestError` naming
+    the first bad field."""
     sequence_num: int
     key_channels: int
     value_channels: int
@@ -60,72 +104,41 @@ class ExportSpec:
     files: dict                  # name -> {"sha256": hex, "bytes": int}
 
     @classmethod
-    def from_dict(cls, m, where: str = "manifest.json") -> "ExportSpec":
+    def from_dict(cls, m, where: str = MANIFEST) -> "ExportSpec":
         if not isinstance(m, dict):
             raise ManifestError(f"{where}: the manifest must be a JSON object, got a {type(m).__name__}")
-
-        def bad(field, want):
-            got = m.get(field, "<missing>") if field in m else "nothing (the field is missing)"
-            return ManifestError(f"{where}: field {field!r} must be {want}, got {got!r}")
-
-        def positive(field, low=1, high=None):
-            v = m.get(field)
-            if not _is_int(v) or v < low or (high is not None and v > high):
-                raise bad(field, f"an integer in {low}..{high}" if high else f"an integer >= {low}")
-            return v
-
-        def pair(field, low=1):
-            v = m.get(field)
-            if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= low for x in v)):
-                raise bad(field, f"a list of two integers >= {low}")
-            return tuple(v)
-
-        T = positive("sequence_num")
-        ck, cv = positive("key_channels"), positive("value_channels")
-        classes = positive("num_classes", 1, MAX_CLASSES)
-        size, feature = pair("input_size", 1), pair("feature_size", 1)
-        if any(f > s for f, s in zip(feature, size)):
-            raise bad("feature_size", f"at most the input size {list(size)}")
+        f = _Fields(m, where)
+        size, feature = f.pair("input_size"), f.pair("feature_size")
+        if any(a > b for a, b in zip(feature, size)):
+            raise f.bad("feature_size", f"at most the input size {list(size)}")
         batch = m.get("batch")
         if batch != "dynamic" and not (_is_int(batch) and batch >= 1):
-            raise bad("batch", "an integer >= 1 or \"dynamic\"")
+            raise f.bad("batch", 'an integer >= 1 or "dynamic"')
         max_batch = m.get("max_batch", batch)
-        if not (_is_int(max_batch) and max_batch >= 1 and (batch == "dynamic" or max_batch == batch)):
-            raise bad("max_batch", "an integer >= 1 (the batch, for a fixed-batch export)")
-        if m.get("class_names") is not None and not (isinstance(m["class_names"], list)
-                                                     and all(isinstance(n, str) for n in m["class_names"])):
-            raise bad("class_names", "a list of names")
-        palette = m.get("palette") or []
-        if not (isinstance(palette, list) and all(
-                isinstance(c, list) and len(c) == 3 and all(_is_int(x) and 0 <= x <= 255 for x in c)
-                for c in palette)):
-            raise bad("palette", "a list of [r, g, b] colours in 0..255")
+        if not (_is_int(max_batch) and max_batch >= 1 and batch in ("dynamic", max_batch)):
+            raise f.bad("max_batch", "an integer >= 1 (the batch, for a fixed-batch export)")
+        f.optional("class_names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                   "a list of names")
+        f.optional("palette", _is_palette, "a list of [r, g, b] colours in 0..255")
         for field in ("slide_crop", "slide_stride"):
-            if field in m and not (_is_int(m[field]) and m[field] >= 1 or isinstance(m[field], list)
-                                   and len(m[field]) == 2 and all(_is_int(x) and x >= 1 for x in m[field])):
-                raise bad(field, "an integer >= 1 or a list of two")
-        if m.get("query_chunk") is not None and not (_is_int(m["query_chunk"]) and m["query_chunk"] >= 1):
-            raise bad("query_chunk", "an integer >= 1")
-        if not isinstance(m.get("align_corners", False), bool):
-            raise bad("align_corners", "true or false")
-        if not isinstance(m.get("config", {}), dict):
-            raise bad("config", "an object")
+            f.optional(field, _is_pair_or_int, "an integer >= 1 or a list of two")
+        f.optional("query_chunk", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        f.optional("align_corners", lambda v: isinstance(v, bool), "true or false")
+        f.optional("config", lambda v: isinstance(v, dict), "an object")
         precision = m.get("precision", {"frame_encoder": "fp32", "memory_head": "fp32"})
         if not (isinstance(precision, dict) and set(precision) == {"frame_encoder", "memory_head"}
                 and all(p in PRECISIONS for p in precision.values())):
-            raise bad("precision", f"an object giving frame_encoder and memory_head one of {', '.join(PRECISIONS)}")
+            raise f.bad("precision", f"an object giving frame_encoder and memory_head one of {', '.join(PRECISIONS)}")
         files = m.get("files")
         if not isinstance(files, dict) or not {FRAME_ENCODER, MEMORY_HEAD} <= set(files):
-            raise bad("files", f"an object with the SHA256 of {FRAME_ENCODER} and {MEMORY_HEAD} (checksums are "
-                               "mandatory: re-export)")
+            raise f.bad("files", f"an object with the SHA256 of {FRAME_ENCODER} and {MEMORY_HEAD}; checksums are "
+                                 "mandatory, re-export")
         for name, entry in files.items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                    and _SHA256.fullmatch(entry["sha256"]) and _is_int(entry.get("bytes", 0))):
-                raise bad("files", f"entries {{\"sha256\": 64 hex digits, \"bytes\": n}} ({name!r} is not)")
-            if Path(name).name != name:
-                raise bad("files", f"plain file names in the export directory ({name!r} is not)")
-        return cls(T, ck, cv, classes, size, feature, None if batch == "dynamic" else batch, max_batch,
-                   dict(precision), dict(files))
+            if not _is_file_entry(name, entry):
+                raise f.bad("files", f'plain file names with {{"sha256": 64 hex digits, "bytes": n}} ({name!r} is not)')
+        return cls(f.integer("sequence_num"), f.integer("key_channels"), f.integer("value_channels"),
+                   f.integer("num_classes", 1, MAX_CLASSES), size, feature, None if batch == "dynamic" else batch,
+                   max_batch, dict(precision), dict(files))
 
 
 REPLACEABLE_PATTERNS = ("manifest.json", "*.onnx", "*.engine", "*.engine.json", "engines.json")
