@@ -51,9 +51,9 @@ def check_output(path, kind: str = "file", what: str = "output") -> Path:
     output is written); an existing file output must not be a folder, an existing folder output not a file."""
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
-    path = Path(path)
-    if str(path) in ("", "."):
+    if not str(path):
         raise OutputError(f"{what}: empty path")
+    path = Path(path)
     if path.exists():
         if kind == "file" and path.is_dir():
             raise OutputError(f"{what} {path} is an existing folder: give a file name")
