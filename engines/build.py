@@ -358,6 +358,7 @@ def _build_one(trt, name, onnx_file, onnx_sha256, out, plan, shapes, batch, work
 
     dynamic = batch[0] != batch[2]
     started = time.perf_counter()
+    cache = PendingFile(timing_cache) if timing_cache else None   # a killed build never truncates the cache
     try:
         with _polygraphy_quiet():
             # TensorRT 11 ignores the strongly-typed flag (always strongly typed); 10.x needs it set.
@@ -378,10 +379,16 @@ def _build_one(trt, name, onnx_file, onnx_sha256, out, plan, shapes, batch, work
             )
             io = _describe_network(network, shapes)
             serialized = EngineBytesFromNetwork((builder, network, parser), config=config,
-                                                save_timing_cache=str(timing_cache) if timing_cache else None)()
-    except PolygraphyException as e:
-        raise EngineBuildError(f"TensorRT could not build {name} from {onnx_file}: {e} (run `tmanet -v build` "
-                               "for TensorRT's log)") from None
+                                                save_timing_cache=str(cache.tmp) if cache else None)()
+    except BaseException as e:
+        if cache is not None:
+            cache.discard()
+        if isinstance(e, PolygraphyException):
+            raise EngineBuildError(f"TensorRT could not build {name} from {onnx_file}: {e} (run `tmanet -v build` "
+                                   "for TensorRT's log)") from None
+        raise
+    if cache is not None:  # Polygraphy wrote the whole cache (nothing written: the old one stays)
+        cache.commit() if cache.tmp.stat().st_size else cache.discard()
     seconds = time.perf_counter() - started
     data = memoryview(serialized)
     pending = PendingFile(engine_path(out, name))   # renamed into place once every engine is built
