@@ -146,6 +146,7 @@ def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
         # FFmpeg reports a cut-off file only in its log ("File ended prematurely", "partial file") or as a
         # corrupt last frame: a demuxer error, or a decoder error after the last good frame, means the video
         # did not end cleanly (decoder errors before good frames, e.g. a stream cut before a keyframe, do not).
+        av_level = av.logging.get_level()
         av.logging.set_level(av.logging.ERROR)
         libav_log = logging.getLogger("libav")
         level = libav_log.level
@@ -154,6 +155,7 @@ def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
             yield from _decode(av)
         finally:
             libav_log.setLevel(level)
+            av.logging.set_level(av_level)
 
     def _decode(av):
         good, problem, errors_at_last_good = 0, None, 0
