@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmanet.safe_files import OutputError, write_json
+from tmanet.safe_files import PARTIAL_MARK, OutputError, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "tmanet-trt-onnx/1"
@@ -141,7 +141,9 @@ class ExportSpec:
                    max_batch, dict(precision), dict(files))
 
 
-REPLACEABLE_PATTERNS = ("manifest.json", "*.onnx", "*.engine", "*.engine.json", "engines.json")
+# What an export directory may hold and still be replaced: its own files, tmanet build's, and the hidden
+# temporary files a killed write leaves.
+REPLACEABLE_PATTERNS = ("manifest.json", "*.onnx", "*.engine", "*.engine.json", "engines.json", f".*{PARTIAL_MARK}*")
 
 
 def check_replaceable(directory):
