@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tmanet.export.manifest import check_replaceable
 from tmanet.lazy_exports import lazy_getattr
+from tmanet.safe_files import atomic_directory, check_output, refuse_overwriting_inputs
 
 log = logging.getLogger("tmanet")
 
@@ -58,14 +59,15 @@ def resolve_precisions(precision=None, frame_precision=None, head_precision=None
     return chosen
 
 
-def _check_out(src: Path, out: Path, overwrite: bool):
+def _check_out(src: Path, out: Path, overwrite: bool, frame_sources=()):
     if out.resolve() == src.resolve():
         raise CalibrationError(f"the output directory is the source export {src}: choose another --out")
-    if out.exists():
-        if not out.is_dir():
-            raise CalibrationError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
+    check_output(out, "dir", "--out")
+    refuse_overwriting_inputs([out], [src, *(f for f in frame_sources if isinstance(f, (str, os.PathLike)))])
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
             raise CalibrationError(f"{out} exists and is not empty (use --force to replace it)")
+        check_replaceable(out)  # even with --force, only an export directory is replaced
 
 
 @dataclass(frozen=True)
@@ -110,24 +112,19 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     num, data_max = _checked_options(method, int8_high_precision, num, reference_batches, data_max)
     src, out = Path(src_dir), Path(out_dir)
     manifest = _fp32_manifest(src)
-    _check_out(src, out, overwrite)
+    _check_out(src, out, overwrite, (frames, gate_frames))
     require_modelopt()
     conversion = _Conversion(precisions, keep_attention_fp32, method, int8_high_precision, quantize_residual,
                              _check_int8_keep(src, precisions, tuple(int8_keep)), data_max, reference_batches,
                              engine_batch(manifest))
     streams = frame_streams(frames, manifest["input_size"], manifest, num)
-    stage = _staging_dir(out)
-    try:
+    with atomic_directory(out) as stage:  # the previous out_dir stays whole until the new one is complete
         engines = _convert_engines(src, stage, manifest, streams, conversion, progress)
         new = _calibrated_manifest(manifest, src, stage, precisions, streams, engines)
         write_manifest(stage, new)
         if gate:
             new["calibration"]["gate"] = _gate(src, stage, out, streams, gate_frames, gate_num, threads, progress)
             write_manifest(stage, new)
-        _publish(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     new["directory"] = str(out)
     return new
 
@@ -155,16 +152,6 @@ def _fp32_manifest(src: Path) -> dict:
         raise CalibrationError(f"{src} is not a float32 export (precision {source_precision}): calibrate from "
                                "the fp32 export that `tmanet export` wrote")
     return manifest
-
-
-def _staging_dir(out: Path) -> Path:
-    """A fresh folder beside ``out`` where the calibrated export is written before :func:`_publish`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's private 0700 is not what a published export should have
-    return stage
 
 
 def _convert_engines(src: Path, stage: Path, manifest: dict, streams, conversion: _Conversion,
@@ -240,13 +227,6 @@ def _gate(src: Path, stage: Path, out: Path, streams, gate_frames, gate_num, thr
     if gate_frames is None:
         result["source"] = streams.source
     return result
-
-
-def _publish(stage: Path, out: Path):
-    """The complete calibrated export replaces ``out`` in one rename."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
 
 
 def _check_int8_keep(src: Path, precisions: dict, keep: tuple) -> dict:

@@ -27,12 +27,17 @@ def register(sub):
 def run(args) -> int:
     from tmanet.checkpoints import load_model
     from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
+    from .manifest import check_replaceable
     from .onnx_export import DEFAULT_TOLERANCE, export_onnx
     if args.height < 32 or args.width < 32:
         raise UserError(f"--height/--width must be at least 32, got {args.height}x{args.width}")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
+    check_output(args.out, "dir", "--out")
+    refuse_overwriting_inputs([args.out], [args.checkpoint, args.check_frames])
+    check_replaceable(args.out)
     model = load_model(args.checkpoint, args.preset)
     frames = None
     if args.check_frames:

@@ -11,8 +11,6 @@ above what was allocated before it was opened, and an official frame's transient
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
 import re
 import sys
@@ -23,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from tmanet import safe_files
+from tmanet.safe_files import atomic_file
 
 from .segmenter import STAGES, StageTimer
 
@@ -408,7 +409,8 @@ def plot_report(r: dict, path):
     if "speedup_vs_official" in r:
         title += f"  ({r['speedup_vs_official']:.2f}x the official protocol)"
     fig.suptitle(title, fontsize=9)
-    _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def _plot_stages(ax, r):
@@ -455,19 +457,5 @@ def _plot_roofline(ax, roof):
     ax.legend(fontsize=8, loc="lower right")
 
 
-def _replace_atomically(path, write):
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place: a reader never sees
-    a half-written file, and a failure leaves any previous file as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def write_json(r: dict, path):
-    _replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(r, indent=1) + "\n"))
+    safe_files.write_json(path, r)

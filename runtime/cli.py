@@ -2,7 +2,9 @@
 ``tmanet bench``."""
 from __future__ import annotations
 
+import argparse
 import logging
+from contextlib import contextmanager
 
 log = logging.getLogger("tmanet")
 
@@ -39,7 +41,10 @@ def register(subparsers):
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0..1)")
     p.add_argument("--save-masks", metavar="DIR", help="write one palette PNG per frame (pixel = class id)")
     p.add_argument("--save-logits", metavar="F.npy", help="write all logits as one (F, C, H, W) float32 .npy")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="a video cut short (or damaged) ends at its last good frame with a warning instead of "
+                        "an error")
     p.add_argument("--max-gap", type=float, default=1.0, metavar="S",
                    help="reset the memory when consecutive video timestamps are more than S seconds apart "
                         "(0 disables)")
@@ -69,12 +74,23 @@ def register(subparsers):
     b.set_defaults(func=bench_command)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _engine_args(p):
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
                    help="ort: ONNX Runtime CPU (default); torch: the PyTorch reference (needs the checkpoint "
                         "named in the manifest); trt: TensorRT engines")
     p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the torch/trt backends")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort/torch (default: all cores)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for ort/torch (default: all cores)")
     p.add_argument("--precision", choices=("fp32", "fp16"),
                    help="torch backend: fp16 runs both graphs in half precision (weights, activations and the "
                         "memory ring; meant for CUDA, slow on the CPU); default fp32")
@@ -135,6 +151,57 @@ def _open(args, **kwargs):
         raise UserError(str(e)) from None
 
 
+def _check_run_outputs(args):
+    """Every output can be written and none is an input: checked before any work starts."""
+    from pathlib import Path
+
+    from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
+
+    from .video_io import WRITABLE_VIDEO_SUFFIXES
+    if args.output:
+        check_output(args.output, "file", "--output")
+        suffix = Path(args.output).suffix.lower()
+        if suffix not in WRITABLE_VIDEO_SUFFIXES:
+            raise UserError(f"--output {args.output}: unknown video container {suffix or '(no extension)'}; "
+                            f"use one of {', '.join(WRITABLE_VIDEO_SUFFIXES)}")
+    if args.save_logits:
+        check_output(args.save_logits, "file", "--save-logits")
+        if Path(args.save_logits).suffix.lower() != ".npy":
+            raise UserError(f"--save-logits writes a .npy file: got {args.save_logits}")
+    if args.save_masks:
+        check_output(args.save_masks, "dir", "--save-masks")
+    inputs = [args.input, args.export_dir]
+    refuse_overwriting_inputs([args.output, args.save_logits], inputs)
+    # Mask PNGs go into the folder one by one: it may hold other files, but must not be an input.
+    refuse_overwriting_inputs([args.save_masks], inputs, whole=False)
+
+
+@contextmanager
+def _stop_requests():
+    """Inside the block SIGINT/SIGTERM ask to stop: ``stop[0]`` becomes the signal and the frame loop ends at a
+    frame boundary (no exception in the middle of its bookkeeping); a second signal stops at once."""
+    import signal
+    import threading
+
+    from tmanet.errors import Interrupted
+    stop = [None]
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum, _):
+        if stop[0] is not None:
+            raise Interrupted(signum)
+        stop[0] = signum
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run_command(args) -> int:
     import os
     import time
@@ -142,7 +209,7 @@ def run_command(args) -> int:
 
     from tqdm import tqdm
 
-    from tmanet.errors import UserError
+    from tmanet.errors import Interrupted, UserError
 
     from .io_threads import Prefetch, Worker
     from tmanet.video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
@@ -159,26 +226,34 @@ def run_command(args) -> int:
     if args.stride and len(args.stride) not in (1, 2):
         raise UserError("--stride takes one value or two (H W)")
     stride = None if not args.stride else (args.stride * 2)[:2]
+    _check_run_outputs(args)
     try:
-        source = open_frames(args.input, args.max_frames)
+        source = open_frames(args.input, args.max_frames, allow_truncated=args.allow_truncated)
     except ValueError as e:
         raise UserError(str(e)) from None
     seg = _open(args, mode=args.mode, stride=stride, return_logits=bool(args.save_logits),
                 max_gap=args.max_gap or None, resize=args.resize)
     palette = seg.palette
     described = seg.backend.describe()
-    writer = VideoWriter(args.output, fps=source.fps or 25.0) if args.output else None
-    logits_file = NpyWriter(args.save_logits) if args.save_logits else None
-    mask_dir = None
-    if args.save_masks:
+    writer = logits_file = mask_dir = None
+    try:
+        writer = VideoWriter(args.output, fps=source.fps or 25.0) if args.output else None
+        logits_file = NpyWriter(args.save_logits) if args.save_logits else None
+    except BaseException:
+        seg.close()
+        if writer is not None:
+            writer.discard()
+        raise
+    if args.save_masks:  # created with its first PNG: an early error leaves no empty folder
         from pathlib import Path
         mask_dir = Path(args.save_masks)
-        mask_dir.mkdir(parents=True, exist_ok=True)
 
     def render(index, frame, res):  # in a pool thread: the per-frame work that needs no order
         if mask_dir is not None:
             save_mask_png(res.mask, mask_dir / f"{index:06d}.png", palette)
         return overlay(frame, res.mask, palette, args.alpha) if writer is not None else None
+
+    written = [0]
 
     def write(item):  # in the writer thread, in frame order
         rendered, res = item
@@ -187,6 +262,7 @@ def run_command(args) -> int:
             writer.write(image)
         if logits_file is not None:
             logits_file.append(res.logits)
+        written[0] += 1
 
     # Decoding ahead, and rendering and writing behind, run in threads, so the engines wait for neither.
     workers = max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -194,29 +270,44 @@ def run_command(args) -> int:
     frames = Prefetch(source)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tmanet-render")
     output = Worker(write, depth=2 * workers)
+    finished = False
     try:
-        bar = tqdm(frames, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
-        for frame, timestamp in bar:
-            t0 = time.perf_counter()
-            try:
-                res = seg.push(frame, timestamp=timestamp)
-            except ValueError as e:
-                raise UserError(f"frame {count} of {args.input}: {e}") from None
-            busy += time.perf_counter() - t0
-            output.submit((pool.submit(render, count, frame, res), res))
-            count += 1
-        output.close()  # the last results are written (and a writing error raised) before the files close
+        with _stop_requests() as stop:  # SIGINT/SIGTERM: the frames segmented so far become valid outputs
+            bar = tqdm(frames, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
+            for frame, timestamp in bar:
+                if stop[0] is not None:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    res = seg.push(frame, timestamp=timestamp)
+                except ValueError as e:
+                    raise UserError(f"frame {count} of {args.input}: {e}") from None
+                busy += time.perf_counter() - t0
+                output.submit((pool.submit(render, count, frame, res), res))
+                count += 1
+            bar.close()
+            output.close()  # the last results are written (and a writing error raised) before the files close
+            for sink in (writer, logits_file):
+                if sink is not None:
+                    sink.close()
+            finished = True
     finally:
         frames.close()
-        try:
-            output.close()  # after an error elsewhere: what was queued is still written
-        finally:
-            pool.shutdown()
-            if writer is not None:
-                writer.close()
-            if logits_file is not None:
-                logits_file.close()
-            seg.close()
+        if not finished:  # an error: no output is left under its final name (mask PNGs are whole files)
+            try:
+                output.close()
+            except BaseException:
+                pass  # the first error is the one to report
+            for sink in (writer, logits_file):
+                if sink is not None:
+                    sink.discard()
+        pool.shutdown()
+        seg.close()
+    outputs = [f"{what} {where}" for what, where in (("overlay", args.output), ("masks", args.save_masks),
+                                                     ("logits", args.save_logits)) if where]
+    if stop[0] is not None:
+        print(f"interrupted: {written[0]} frames written" + (f" ({', '.join(outputs)})" if outputs else ""))
+        raise Interrupted(stop[0])
     wall = time.perf_counter() - started
     if count == 0:
         raise UserError(f"{args.input}: no frames")
@@ -315,8 +406,14 @@ def bench_command(args) -> int:
     from tmanet.export.manifest import ManifestError
 
     from .backends import BackendUnavailable
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
+
     from .bench import format_report, plot_report, run_bench, write_json
     options = _backend_options(args)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output(path, "file", flag)
+    refuse_overwriting_inputs([args.json, args.plot], [args.export_dir])
     try:
         report = run_bench(args.export_dir, backend=args.backend, device=args.device, frames=args.frames,
                            warmup=args.warmup, compare_official=args.compare_official,

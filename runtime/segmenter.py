@@ -12,10 +12,14 @@ lanes when the lanes do not fill it. All rings rotate together, once per push.
 
 Every input is validated before any state changes: a bad frame raises ValueError and the next good frame
 continues exactly as if the bad one had never been pushed.
+
+Thread safety: a segmenter may be shared between threads; each push, reset and close holds the segmenter's
+lock, so pushes are serialized (in the order the threads take the lock) and every result is one whole frame's.
 """
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,6 +134,8 @@ class StreamingSegmenter:
             raise ValueError(f"slide stride {self.stride} must be positive and at most the crop (the export "
                              f"size {self.input_size}), otherwise some pixels are in no window")
         self.timer = StageTimer()
+        self._lock = threading.RLock()  # one push (or reset/close) at a time: see the module docstring
+        self._closed = False
         self._clear()
 
     @classmethod
@@ -163,6 +169,11 @@ class StreamingSegmenter:
     def reset(self, stream: int | None = None):
         """Start stream ``stream`` afresh (its next frame is a first frame), or forget everything: with
         ``None`` the next push may use another stream count, frame size or push method."""
+        with self._lock:
+            self._check_open()
+            self._reset(stream)
+
+    def _reset(self, stream):
         if stream is None:
             self._clear()
             return
@@ -187,6 +198,10 @@ class StreamingSegmenter:
         return self.chunks[lane // size], lane % size
 
     # -- validation (touches nothing) ---------------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this StreamingSegmenter is closed: open a new one")
+
     def _check_frames(self, frames, api: str) -> np.ndarray:
         frames = np.asarray(frames)
         what = "frame" if api == "push" else "frames"
@@ -199,6 +214,8 @@ class StreamingSegmenter:
             frames = frames[None]
         n, H, W = frames.shape[:3]
         eh, ew = self.input_size
+        if H == 0 or W == 0:
+            raise ValueError(f"empty {what}: {H}x{W} pixels")
         if self.api is not None and api != self.api:
             raise ValueError(f"this segmenter serves {self.api}(); {api}() would mix single and batched "
                              "streams (call reset() first, or use one segmenter per use)")
@@ -278,12 +295,16 @@ class StreamingSegmenter:
     # -- pushing ------------------------------------------------------------------------------------------
     def push(self, frame, timestamp: float | None = None) -> SegmentResult:
         """Segment the next frame (uint8 RGB ``(H, W, 3)``) of the single stream."""
-        return self._push(frame, None if timestamp is None else [timestamp], "push")[0]
+        with self._lock:
+            self._check_open()
+            return self._push(frame, None if timestamp is None else [timestamp], "push")[0]
 
     def push_batch(self, frames, timestamps=None) -> list[SegmentResult]:
         """Segment the next frame of each of N synchronized streams (``(N, H, W, 3)``) in one engine batch.
         ``timestamps``: one per stream, or one for all."""
-        return self._push(frames, timestamps, "push_batch")
+        with self._lock:
+            self._check_open()
+            return self._push(frames, timestamps, "push_batch")
 
     def _push(self, frames, timestamps, api) -> list[SegmentResult]:
         timer = self.timer
@@ -367,8 +388,13 @@ class StreamingSegmenter:
 
     # -- conveniences -------------------------------------------------------------------------------------
     def close(self):
-        self._clear()
-        self.backend.close()
+        """Release the engines; later pushes raise. Closing twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._clear()
+            self.backend.close()
 
     def __enter__(self):
         return self

@@ -461,9 +461,15 @@ def test_build_orchestration(tiny_export, tmp_path, monkeypatch):
     assert meta["source_onnx"]["sha256"] == sha256_file(tiny_export / "memory_head.onnx")
     assert meta["io"]["memory_value_1"]["shape"][1] == 32 and meta["io"]["mask"]["dtype"] == "uint8"
     assert meta["io"]["logits"] == {"mode": "output", "dtype": "float32", "shape": [1, 19, H, W]}
-    # Nothing changed: both engines are kept; a different workspace rebuilds them.
+    # Nothing changed: both engines are kept and engines.json is left as it was (bytes and mtime: its
+    # written_at is the engines' build time, not the clock); a different workspace rebuilds them.
+    listed = out / "engines.json"
+    bytes_before, mtime_before = listed.read_bytes(), listed.stat().st_mtime_ns
     build_engines(tiny_export, out_dir=out, workspace_gb=1.5, progress=False)
     assert len(builder.calls) == 2
+    assert listed.read_bytes() == bytes_before and listed.stat().st_mtime_ns == mtime_before
+    assert manifest["written_at"] == max(m["built_at"] for m in (read_metadata(out / f"{n}.engine")
+                                                               for n in ("frame_encoder", "memory_head")))
     before = {n: sha256_file(out / f"{n}.engine") for n in ("frame_encoder", "memory_head")}
     # Polygraphy/TensorRT API mismatches (e.g. an old Polygraphy on TensorRT 11) are one clear build error too.
     for error in (AttributeError("'IBuilderConfig' object has no attribute 'int8_calibrator'"),

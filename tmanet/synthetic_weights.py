@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .safe_files import atomic_file
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 # Manifest files shipped in tmanet/data, by dataset and by the preset they belong to.
 MANIFEST_FILES = {
@@ -135,9 +137,8 @@ def write_official_checkpoint(manifest, seed: int, out) -> Path:
     meta = {"note": CHECKPOINT_NOTE, "seed": int(seed),
             "manifest": source if isinstance(source, str) else "entries"}
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"meta": meta, "state_dict": sd}, tmp)
-    os.replace(tmp, out)  # no half-written checkpoint under the final name
+    with atomic_file(out) as tmp:  # no half-written checkpoint under the final name
+        torch.save({"meta": meta, "state_dict": sd}, tmp)
     return out
 
 
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
             if None in (a.frames, a.height, a.width):
                 p.error("--make-clip needs --frames, --height and --width")
             clip = make_noise_clip(a.frames, a.height, a.width, a.seed)
-            np.save(a.out, clip)
+            with atomic_file(a.out) as tmp, open(tmp, "wb") as f:
+                np.save(f, clip)
             print(f"clip {clip.shape} uint8 -> {a.out}")
             return 0
         if not a.manifest:

@@ -6,19 +6,40 @@ name), a ``.npy`` clip ``(F, H, W, 3)`` uint8 or one image topic of a ROS bag (`
 with frame a uint8 RGB ``(H, W, 3)`` array and timestamp in seconds (video: the frame's presentation time;
 ROS bag: the header stamp; others: None).
 
+A video that ends in a decode error, a corrupt frame or fewer frames than its header announces (a file cut
+short) raises :class:`TruncatedVideoError` naming the last good frame, unless ``allow_truncated`` keeps the
+frames read. Source problems are :class:`FrameSourceError`: one line, naming the file.
+
 Sinks: an overlay video (the class palette blended over the frames), one palette PNG per mask (pixel values
-are the class ids, the palette makes them viewable), and a logits ``.npy`` written frame by frame.
+are the class ids, the palette makes them viewable), and a logits ``.npy`` written frame by frame. Each is
+written under a temporary name beside its destination and renamed into place by ``close()`` (``discard()``
+removes it instead), so a final name never holds a truncated file.
 """
 from __future__ import annotations
 
+import logging
 import struct
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from tmanet.errors import UserError
+from tmanet.safe_files import PendingFile, atomic_file
+
+log = logging.getLogger("tmanet")
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
+WRITABLE_VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".m4v")  # containers that take H.264 / MPEG-4
+
+
+class FrameSourceError(UserError, ValueError):
+    """A frame source cannot be read (missing, corrupt, mixed sizes, not frames): one line naming the file."""
+
+
+class TruncatedVideoError(FrameSourceError):
+    """A video ends in a decode error or holds fewer frames than announced (cut short or damaged)."""
 
 
 class FrameSource:
@@ -38,9 +59,10 @@ class FrameSource:
         return self.count
 
 
-def open_frames(path, max_frames: int | None = None) -> FrameSource:
+def open_frames(path, max_frames: int | None = None, allow_truncated: bool = False) -> FrameSource:
     """The frames of a video file, an image folder, a ``.npy`` clip or a ROS bag's image topic (at most
-    ``max_frames``)."""
+    ``max_frames``). ``allow_truncated``: a video cut short ends at its last good frame with a warning instead
+    of an error."""
     from .driving_logs import is_log, split_topic
     path, topic = split_topic(path)
     if not path.exists():
@@ -54,9 +76,9 @@ def open_frames(path, max_frames: int | None = None) -> FrameSource:
     elif path.suffix.lower() == ".npy":
         source = _npy_clip(path)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
-        raise ValueError(f"{path} is a single image: give the folder of frames, a video or a .npy clip")
+        raise FrameSourceError(f"{path} is a single image: give the folder of frames, a video or a .npy clip")
     else:
-        source = _video(path)
+        source = _video(path, allow_truncated)
     if max_frames is not None:
         inner = source._iterate
         source.count = max_frames if source.count is None else min(source.count, max_frames)
@@ -70,10 +92,19 @@ def open_frames(path, max_frames: int | None = None) -> FrameSource:
     return source
 
 
+def read_npy(path, mmap: bool = True) -> np.ndarray:
+    """A ``.npy`` array (memory-mapped by default; never unpickled), or :class:`FrameSourceError` naming the
+    file when it is missing, truncated or not a ``.npy``."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise FrameSourceError(f"{path}: not a readable .npy file ({e})") from None
+
+
 def _npy_clip(path: Path) -> FrameSource:
-    clip = np.load(path, mmap_mode="r")
+    clip = read_npy(path)
     if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
-        raise ValueError(f"{path}: expected a uint8 RGB clip (F, H, W, 3), got {clip.dtype} {clip.shape}")
+        raise FrameSourceError(f"{path}: expected a uint8 RGB clip (F, H, W, 3), got {clip.dtype} {clip.shape}")
 
     def frames():
         for f in clip:
@@ -99,42 +130,86 @@ def _log_topic(path: Path, topic: str | None) -> FrameSource:
 def _image_folder(path: Path) -> FrameSource:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{path}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in this folder")
+        raise FrameSourceError(f"{path}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in this folder")
 
     def frames():
         from PIL import Image
         size = None
         for f in files:
-            with Image.open(f) as im:
-                frame = np.array(im.convert("RGB"))  # a writable copy (asarray would be read-only)
+            try:
+                with Image.open(f) as im:
+                    frame = np.array(im.convert("RGB"))  # a writable copy (asarray would be read-only)
+            except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+                raise FrameSourceError(f"{f}: not a readable image ({e})") from None
             if size is None:
                 size = frame.shape
             elif frame.shape != size:
-                raise ValueError(f"{f}: {frame.shape[1]}x{frame.shape[0]} image in a folder of "
-                                 f"{size[1]}x{size[0]} frames (all frames must have one size)")
+                raise FrameSourceError(f"{f}: {frame.shape[1]}x{frame.shape[0]} image in a folder of "
+                                       f"{size[1]}x{size[0]} frames (all frames must have one size)")
             yield frame, None
     return FrameSource(path, "images", len(files), None, frames)
 
 
-def _video(path: Path) -> FrameSource:
+def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
     import av
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise ValueError(f"{path}: no video stream")
+                raise FrameSourceError(f"{path}: no video stream")
             stream = container.streams.video[0]
             count = stream.frames or None
             fps = float(stream.average_rate) if stream.average_rate else None
     except av.error.FFmpegError as e:
-        raise ValueError(f"{path}: cannot read as a video ({e})") from None
+        raise FrameSourceError(f"{path}: cannot read as a video ({e})") from None
 
     def frames():
-        with av.open(str(path)) as container:
+        import av.logging
+        # FFmpeg reports a cut-off file only in its log ("File ended prematurely", "partial file") or as a
+        # corrupt last frame: a demuxer error, or a decoder error after the last good frame, means the video
+        # did not end cleanly (decoder errors before good frames, e.g. a stream cut before a keyframe, do not).
+        av_level = av.logging.get_level()
+        av.logging.set_level(av.logging.ERROR)
+        libav_log = logging.getLogger("libav")
+        level = libav_log.level
+        libav_log.setLevel(logging.CRITICAL)  # FFmpeg's lines are summed up in our error instead
+        try:
+            yield from _decode(av)
+        finally:
+            libav_log.setLevel(level)
+            av.logging.set_level(av_level)
+
+    def _decode(av):
+        good, problem, errors_at_last_good = 0, None, 0
+        with av.logging.Capture(local=False) as logs, av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):
-                t = frame.time if frame.time is not None else (i / fps if fps else None)
+            decoded = container.decode(stream)
+            while True:
+                try:
+                    frame = next(decoded)
+                except StopIteration:
+                    break
+                except av.error.FFmpegError as e:
+                    problem = f"decoding failed ({e})"
+                    break
+                if frame.is_corrupt:
+                    problem = "a corrupt frame follows"
+                    break
+                t = frame.time if frame.time is not None else (good / fps if fps else None)
+                errors_at_last_good = len(logs)
                 yield frame.to_ndarray(format="rgb24"), t
+                good += 1
+            demuxer = [m for _, name, m in logs if name == container.format.name]
+            if problem is None and (demuxer or len(logs) > errors_at_last_good):
+                problem = f"FFmpeg: {(demuxer or [logs[-1][2]])[-1].strip()}"
+        if problem is None and count is not None and good < count:
+            problem = f"the header announces {count} frames"
+        if problem is not None:
+            where = f"after frame {good - 1} (the last good one; {good} frames read)" if good else "at frame 0"
+            message = f"{path}: the video is truncated or damaged: it ends {where}: {problem}"
+            if not allow_truncated:
+                raise TruncatedVideoError(message + " (--allow-truncated keeps the frames read)")
+            log.warning("%s; kept the %d frames read (--allow-truncated)", message, good)
     return FrameSource(path, "video", count, fps, frames)
 
 
@@ -174,15 +249,20 @@ def pick_codec(preferred=("libx264", "mpeg4")) -> str:
 
 class VideoWriter:
     """RGB frames into a video file (libx264 if available, else mpeg4; yuv420p). Odd frame sizes are padded
-    by one edge row/column, since yuv420p needs even dimensions."""
+    by one edge row/column, since yuv420p needs even dimensions. The file appears under ``path`` only when
+    :meth:`close` finishes it; :meth:`discard` (or an exception in a ``with`` block) leaves no file."""
 
     def __init__(self, path, fps: float = 25.0, codec: str | None = None):
         import av
         from fractions import Fraction
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.codec = codec or pick_codec()
-        self._container = av.open(str(self.path), mode="w")
+        self._pending = PendingFile(self.path)
+        try:
+            self._container = av.open(str(self._pending.tmp), mode="w")
+        except BaseException:
+            self._pending.discard()
+            raise
         self._rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(25)
         self._stream = None
         self.frames = 0
@@ -209,19 +289,38 @@ class VideoWriter:
         self.frames += 1
 
     def close(self):
+        """Finish the video and move it to its final name (a video without frames is not written)."""
         if self._container is None:
             return
-        if self._stream is not None:
-            for packet in self._stream.encode():  # flush the encoder
-                self._container.mux(packet)
-        self._container.close()
+        try:
+            if self._stream is not None:
+                for packet in self._stream.encode():  # flush the encoder
+                    self._container.mux(packet)
+            self._container.close()
+        except BaseException:
+            self.discard()
+            raise
         self._container = None
+        if self.frames:
+            self._pending.commit()
+        else:
+            self._pending.discard()
+
+    def discard(self):
+        """Drop the video: nothing is left under its final or temporary name."""
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # an unfinished stream may not close cleanly: it is deleted anyway
+                pass
+            self._container = None
+        self._pending.discard()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.discard() if exc_type is not None else self.close()
 
 
 def save_mask_png(mask: np.ndarray, path, palette=None):
@@ -235,18 +334,20 @@ def save_mask_png(mask: np.ndarray, path, palette=None):
         pal = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
         flat[:len(pal)] = pal
         im.putpalette(flat.reshape(-1).tolist())
-    im.save(path)
+    with atomic_file(path) as tmp:
+        im.save(tmp)
 
 
 class NpyWriter:
     """Arrays of one shape appended to a ``.npy`` file as they come (the frame count need not be known,
-    nothing is held in memory): the header reserves room for the shape and is rewritten on close."""
+    nothing is held in memory): the header reserves room for the shape and is rewritten on close, which then
+    moves the complete file to ``path`` (:meth:`discard` or an exception in a ``with`` block leaves none)."""
     HEADER_BYTES = 256  # a multiple of 64, as the format asks
 
     def __init__(self, path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")
+        self._pending = PendingFile(self.path)
+        self._file = open(self._pending.tmp, "wb")
         self._file.write(b"\0" * self.HEADER_BYTES)
         self.shape = None
         self.dtype = None
@@ -274,13 +375,24 @@ class NpyWriter:
     def close(self):
         if self._file is None:
             return
-        self._file.seek(0)
-        self._file.write(self._header())
-        self._file.close()
+        try:
+            self._file.seek(0)
+            self._file.write(self._header())
+            self._file.close()
+        except BaseException:
+            self.discard()
+            raise
         self._file = None
+        self._pending.commit()
+
+    def discard(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._pending.discard()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.discard() if exc_type is not None else self.close()

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tmanet.safe_files import write_json, write_text
+
 log = logging.getLogger("tmanet")
 
 CORRUPT_THRESHOLD = 60.0  # mean |RGB - clean| above this: the frame carries (almost) nothing there
@@ -355,8 +357,8 @@ def _write(out: Path, result: dict, baseline: str, started: float, final: bool =
             scores["vs_own_order"] = {k: paired_difference(scores, r["eval"], k) for k in keys}
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     result["complete"] = final
-    (out / ABLATION_JSON).write_text(json.dumps(result, indent=1) + "\n")
-    (out / ABLATION_MD).write_text(format_table(result) + "\n")
+    write_json(out / ABLATION_JSON, result)
+    write_text(out / ABLATION_MD, format_table(result) + "\n")
     return result
 
 

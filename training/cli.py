@@ -80,6 +80,7 @@ def register(sub):
 
 def run_train(args) -> int:
     from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
     from .config import InputError
     from .trainer import train
@@ -93,6 +94,9 @@ def run_train(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.resume and not args.preset:
         raise UserError("--preset is required to start a run (e.g. --preset cityscapes-r18)")
+    check_output(args.out, "dir", "--out")
+    # The run folder is written file by file: an input inside it could be overwritten (e.g. --init iter_N.pth).
+    refuse_overwriting_inputs([args.out], [args.init, None if args.data.startswith("synthetic") else args.data])
     try:
         summary = train(args.preset, args.data, args.out, iters=args.iters, batch=args.batch, lr=args.lr,
                         resume=args.resume, crop=args.crop, workers=args.workers, seed=args.seed,
@@ -116,6 +120,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
     from .evaluate import evaluate, format_report, write_json
     from .config import InputError, parse_pair
@@ -123,6 +128,9 @@ def run_eval(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.json:
+        check_output(args.json, "file", "--json")
+        refuse_overwriting_inputs([args.json], [args.source, None if args.data.startswith("synthetic") else args.data])
     try:
         stride = parse_pair(args.stride, "--stride") if args.stride else None
         result = evaluate(args.source, args.data, mode=args.mode, backend=args.backend, device=args.device,

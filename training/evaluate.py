@@ -8,9 +8,7 @@ way the model is deployed, starting at each clip's first frame (memory warm-up c
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from tmanet import safe_files
 from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
 
 
@@ -269,9 +268,4 @@ def format_report(result: dict) -> str:
 
 
 def write_json(result: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return safe_files.write_json(path, result)

@@ -34,6 +34,7 @@ from torch import nn
 from tmanet.checkpoints import config_from_checkpoint, load_state, read_checkpoint, save_checkpoint, split_state_dict
 from tmanet.model import TMANet
 from tmanet.presets import ModelConfig
+from tmanet.safe_files import atomic_file, write_json
 
 from .config import InputError, TrainConfig, resolve_config
 from .data import DataSpec, EpochSampler, TrainSamples, open_dataset, parse_data
@@ -159,7 +160,7 @@ def _truncate_csv(path: Path, last_iter: int):
         return
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
         w.writerows(r for r in rows if r.get("iter") and int(r["iter"]) <= last_iter)
@@ -496,4 +497,4 @@ def _write_log_json(out: Path, summary: dict, start: int):
             history = prev.pop("history", []) + [prev]
         except (json.JSONDecodeError, AttributeError):
             history = []
-    (out / LOG_JSON).write_text(json.dumps(_plain({**summary, "history": history}), indent=1) + "\n")
+    write_json(out / LOG_JSON, _plain({**summary, "history": history}))
