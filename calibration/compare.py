@@ -73,7 +73,7 @@ def open_labels(source):
         return len(files), get
     if path.suffix.lower() != ".npy":
         raise CompareError(f"{path}: labels must be a .npy (F, H, W) uint8 array or a folder of PNGs")
-    from tmanet.runtime.video_io import read_npy
+    from tmanet.video_io import read_npy
     labels = read_npy(path)
     if labels.ndim != 3 or labels.dtype != np.uint8:
         raise CompareError(f"{path}: labels must be uint8 (F, H, W), got {labels.dtype} {labels.shape}")

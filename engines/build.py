@@ -155,7 +155,7 @@ def load_calibration_frames(frames, input_size) -> np.ndarray:
         path = Path(frames)
         if path.suffix != ".npy":
             raise UserError(f"calibration frames must be a .npy uint8 clip (F, H, W, 3), got {path}")
-        from tmanet.runtime.video_io import read_npy
+        from tmanet.video_io import read_npy
         frames = read_npy(path, mmap=False)
     frames = np.asarray(frames)
     H, W = input_size

@@ -158,7 +158,7 @@ def _check_run_outputs(args):
     from tmanet.errors import UserError
     from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
-    from .video_io import WRITABLE_VIDEO_SUFFIXES
+    from tmanet.video_io import WRITABLE_VIDEO_SUFFIXES
     if args.output:
         check_output(args.output, "file", "--output")
         suffix = Path(args.output).suffix.lower()
