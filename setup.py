@@ -25,6 +25,9 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         "matplotlib>=3.8",  # tmanet bench --plot (Agg backend, no display needed)
+        # ROS 2 bags (MCAP) in and out of `tmanet run`, without a ROS installation (pure Python + zstd/lz4).
+        "mcap>=1.2",
+        "mcap-ros2-support>=0.5",
         # Pure Python; NVIDIA's loaders for TensorRT builds (tensorrt itself imported lazily) and what
         # ModelOpt AutoCast runs its reference inference with.
         # 0.49.22: progress_monitor (0.49.0 has none) and no config.int8_calibrator read (TensorRT 11 lacks it).
