@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.export.manifest import ENCODER_OUTPUTS, HEAD_OUTPUTS, head_input_names
+from tmanet.memory import MemoryStepper
 from tmanet.runtime.backends import Backend, BackendUnavailable, register_backend
 
 from .build import TensorRTNotInstalled, require_tensorrt, trt_dtype_name
@@ -421,7 +422,6 @@ def bench_trt(engine_dir, frames=32, warmup: int = 10, iters: int = 100, cuda_gr
     to the masks in host memory), ``enqueue_ms`` (host time spent launching both engines), plus the
     throughput in frames (streams x pushes) per second.
     """
-    from tmanet.runtime.ring_buffer import MemoryRing
     base_dir, manifest = _open_engine_dir(engine_dir, export_dir)
     backend = TrtBackend(base_dir, manifest, device, engine_dir=engine_dir, cuda_graphs=cuda_graphs, profile=True)
     try:
@@ -438,7 +438,8 @@ def bench_trt(engine_dir, frames=32, warmup: int = 10, iters: int = 100, cuda_gr
             if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[1:] != (H, W, 3):
                 raise ValueError(f"frames must be a uint8 clip (F, {H}, {W}, 3), got {clip.dtype} {clip.shape}")
         batches = [np.ascontiguousarray(np.repeat(f[None], batch, 0)) for f in clip]
-        ring = None
+        stepper = MemoryStepper(backend.encode, lambda qk, qv, keys, values: backend.head(qk, qv, keys, values,
+                                                                                        logits=False))
         rows = []
         wall0 = None
         for i in range(warmup + iters):
@@ -447,12 +448,7 @@ def bench_trt(engine_dir, frames=32, warmup: int = 10, iters: int = 100, cuda_gr
                 wall0 = time.perf_counter()
             x = batches[i % len(batches)]
             t0 = time.perf_counter()
-            qk, qv, mk, mv = backend.encode(x)
-            if ring is None:
-                ring = MemoryRing.like(mk, mv)
-            ring.write(mk, mv)
-            backend.head(qk, qv, ring.slot_keys(), ring.slot_values(), logits=False)
-            ring.advance()
+            stepper.step(x)
             latency = time.perf_counter() - t0
             if i >= warmup:
                 t = backend.last_timing

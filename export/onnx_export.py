@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmanet.memory import MemoryStepper
+
 from .manifest import (ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, file_entries,
                        head_input_names, library_versions, write_manifest)
 
@@ -124,7 +126,6 @@ def check_against_torch(out, encoder, head, sequence_num, frames, batch, toleran
     """Stream ``frames`` through torch and ONNX Runtime side by side; compare every output."""
     import onnxruntime as ort
 
-    from tmanet.runtime.ring_buffer import MemoryRing
     height, width = head.out_size
     frames = check_frames_for(height, width, sequence_num + 2) if frames is None else np.asarray(frames)
     if frames.dtype != np.uint8 or frames.shape[1:] != (height, width, 3):
@@ -134,27 +135,31 @@ def check_against_torch(out, encoder, head, sequence_num, frames, batch, toleran
     enc_s = ort.InferenceSession(str(out / FRAME_ENCODER), opts, providers=["CPUExecutionProvider"])
     head_s = ort.InferenceSession(str(out / MEMORY_HEAD), opts, providers=["CPUExecutionProvider"])
     names = head_input_names(sequence_num)
-    worst_enc = worst_logits = 0.0
+    worst = {"encoder": 0.0, "logits": 0.0}
     mask_equal = total = 0
     scale = []
-    ring = None
+
+    def encode(x):  # torch's outputs go on through the ring; ONNX Runtime's are compared with them
+        ref = encoder(torch.from_numpy(x))
+        got = enc_s.run(ENCODER_OUTPUTS, {"frames": x})
+        worst["encoder"] = max(worst["encoder"], *(float(np.abs(r.numpy() - g).max()) for r, g in zip(ref, got)))
+        return ref
+
+    def compare_heads(qk, qv, keys, values):  # both heads on the same slot inputs
+        nonlocal mask_equal, total
+        inputs = [qk, qv, *keys, *values]
+        ref_mask, ref_logits = head(*inputs)
+        mask, logits = head_s.run(HEAD_OUTPUTS, {n: t.contiguous().numpy() for n, t in zip(names, inputs)})
+        worst["logits"] = max(worst["logits"], float(np.abs(ref_logits.numpy() - logits).max()))
+        scale.append(float(ref_logits.std()))
+        mask_equal += int((ref_mask.numpy() == mask).sum())
+        total += mask.size
+
+    stepper = MemoryStepper(encode, compare_heads)
     with torch.no_grad():
         for frame in frames:
-            x = np.repeat(frame[None], batch, 0)
-            ref = encoder(torch.from_numpy(x))
-            got = enc_s.run(ENCODER_OUTPUTS, {"frames": x})
-            worst_enc = max(worst_enc, *(float(np.abs(r.numpy() - g).max()) for r, g in zip(ref, got)))
-            qk, qv, mk, mv = ref
-            ring = ring or MemoryRing.like(mk, mv)
-            ring.write(mk, mv)
-            inputs = [qk, qv, *ring.slot_keys(), *ring.slot_values()]
-            ref_mask, ref_logits = head(*inputs)
-            mask, logits = head_s.run(HEAD_OUTPUTS, {n: t.contiguous().numpy() for n, t in zip(names, inputs)})
-            ring.advance()
-            worst_logits = max(worst_logits, float(np.abs(ref_logits.numpy() - logits).max()))
-            scale.append(float(ref_logits.std()))
-            mask_equal += int((ref_mask.numpy() == mask).sum())
-            total += mask.size
+            stepper.step(np.repeat(frame[None], batch, 0))
+    worst_enc, worst_logits = worst["encoder"], worst["logits"]
     std = float(np.mean(scale))
     result = {"frames": int(len(frames)), "encoder_max_abs": worst_enc, "logits_max_abs": worst_logits,
               "logits_std": std, "relative": worst_logits / max(std, 1e-12), "tolerance": tolerance,

@@ -11,7 +11,7 @@ import torch
 
 from tmanet.checkpoints import read_checkpoint
 from tmanet.model import TMANet
-from tmanet.runtime.slots import memory_frame_indices
+from tmanet.memory import memory_frame_indices
 from tmanet.training.ablation import (DEFAULT_VARIANTS, VARIANTS, Variant, cross_orders, eval_clips,
                                       evaluate_variant, main, parse_variant, predict_clip, run_ablation,
                                       small_config)

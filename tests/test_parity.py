@@ -109,7 +109,7 @@ def test_stream_matches_predict_clip_and_golden(official_model, streamed, predic
 
 def warmup_memory(t: int, T: int) -> list[int]:
     """Frames memory slots 0..T-1 read at frame t of a stream starting at 0: t-T+i, clamped to frame 0.
-    Written out here on purpose, independent of tmanet.runtime.slots."""
+    Written out here on purpose, independent of tmanet.memory."""
     return [max(t - T + i, 0) for i in range(T)]
 
 

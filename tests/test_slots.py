@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tmanet.runtime.ring_buffer import MemoryRing
-from tmanet.runtime.slots import memory_frame_indices, ring_positions
+from tmanet.memory import MemoryRing
+from tmanet.memory import memory_frame_indices, ring_positions
 
 
 # -- memory_frame_indices -------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_reset_out_of_range_stream_leaves_ring_untouched():
     ring = MemoryRing.like(mk, mv)
     ring.write(mk, mv)
     ring.advance()
-    keys, fresh, t = ring.keys.copy(), list(ring.fresh), ring.t
+    keys, fresh, t = ring.keys.copy(), list(ring.fresh), list(ring.clock)
     with pytest.raises(IndexError):
         ring.reset(2)
-    assert ring.fresh == fresh and ring.t == t and np.array_equal(ring.keys, keys)
+    assert ring.fresh == fresh and ring.clock == t and np.array_equal(ring.keys, keys)
