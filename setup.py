@@ -34,6 +34,9 @@ setup(
         # are what modelopt.onnx needs to import. Pinned set: requirements/quant.txt.
         "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes", "onnxslim", "lief"],
         "tensorrt": ["tensorrt"],
+        # Triton serving: the client. The server is the NGC Triton container's tritonserver, or the binary in
+        # nvidia-pytriton installed with --no-deps (requirements/tritonserver.txt; its dependencies pin numpy<2).
+        "serve": ["tritonclient[grpc,http]"],
     },
     entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},
 )

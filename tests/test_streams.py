@@ -113,3 +113,19 @@ def test_stream_id_rules(exports, pool):
     assert seg.push(pool[0], stream=1).index == 0 and seg.in_use == [False, True]
     seg.reset()  # forgets everything but keeps the stream count open() fixed
     assert seg.streams == 2
+
+
+def test_sequence_slots_map_sequences_to_streams():
+    """The Triton model's bookkeeping: START takes a free stream, else the least recently used one (Triton only
+    admits a new sequence once a held one has ended or timed out); a frame of an unknown sequence is refused."""
+    from tmanet.runtime.sequence_slots import SequenceSlots, UnknownSequence
+    slots = SequenceSlots(2)
+    assert slots.stream_for("a", start=True) == (0, True)
+    assert slots.stream_for(9, start=True) == (1, True)
+    assert slots.stream_for("a", start=False) == (0, False)   # "a" is now the most recently used
+    assert slots.stream_for("a", start=True) == (0, True)     # START again: the same stream, restarted
+    assert slots.stream_for("c", start=True) == (1, True)     # reclaims 9's stream (least recently used)
+    with pytest.raises(UnknownSequence, match="sequence_start"):
+        slots.stream_for(9, start=False)
+    assert slots.release("c") == 1 and len(slots) == 1
+    assert slots.stream_for(9, start=True) == (1, True)
