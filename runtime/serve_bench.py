@@ -1,7 +1,8 @@
 """Serving vs in-process, in one run: N camera sequences through a Triton server (gRPC, one client thread
 per sequence, each sending its next frame when the previous answer is back) and the same frames in-process
-through ``push_batch`` (all N streams per call). Reports aggregate frames/s and per-request latency
-percentiles of both, and their ratios."""
+through ``push_batch`` (all N streams per call). Reports aggregate frames/s and latency percentiles of both
+(serving: one request's round trip; in-process: one push_batch, the time each camera's frame waits), and
+their ratios. The two alternate over ``rounds`` rounds so that a busy machine slows both alike."""
 from __future__ import annotations
 
 import threading
@@ -17,7 +18,8 @@ def sequence_clips(streams: int, frames: int, height: int, width: int, seed: int
     return [make_clip(frames, height, width, seed + s) for s in range(streams)]
 
 
-def bench_in_process(export_dir, clips, warmup: int, threads=None) -> dict:
+def bench_in_process(export_dir, clips, warmup: int, threads=None) -> tuple[float, list[float]]:
+    """(timed wall seconds, push_batch latencies)."""
     from .segmenter import StreamingSegmenter
     options = {"threads": threads} if threads else {}
     n = len(clips)
@@ -31,12 +33,11 @@ def bench_in_process(export_dir, clips, warmup: int, threads=None) -> dict:
             t0 = time.perf_counter()
             seg.push_batch(batch)
             latencies.append(time.perf_counter() - t0)
-        wall = time.perf_counter() - start
-    return {"fps": n * len(latencies) / wall, "latency_ms": summarize(np.asarray(latencies) * 1e3)}
+        return time.perf_counter() - start, latencies
 
 
-def bench_triton(url: str, model: str, clips, warmup: int, first_id: int = 1) -> dict:
-    """One thread and one gRPC client per sequence; latency = one request's round trip."""
+def bench_triton(url: str, model: str, clips, warmup: int, first_id: int = 1) -> tuple[float, list[float]]:
+    """(timed wall seconds, request round trips) with one thread and one gRPC client per sequence."""
     import tritonclient.grpc as grpcclient
     n = len(clips)
     latencies = [[] for _ in range(n)]
@@ -75,25 +76,32 @@ def bench_triton(url: str, model: str, clips, warmup: int, first_id: int = 1) ->
     wall = time.perf_counter() - start
     if errors:
         raise RuntimeError("; ".join(errors))
-    flat = [x for lat in latencies for x in lat]
-    return {"fps": len(flat) / wall, "latency_ms": summarize(np.asarray(flat) * 1e3)}
+    return wall, [x for lat in latencies for x in lat]
 
 
 def bench_serving(export_dir, url: str, model: str, streams: int, frames: int, warmup: int,
-                  threads=None) -> dict:
+                  threads=None, rounds: int = 3) -> dict:
     from tmanet.export.manifest import load_manifest
     H, W = (int(s) for s in load_manifest(export_dir)["input_size"])
-    clips = sequence_clips(streams, warmup + frames, H, W)
-    served = bench_triton(url, model, clips, warmup)
-    local = bench_in_process(export_dir, clips, warmup, threads)
-    return {"streams": streams, "frames_per_stream": frames, "warmup": warmup, "input_size": [H, W],
-            "triton": served, "in_process": local, "throughput_ratio": served["fps"] / local["fps"],
+    per_round = max(1, frames // rounds)
+    measured = {"triton": [0.0, []], "in_process": [0.0, []]}
+    for r in range(rounds):
+        clips = sequence_clips(streams, warmup + per_round, H, W, seed=r * streams)
+        for name, (wall, lat) in (("triton", bench_triton(url, model, clips, warmup, first_id=1 + r * streams)),
+                                  ("in_process", bench_in_process(export_dir, clips, warmup, threads))):
+            measured[name][0] += wall
+            measured[name][1] += lat
+    out = {name: {"fps": streams * per_round * rounds / wall, "latency_ms": summarize(np.asarray(lat) * 1e3)}
+           for name, (wall, lat) in measured.items()}
+    served = out["triton"]
+    return {"streams": streams, "frames_per_stream": per_round * rounds, "warmup": warmup, "rounds": rounds,
+            "input_size": [H, W], **out, "throughput_ratio": served["fps"] / out["in_process"]["fps"],
             "triton_p99_over_p50": served["latency_ms"]["p99"] / served["latency_ms"]["p50"]}
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['streams']} sequences x {r['frames_per_stream']} frames (+{r['warmup']} warm-up), "
-             f"{r['input_size'][0]}x{r['input_size'][1]}",
+    lines = [f"{r['streams']} sequences x {r['frames_per_stream']} frames in {r['rounds']} alternating rounds "
+             f"(+{r['warmup']} warm-up each), {r['input_size'][0]}x{r['input_size'][1]}",
              f"{'':12s} {'frames/s':>9s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s}"]
     for name in ("triton", "in_process"):
         x, ms = r[name], r[name]["latency_ms"]

@@ -28,6 +28,9 @@ def register(subparsers):
     r.add_argument("--idle-timeout-ms", type=int, default=5000, metavar="MS",
                    help="a sequence idle this long is dropped and its stream freed (default 5000)")
     r.add_argument("--instances", type=int, default=1, metavar="K", help="model instances (default 1)")
+    r.add_argument("--max-queue-delay-us", type=int, default=5000, metavar="US",
+                   help="how long a frame may wait for other sequences' frames to share its engine batch "
+                        "(default 5000; 0 runs each frame as soon as the model is free)")
     r.add_argument("--threads", type=int, metavar="N", help="CPU threads per instance (default: all cores)")
     r.add_argument("--sequence-id-type", choices=("uint64", "string"), default="uint64",
                    help="uint64 (default): ids arrive in a uint64 CORRID control input; string: string ids "
@@ -59,6 +62,8 @@ def register(subparsers):
     b.add_argument("--streams", type=int, default=4, metavar="N", help="concurrent sequences (default 4)")
     b.add_argument("--frames", type=int, default=40, metavar="F", help="timed frames per sequence (default 40)")
     b.add_argument("--warmup", type=int, default=5, metavar="F", help="untimed frames first (default 5)")
+    b.add_argument("--rounds", type=int, default=3, metavar="R",
+                   help="serving and in-process alternate R times (default 3): load swings hit both alike")
     b.add_argument("--threads", type=int, metavar="N", help="CPU threads, in-process and in the server")
     b.add_argument("--json", metavar="F", help="write the report as JSON")
     b.set_defaults(func=serve_bench_command)
@@ -77,7 +82,7 @@ def triton_repo_command(args) -> int:
                                device=args.device, max_sequences=args.max_sequences,
                                idle_timeout_ms=args.idle_timeout_ms, instances=args.instances,
                                threads=args.threads, sequence_id_type=args.sequence_id_type,
-                               site_packages=args.site_packages)
+                               site_packages=args.site_packages, queue_delay_us=args.max_queue_delay_us)
     log.info("wrote %s (serve it with: tmanet serve %s)", folder, args.out)
     return 0
 
@@ -111,11 +116,11 @@ def serve_bench_command(args) -> int:
     from tmanet.errors import UserError
 
     from .serve_bench import bench_serving, format_report
-    if args.streams < 1 or args.frames < 1 or args.warmup < 0:
-        raise UserError("--streams and --frames must be positive, --warmup non-negative")
+    if args.streams < 1 or args.frames < args.rounds or args.rounds < 1 or args.warmup < 0:
+        raise UserError("--streams and --rounds must be positive, --frames at least --rounds, --warmup >= 0")
     if args.url:
         report = bench_serving(args.export_dir, args.url, args.model_name, args.streams, args.frames, args.warmup,
-                               args.threads)
+                               args.threads, args.rounds)
     else:
         from .serve import TritonServer, free_ports
         from .triton_repo import write_triton_repo
@@ -126,7 +131,7 @@ def serve_bench_command(args) -> int:
             with TritonServer(f"{tmp}/repo", http_port=http, grpc_port=grpc, metrics_port=metrics,
                               log_file=f"{tmp}/tritonserver.log") as server:
                 report = bench_serving(args.export_dir, server.grpc_url, args.model_name, args.streams,
-                                       args.frames, args.warmup, args.threads)
+                                       args.frames, args.warmup, args.threads, args.rounds)
     print(format_report(report))
     if args.json:
         tmp = f"{args.json}.tmp"

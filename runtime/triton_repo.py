@@ -25,6 +25,9 @@ from tmanet.errors import UserError
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 SEQUENCE_ID_TYPES = ("uint64", "string")
+# Cameras of one rate send their frames within a few ms of each other: waiting that long for them makes one
+# engine batch of what would otherwise be a batch of one followed by a batch of the rest.
+DEFAULT_QUEUE_DELAY_US = 5000
 
 
 def default_site_packages() -> str:
@@ -34,7 +37,8 @@ def default_site_packages() -> str:
 
 
 def config_pbtxt(name: str, manifest: dict, max_sequences: int, idle_timeout_ms: int, instances: int,
-                 parameters: dict, sequence_id_type: str = "uint64", device: str = "cpu") -> str:
+                 parameters: dict, sequence_id_type: str = "uint64", device: str = "cpu",
+                 queue_delay_us: int = 0) -> str:
     H, W = (int(s) for s in manifest["input_size"])
     C = int(manifest["num_classes"])
     kind = "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
@@ -64,7 +68,8 @@ sequence_batching {{
 {flag("END", "CONTROL_SEQUENCE_END")},
 {flag("READY", "CONTROL_SEQUENCE_READY")}{corrid}
   ]
-  oldest {{ max_candidate_sequences: {max_sequences} max_queue_delay_microseconds: 0 }}
+  oldest {{ max_candidate_sequences: {max_sequences} preferred_batch_size: [ {max_sequences} ]
+           max_queue_delay_microseconds: {int(queue_delay_us)} }}
 }}
 instance_group [ {{ count: {instances} kind: {kind} }} ]
 parameters [
@@ -92,15 +97,18 @@ def _copy_export(export_dir: Path, dest: Path, manifest: dict, backend: str):
 def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str = "ort", device: str = "cpu",
                       max_sequences: int = 4, idle_timeout_ms: int = 5000, instances: int = 1,
                       threads: int | None = None, sequence_id_type: str = "uint64",
-                      site_packages: str | None = None) -> Path:
+                      site_packages: str | None = None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> Path:
     """Write model ``model_name`` into the repository ``out`` (created if needed; other models in it are left
-    alone, an existing model of that name is an error). Returns the model folder."""
+    alone, an existing model of that name is an error). Returns the model folder. ``queue_delay_us``: how long
+    the batcher may hold a request for the other sequences' frames to join its batch."""
     from tmanet.export.manifest import load_manifest
     export_dir, out = Path(export_dir), Path(out)
     for what, value in (("--max-sequences", max_sequences), ("--idle-timeout-ms", idle_timeout_ms),
                         ("--instances", instances)):
         if not (isinstance(value, int) and value > 0):
             raise UserError(f"{what} must be a positive integer, got {value!r}")
+    if not (isinstance(queue_delay_us, int) and queue_delay_us >= 0):
+        raise UserError(f"--max-queue-delay-us must be a non-negative integer, got {queue_delay_us!r}")
     if threads and backend == "trt":
         raise UserError("--threads applies to the ort and torch backends (TensorRT runs on the GPU)")
     if sequence_id_type not in SEQUENCE_ID_TYPES:
@@ -122,7 +130,8 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
         parameters = {"backend": backend, "device": device, "threads": threads or 0,
                       "site_packages": default_site_packages() if site_packages is None else site_packages}
         (tmp / "config.pbtxt").write_text(config_pbtxt(model_name, manifest, max_sequences, idle_timeout_ms,
-                                                       instances, parameters, sequence_id_type, device))
+                                                       instances, parameters, sequence_id_type, device,
+                                                       queue_delay_us))
         os.chmod(tmp, 0o755)
         os.replace(tmp, final)
     except BaseException:
