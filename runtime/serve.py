@@ -109,7 +109,7 @@ class TritonServer:
         if self.verbose:
             command.append("--log-verbose=1")
         out = open(self.log_file, "ab") if self.log_file else None  # None: the server logs to our terminal
-        self.process = subprocess.Popen(command, env=env, stdout=out, stderr=None if out is None else subprocess.STDOUT,
+        self.process = subprocess.Popen(command, env=env, stdout=out, stderr=out and subprocess.STDOUT,
                                         start_new_session=True)  # our own signals only, not the terminal's
         if out is not None:
             out.close()
