@@ -24,9 +24,11 @@ setup(
         "av>=12",
         "pillow>=10",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # tmanet bench --plot (Agg backend, no display needed)
         # Pure Python; NVIDIA's loaders for TensorRT builds (tensorrt itself imported lazily) and what
         # ModelOpt AutoCast runs its reference inference with.
-        "polygraphy>=0.49",
+        # 0.49.22: progress_monitor (0.49.0 has none) and no config.int8_calibrator read (TensorRT 11 lacks it).
+        "polygraphy>=0.49.22",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
@@ -37,6 +39,8 @@ setup(
         # Triton serving: the client. The server is the NGC Triton container's tritonserver, or the binary in
         # nvidia-pytriton installed with --no-deps (requirements/tritonserver.txt; its dependencies pin numpy<2).
         "serve": ["tritonclient[grpc,http]"],
+        # ROS 2 .db3 and ROS 1 .bag input of `tmanet run` (MCAP needs only the required mcap packages).
+        "rosbags": ["rosbags>=0.10"],
     },
     entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},
 )

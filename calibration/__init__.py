@@ -11,13 +11,15 @@ onnxslim); imports stay lazy so the rest of the toolkit works without it.
 """
 from __future__ import annotations
 
-from tmanet.lazy_exports import lazy_getattr
-
 import logging
 import os
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from tmanet.export.manifest import check_replaceable
+from tmanet.lazy_exports import lazy_getattr
+from tmanet.safe_files import atomic_directory, check_output, refuse_overwriting_inputs
 
 log = logging.getLogger("tmanet")
 
@@ -57,14 +59,29 @@ def resolve_precisions(precision=None, frame_precision=None, head_precision=None
     return chosen
 
 
-def _check_out(src: Path, out: Path, overwrite: bool):
+def _check_out(src: Path, out: Path, overwrite: bool, frame_sources=()):
     if out.resolve() == src.resolve():
         raise CalibrationError(f"the output directory is the source export {src}: choose another --out")
-    if out.exists():
-        if not out.is_dir():
-            raise CalibrationError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
+    check_output(out, "dir", "--out")
+    refuse_overwriting_inputs([out], [src, *(f for f in frame_sources if isinstance(f, (str, os.PathLike)))])
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
             raise CalibrationError(f"{out} exists and is not empty (use --force to replace it)")
+        check_replaceable(out)  # even with --force, only an export directory is replaced
+
+
+@dataclass(frozen=True)
+class _Conversion:
+    """How each engine's graph is converted: the precision options of :func:`calibrate`, checked."""
+    precisions: dict             # engine -> fp32 | fp16 | int8
+    keep_attention_fp32: bool
+    method: str
+    int8_high_precision: str
+    quantize_residual: bool
+    int8_keep: dict              # engine -> modules its INT8 graph keeps unquantized
+    data_max: float
+    reference_batches: int
+    batch: int                   # the graphs' batch
 
 
 def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str | None = None,
@@ -87,13 +104,35 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     ``reference_batches``: batches for AutoCast's float32 reference run. The gate streams ``gate_frames``
     (default: the calibration frames) through both exports. On error nothing is left behind in ``out_dir``.
     """
-    from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, file_entries, load_manifest, write_manifest
+    from tmanet.export.manifest import write_manifest
 
-    from .compare import compare_exports
-    from .precision import AUTOCAST_DATA_MAX, convert_fp16, modelopt_version, require_modelopt
-    from .quantize import (CALIBRATION_METHODS, DEFAULT_CALIBRATION_FRAMES, SampleReader, build_samples,
-                           engine_batch, frame_streams, quantize_int8, write_reference_npz)
+    from .precision import require_modelopt
+    from .quantize import engine_batch, frame_streams
     precisions = resolve_precisions(precision, frame_precision, head_precision)
+    num, data_max = _checked_options(method, int8_high_precision, num, reference_batches, data_max)
+    src, out = Path(src_dir), Path(out_dir)
+    manifest = _fp32_manifest(src)
+    _check_out(src, out, overwrite, (frames, gate_frames))
+    require_modelopt()
+    conversion = _Conversion(precisions, keep_attention_fp32, method, int8_high_precision, quantize_residual,
+                             _check_int8_keep(src, precisions, tuple(int8_keep)), data_max, reference_batches,
+                             engine_batch(manifest))
+    streams = frame_streams(frames, manifest["input_size"], manifest, num)
+    with atomic_directory(out) as stage:  # the previous out_dir stays whole until the new one is complete
+        engines = _convert_engines(src, stage, manifest, streams, conversion, progress)
+        new = _calibrated_manifest(manifest, src, stage, precisions, streams, engines)
+        write_manifest(stage, new)
+        if gate:
+            new["calibration"]["gate"] = _gate(src, stage, out, streams, gate_frames, gate_num, threads, progress)
+            write_manifest(stage, new)
+    new["directory"] = str(out)
+    return new
+
+
+def _checked_options(method, int8_high_precision, num, reference_batches, data_max) -> tuple[int, float]:
+    """(number of calibration frames, AutoCast data max), defaults filled in, after checking the options."""
+    from .precision import AUTOCAST_DATA_MAX
+    from .quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION_FRAMES
     if method not in CALIBRATION_METHODS:
         raise CalibrationError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if int8_high_precision not in ("fp16", "fp32"):
@@ -102,99 +141,98 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     if num < 1 or reference_batches < 1:
         raise CalibrationError(f"the number of frames and reference batches must be >= 1 (got {num}, "
                                f"{reference_batches})")
-    data_max = AUTOCAST_DATA_MAX if data_max is None else float(data_max)
-    src, out = Path(src_dir), Path(out_dir)
+    return num, AUTOCAST_DATA_MAX if data_max is None else float(data_max)
+
+
+def _fp32_manifest(src: Path) -> dict:
+    from tmanet.export.manifest import load_manifest
     manifest = load_manifest(src)
     source_precision = manifest.get("precision", {})
     if any(p != "fp32" for p in source_precision.values()):
         raise CalibrationError(f"{src} is not a float32 export (precision {source_precision}): calibrate from "
                                "the fp32 export that `tmanet export` wrote")
-    _check_out(src, out, overwrite)
-    require_modelopt()
-    int8_keep = tuple(int8_keep)
-    int8_keep_found = _check_int8_keep(src, precisions, int8_keep)
-    streams = frame_streams(frames, manifest["input_size"], manifest, num)
-    batch = engine_batch(manifest)
-    names = {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}
+    return manifest
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's private 0700 is not what a published export should have
-        work = stage / "work"
-        work.mkdir()
-        need_head = precisions["memory_head"] != "fp32"
-        log.info("calibration data: %d frames x %d stream(s) from %s%s", streams.frames, len(streams.streams),
-                 streams.source, ", streamed through the fp32 frame graph" if need_head else "")
-        samples = build_samples(src, manifest, streams, work, with_head=need_head, progress=progress)
-        engines = {}
-        for engine, file in names.items():
-            p = precisions[engine]
-            if p == "fp32":
-                shutil.copyfile(src / file, stage / file)
-                engines[engine] = {"tool": "copied from the source export"}
-            elif p == "fp16":
-                ref = write_reference_npz(samples.graph_inputs(engine), work / f"reference_{engine}", batch,
-                                          reference_batches)
-                log.info("%s: float16 (AutoCast, %d reference batches)...", file, len(list(ref.iterdir())))
-                engines[engine] = convert_fp16(src / file, stage / file, reference_data=ref,
-                                               keep_attention_fp32=keep_attention_fp32, data_max=data_max)
-                engines[engine]["reference_batches"] = len(list(ref.iterdir()))
-            else:
-                log.info("%s: int8 PTQ (%s calibration on %d samples)...", file, method, len(samples))
-                reader = SampleReader(samples.graph_inputs(engine), batch)
-                engines[engine] = quantize_int8(src / file, stage / file, reader, method=method,
-                                                high_precision=int8_high_precision,
-                                                keep_attention_fp32=keep_attention_fp32,
-                                                quantize_residual=quantize_residual,
-                                                keep_modules=int8_keep_found[engine],
-                                                workdir=work)
-        del samples
-        shutil.rmtree(work)
 
-        new = {k: v for k, v in manifest.items() if k not in ("directory", "check", "calibration")}
-        new["precision"] = precisions
-        new["files"] = file_entries(stage, [FRAME_ENCODER, MEMORY_HEAD])
-        new["calibration"] = {
-            "source_export": str(src.resolve()),
-            "source_files": manifest.get("files", {}),
-            "source_check": manifest.get("check"),
-            "frames": streams.describe(),
-            "precision": precisions,
-            "io_types": "unchanged: uint8 frames, float32 encodings and logits, uint8 mask",
-            "engines": engines,
-            "modelopt": modelopt_version(),
-            "versions": _versions(),
-            "gate": None,
-        }
-        write_manifest(stage, new)
-        if gate:
-            clip = gate_frames if gate_frames is not None else streams.clip
-            result = compare_exports(src, stage, clip, num=gate_num, threads=threads, progress=progress)
-            result["b"]["directory"] = str(out)
-            if gate_frames is None:
-                result["source"] = streams.source
-            new["calibration"]["gate"] = result
-            write_manifest(stage, new)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    new["directory"] = str(out)
+def _convert_engines(src: Path, stage: Path, manifest: dict, streams, conversion: _Conversion,
+                     progress: bool) -> dict:
+    """Each engine's graph at its precision into ``stage``; returns what was done per engine."""
+    from .quantize import build_samples
+    work = stage / "work"
+    work.mkdir()
+    need_head = conversion.precisions["memory_head"] != "fp32"
+    log.info("calibration data: %d frames x %d stream(s) from %s%s", streams.frames, len(streams.streams),
+             streams.source, ", streamed through the fp32 frame graph" if need_head else "")
+    samples = build_samples(src, manifest, streams, work, with_head=need_head, progress=progress)
+    engines = {engine: _convert_engine(engine, src, stage, work, samples, conversion) for engine in ENGINES}
+    del samples  # its arrays may map files under work/
+    shutil.rmtree(work)
+    return engines
+
+
+def _convert_engine(engine: str, src: Path, stage: Path, work: Path, samples, conversion: _Conversion) -> dict:
+    from .precision import convert_fp16
+    from .quantize import SampleReader, quantize_int8, write_reference_npz
+    file = _graph_file(engine)
+    p = conversion.precisions[engine]
+    if p == "fp32":
+        shutil.copyfile(src / file, stage / file)
+        return {"tool": "copied from the source export"}
+    if p == "fp16":
+        ref = write_reference_npz(samples.graph_inputs(engine), work / f"reference_{engine}", conversion.batch,
+                                  conversion.reference_batches)
+        log.info("%s: float16 (AutoCast, %d reference batches)...", file, len(list(ref.iterdir())))
+        done = convert_fp16(src / file, stage / file, reference_data=ref,
+                            keep_attention_fp32=conversion.keep_attention_fp32, data_max=conversion.data_max)
+        done["reference_batches"] = len(list(ref.iterdir()))
+        return done
+    log.info("%s: int8 PTQ (%s calibration on %d samples)...", file, conversion.method, len(samples))
+    reader = SampleReader(samples.graph_inputs(engine), conversion.batch)
+    return quantize_int8(src / file, stage / file, reader, method=conversion.method,
+                         high_precision=conversion.int8_high_precision,
+                         keep_attention_fp32=conversion.keep_attention_fp32,
+                         quantize_residual=conversion.quantize_residual,
+                         keep_modules=conversion.int8_keep[engine], workdir=work)
+
+
+def _calibrated_manifest(manifest: dict, src: Path, stage: Path, precisions: dict, streams, engines: dict) -> dict:
+    """The source manifest with the new precisions and files, and how they were made (gate: not yet)."""
+    from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, file_entries
+
+    from .precision import modelopt_version
+    new = {k: v for k, v in manifest.items() if k not in ("directory", "check", "calibration")}
+    new["precision"] = precisions
+    new["files"] = file_entries(stage, [FRAME_ENCODER, MEMORY_HEAD])
+    new["calibration"] = {
+        "source_export": str(src.resolve()),
+        "source_files": manifest.get("files", {}),
+        "source_check": manifest.get("check"),
+        "frames": streams.describe(),
+        "precision": precisions,
+        "io_types": "unchanged: uint8 frames, float32 encodings and logits, uint8 mask",
+        "engines": engines,
+        "modelopt": modelopt_version(),
+        "versions": _versions(),
+        "gate": None,
+    }
     return new
+
+
+def _gate(src: Path, stage: Path, out: Path, streams, gate_frames, gate_num, threads, progress) -> dict:
+    """The staged export against the source on ``gate_frames`` (default: the calibration frames)."""
+    from .compare import compare_exports
+    clip = gate_frames if gate_frames is not None else streams.clip
+    result = compare_exports(src, stage, clip, num=gate_num, threads=threads, progress=progress)
+    result["b"]["directory"] = str(out)
+    if gate_frames is None:
+        result["source"] = streams.source
+    return result
 
 
 def _check_int8_keep(src: Path, precisions: dict, keep: tuple) -> dict:
     """Per INT8 engine, the ``keep`` modules its graph holds, in order; every module must be in one of them."""
-    from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD
-
     from .precision import module_names
-    int8 = {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}
-    int8 = {e: f for e, f in int8.items() if precisions[e] == "int8"}
+    int8 = {e: _graph_file(e) for e in ENGINES if precisions[e] == "int8"}
     if not keep:
         return {e: [] for e in int8}
     if not int8:
@@ -212,6 +250,11 @@ def _check_int8_keep(src: Path, precisions: dict, keep: tuple) -> dict:
         raise CalibrationError(f"no module {', '.join(map(repr, missing))} in the INT8 graph(s) "
                                f"({', '.join(int8.values())}); modules include: {', '.join(known)}")
     return found
+
+
+def _graph_file(engine: str) -> str:
+    from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD
+    return {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}[engine]
 
 
 def _versions() -> dict:

@@ -111,14 +111,15 @@ def run_calibrate(args) -> int:
 
 
 def run_compare(args) -> int:
-    import json
-    from pathlib import Path
-
     from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs, write_json
 
     from .compare import CompareError, compare_exports, format_table
     _positive(args.num, "--num")
     _positive(args.threads, "--threads")
+    if args.json:
+        check_output(args.json, "file", "--json")
+        refuse_overwriting_inputs([args.json], [args.dir_a, args.dir_b, args.frames, args.labels])
     try:
         result = compare_exports(args.dir_a, args.dir_b, args.frames, labels=args.labels, num=args.num,
                                  threads=args.threads, progress=not args.no_progress)
@@ -126,7 +127,5 @@ def run_compare(args) -> int:
         raise UserError(str(e)) from None
     print(format_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
     return 0 if result["passed"] in (True, None) else 1

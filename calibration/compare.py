@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.training.evaluate import confusion_matrix, scores_from_confusion
+from tmanet.metrics import confusion_matrix, scores_from_confusion
 
 log = logging.getLogger("tmanet")
 
@@ -73,7 +73,8 @@ def open_labels(source):
         return len(files), get
     if path.suffix.lower() != ".npy":
         raise CompareError(f"{path}: labels must be a .npy (F, H, W) uint8 array or a folder of PNGs")
-    labels = np.load(path, mmap_mode="r")
+    from tmanet.video_io import read_npy
+    labels = read_npy(path)
     if labels.ndim != 3 or labels.dtype != np.uint8:
         raise CompareError(f"{path}: labels must be uint8 (F, H, W), got {labels.dtype} {labels.shape}")
     return len(labels), lambda i: np.asarray(labels[i])
@@ -93,9 +94,10 @@ def _frame_iter(frames, num):
             raise CompareError(f"frames must be uint8 RGB (F, H, W, 3), got {frames.dtype} {frames.shape}")
         clip = frames if num is None else frames[:num]
         return len(clip), iter(clip), "<array>"
-    from tmanet.runtime.video_io import open_frames
+    from tmanet.driving_logs import split_topic
+    from tmanet.video_io import open_frames
     path = Path(frames)
-    if not path.exists():
+    if not split_topic(path)[0].exists():  # a ROS bag may name a topic: drive.mcap:/cam/front
         raise FileNotFoundError(f"frames source not found: {path}")
     source = open_frames(path, max_frames=num)
     return source.count, (f for f, _ in source), str(path)

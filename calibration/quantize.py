@@ -22,6 +22,7 @@ import numpy as np
 
 from tmanet.export.manifest import FRAME_ENCODER, head_input_names
 from tmanet.memory import MemoryStepper
+from tmanet.onnx_session import cpu_session
 
 from .precision import (PrecisionError, attention_nodes, check_io_kept, in_module, module_names, module_of,
                         name_unnamed_nodes, quiet, read_unquantized_adds, require_modelopt, summarize, tools_log_level)
@@ -65,9 +66,10 @@ def read_clip(source, num: int | None = None) -> tuple[np.ndarray, str]:
         clip = source if num is None else source[:num]
         kind = "array"
     else:
-        from tmanet.runtime.video_io import open_frames
+        from tmanet.driving_logs import split_topic
+        from tmanet.video_io import open_frames
         path = Path(source)
-        if not path.exists():
+        if not split_topic(path)[0].exists():  # a ROS bag may name a topic: drive.mcap:/cam/front
             raise FileNotFoundError(f"frames source not found: {path}")
         frames_source = open_frames(path, max_frames=num)
         frames = [f for f, _ in frames_source]
@@ -121,13 +123,6 @@ class CalibrationSamples:
         return {"frames": self.frames} if graph == "frame_encoder" else self.head
 
 
-def _frame_session(path):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def engine_batch(manifest: dict) -> int:
     """Batch the graphs are run with: the fixed export batch, or 1 for a dynamic-batch export."""
     b = manifest.get("batch", 1)
@@ -166,7 +161,7 @@ def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=Non
         head = {n: array(n, (S, *shapes[n]), np.float32) for n in head_input_names(T)}
     index = [(s, t) for s in range(nstreams) for t in range(F)]
     B = engine_batch(manifest)
-    session = _frame_session(Path(export_dir) / FRAME_ENCODER) if with_head else None
+    session = cpu_session(Path(export_dir) / FRAME_ENCODER) if with_head else None
     bar = tqdm(total=S, desc="calibration samples", unit="sample", disable=not progress or not with_head)
     encode = None if session is None else (
         lambda batch: session.run(["query_key", "query_value", "memory_key", "memory_value"], {"frames": batch}))
@@ -259,55 +254,19 @@ def quantize_int8(src, dst, reader: SampleReader, method: str = "entropy", high_
     default placement), the residual shortcuts stay high precision: additions read unquantized inputs (see
     :func:`read_unquantized_adds`) and ``downsample`` modules are not quantized. ``keep_modules``: more torch
     module paths ('backbone.layer1') whose nodes stay unquantized. I/O names, types and shapes are kept."""
-    import tempfile
-
     import onnx
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if high_precision not in ("fp16", "fp32"):
         raise ValueError(f"high_precision must be 'fp16' or 'fp32', got {high_precision!r}")
     require_modelopt()
-    from modelopt.onnx.quantization import quantize
     src, dst = Path(src), Path(dst)
     source = onnx.load(str(src))
     renamed = name_unnamed_nodes(source)  # exclusions match node names
-    attention = attention_nodes(source)
-    keep_fp32_ops = None
-    # The residual shortcuts carry every block's output to the next: their rounding accumulates through the
-    # network, while their convolutions (1x1 downsamples) are a few percent of the work.
-    shortcuts = [] if quantize_residual else [m for m in module_names(source) if m.split(".")[-1] == "downsample"]
-    node_modules = {n.name: module_of(n) for n in source.graph.node}
-    kept = {m: [n for n, module in node_modules.items() if in_module(module, m)] for m in keep_modules}
-    unquantized = {n for n, module in node_modules.items()
-                   if any(in_module(module, m) for m in [*keep_modules, *shortcuts])}
-    exclude = [f"^{re.escape(n)}$" for n in node_modules if n in unquantized]
-    if keep_attention_fp32 and attention:
-        # Not quantized (an int8 softmax has 1/127 resolution; ModelOpt only skips attention MatMuls beyond
-        # 512 positions) and, in a float16 graph, kept float32: by op type, ModelOpt's option, which in our
-        # exports are the attention read's only MatMul/Softmax nodes.
-        exclude += [f"^{re.escape(n)}$" for n in attention]  # ModelOpt reads them as regular expressions
-        if high_precision == "fp16":
-            keep_fp32_ops = ["MatMul", "Softmax"]
-            other = [n.name for n in source.graph.node if n.op_type in keep_fp32_ops and n.name not in attention]
-            if other:
-                log.warning("%s: MatMul/Softmax outside the attention read also stay float32: %s", src.name,
-                            other)
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="ptq-") as tmp:
-        # quantize() rewrites its input file and leaves intermediates beside it: give it a private copy.
-        work = Path(tmp) / src.name
-        if renamed:
-            onnx.save(source, str(work))
-        else:
-            shutil.copyfile(src, work)
-        reader.rewind()
-        with quiet():
-            quantize(onnx_path=str(work), quantize_mode="int8", calibration_data_reader=reader,
-                     calibration_method=method, calibration_eps=["cpu"], output_path=str(Path(tmp) / "out.onnx"),
-                     high_precision_dtype=high_precision, op_types_to_exclude_fp16=keep_fp32_ops,
-                     op_types_to_exclude=None if quantize_residual else ["Add"],
-                     nodes_to_exclude=exclude or None,
-                     log_level=tools_log_level())
-        quantized = onnx.load(str(Path(tmp) / "out.onnx"))
+    plan = _int8_plan(source, src.name, high_precision, keep_attention_fp32, quantize_residual, keep_modules)
+    quantized = _modelopt_ptq(source if renamed else src, src.name, reader, method, high_precision, plan,
+                              quantize_residual, workdir)
+    attention, shortcuts, kept = plan["attention"], plan["shortcuts"], plan["kept"]
     rewired = 0 if quantize_residual else read_unquantized_adds(quantized)
     check_io_kept(source, quantized, f"ModelOpt PTQ on {dst.name}")
     info = summarize(quantized)
@@ -327,6 +286,59 @@ def quantize_int8(src, dst, reader: SampleReader, method: str = "entropy", high_
              f" (residual shortcuts too: {rewired} addition inputs, {len(shortcuts)} downsample modules)")
     return info
 
+
+def _int8_plan(source, name: str, high_precision: str, keep_attention_fp32: bool, quantize_residual: bool,
+               keep_modules) -> dict:
+    """What stays out of INT8 in ``source``: ``exclude`` (node-name patterns for ModelOpt), ``keep_fp32_ops``
+    (op types kept float32 in a float16 graph), and for the report the ``attention`` nodes, the residual
+    ``shortcuts`` modules and the nodes of each ``kept`` module."""
+    attention = attention_nodes(source)
+    keep_fp32_ops = None
+    # The residual shortcuts carry every block's output to the next: their rounding accumulates through the
+    # network, while their convolutions (1x1 downsamples) are a few percent of the work.
+    shortcuts = [] if quantize_residual else [m for m in module_names(source) if m.split(".")[-1] == "downsample"]
+    node_modules = {n.name: module_of(n) for n in source.graph.node}
+    kept = {m: [n for n, module in node_modules.items() if in_module(module, m)] for m in keep_modules}
+    unquantized = {n for n, module in node_modules.items()
+                   if any(in_module(module, m) for m in [*keep_modules, *shortcuts])}
+    exclude = [f"^{re.escape(n)}$" for n in node_modules if n in unquantized]
+    if keep_attention_fp32 and attention:
+        # Not quantized (an int8 softmax has 1/127 resolution; ModelOpt only skips attention MatMuls beyond
+        # 512 positions) and, in a float16 graph, kept float32: by op type, ModelOpt's option, which in our
+        # exports are the attention read's only MatMul/Softmax nodes.
+        exclude += [f"^{re.escape(n)}$" for n in attention]  # ModelOpt reads them as regular expressions
+        if high_precision == "fp16":
+            keep_fp32_ops = ["MatMul", "Softmax"]
+            other = [n.name for n in source.graph.node if n.op_type in keep_fp32_ops and n.name not in attention]
+            if other:
+                log.warning("%s: MatMul/Softmax outside the attention read also stay float32: %s", name, other)
+    return {"exclude": exclude, "keep_fp32_ops": keep_fp32_ops, "attention": attention, "shortcuts": shortcuts,
+            "kept": kept}
+
+
+def _modelopt_ptq(source, name: str, reader: SampleReader, method: str, high_precision: str, plan: dict,
+                  quantize_residual: bool, workdir):
+    """ModelOpt's ONNX PTQ of ``source`` (an ONNX model, or the path of an unchanged file) as a loaded model."""
+    import tempfile
+
+    import onnx
+    from modelopt.onnx.quantization import quantize
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="ptq-") as tmp:
+        # quantize() rewrites its input file and leaves intermediates beside it: give it a private copy.
+        work = Path(tmp) / name
+        if isinstance(source, Path):
+            shutil.copyfile(source, work)
+        else:
+            onnx.save(source, str(work))
+        reader.rewind()
+        with quiet():
+            quantize(onnx_path=str(work), quantize_mode="int8", calibration_data_reader=reader,
+                     calibration_method=method, calibration_eps=["cpu"], output_path=str(Path(tmp) / "out.onnx"),
+                     high_precision_dtype=high_precision, op_types_to_exclude_fp16=plan["keep_fp32_ops"],
+                     op_types_to_exclude=None if quantize_residual else ["Add"],
+                     nodes_to_exclude=plan["exclude"] or None,
+                     log_level=tools_log_level())
+        return onnx.load(str(Path(tmp) / "out.onnx"))
 
 def _quantized_nodes(model) -> list[str]:
     """Compute nodes fed by a DequantizeLinear (through Casts): what TensorRT runs in INT8."""

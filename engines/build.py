@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.errors import UserError
+from tmanet.safe_files import PendingFile
 
 from .metadata import (ENGINE_NAMES, EngineIntegrityError, current_gpu, engine_path, is_up_to_date,
                        make_engines_manifest, make_metadata, read_metadata, sidecar_path,
@@ -154,7 +155,8 @@ def load_calibration_frames(frames, input_size) -> np.ndarray:
         path = Path(frames)
         if path.suffix != ".npy":
             raise UserError(f"calibration frames must be a .npy uint8 clip (F, H, W, 3), got {path}")
-        frames = np.load(path)
+        from tmanet.video_io import read_npy
+        frames = read_npy(path, mmap=False)
     frames = np.asarray(frames)
     H, W = input_size
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (H, W, 3):
@@ -181,7 +183,9 @@ def calibration_feeds(onnx_dir, manifest: dict, frames: np.ndarray, batch: int, 
                            "<array>", "array", (H, W))
     samples = build_samples(onnx_dir, manifest, streams, workdir=workdir, progress=False)
     rows = [[s * n + t for s in range(batch)] for t in range(n)]  # sample k = stream * frames + t
-    encoder_feeds = [{"frames": samples.frames[r]} for r in rows]
+    # float32, although the engine's input is uint8: TensorRT calibrates non-index inputs in float32 only, and
+    # Polygraphy (>= 0.49.10) declares them float32 and rejects any other batch (then: no scaling factors).
+    encoder_feeds = [{"frames": samples.frames[r].astype(np.float32)} for r in rows]
 
     def head_feeds():
         for r in rows:
@@ -317,13 +321,12 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
                                           workspace_gb, timing_cache, calibrator_data, options, gpu_name, cc,
                                           bar if progress else None)
                 metas[name] = staged[name][1]
-        for name, (tmp, meta) in staged.items():
-            final = engine_path(out, name)
-            os.replace(tmp, final)
-            write_metadata(final, meta)
+        for name, (pending, meta) in staged.items():
+            pending.commit()
+            write_metadata(pending.path, meta)
     finally:
-        for tmp, _ in staged.values():
-            Path(tmp).unlink(missing_ok=True)
+        for pending, _ in staged.values():
+            pending.discard()
         if work is not None:
             work.cleanup()
     engines_manifest = make_engines_manifest(metas, manifest, onnx_dir)
@@ -357,6 +360,7 @@ def _build_one(trt, name, onnx_file, onnx_sha256, out, plan, shapes, batch, work
 
     dynamic = batch[0] != batch[2]
     started = time.perf_counter()
+    cache = PendingFile(timing_cache) if timing_cache else None   # a killed build never truncates the cache
     try:
         with _polygraphy_quiet():
             # TensorRT 11 ignores the strongly-typed flag (always strongly typed); 10.x needs it set.
@@ -377,19 +381,31 @@ def _build_one(trt, name, onnx_file, onnx_sha256, out, plan, shapes, batch, work
             )
             io = _describe_network(network, shapes)
             serialized = EngineBytesFromNetwork((builder, network, parser), config=config,
-                                                save_timing_cache=str(timing_cache) if timing_cache else None)()
-    except PolygraphyException as e:
-        raise EngineBuildError(f"TensorRT could not build {name} from {onnx_file}: {e} (run `tmanet -v build` "
-                               "for TensorRT's log)") from None
+                                                save_timing_cache=str(cache.tmp) if cache else None)()
+    except BaseException as e:
+        if cache is not None:
+            cache.discard()
+        # TypeError/AttributeError: a Polygraphy/TensorRT pair whose APIs disagree (e.g. Polygraphy < 0.49.22
+        # reading config.int8_calibrator on TensorRT 11); RuntimeError: TensorRT's own failures.
+        if isinstance(e, (PolygraphyException, TypeError, AttributeError, RuntimeError)):
+            raise EngineBuildError(f"TensorRT could not build {name} from {onnx_file}: {type(e).__name__}: {e} "
+                                   "(run `tmanet -v build` for TensorRT's log)") from None
+        raise
+    if cache is not None:  # Polygraphy wrote the whole cache (nothing written: the old one stays)
+        cache.commit() if cache.tmp.stat().st_size else cache.discard()
     seconds = time.perf_counter() - started
     data = memoryview(serialized)
-    tmp = Path(out) / f".{name}.engine.partial"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    pending = PendingFile(engine_path(out, name))   # renamed into place once every engine is built
+    try:
+        with open(pending.tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        pending.discard()
+        raise
     meta = make_metadata(
         engine=name, engine_file=engine_path(out, name), engine_sha256=hashlib.sha256(data).hexdigest(),
         engine_bytes=data.nbytes, tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc,
         precision=plan.precision, build_plan=plan.to_dict(), io=io, batch=batch, source_onnx=onnx_file,
         source_sha256=onnx_sha256, build_options=options, build_seconds=seconds)
     log.debug("built %s in %.1f s: %s", name, seconds, plan.reason)
-    return tmp, meta
+    return pending, meta

@@ -38,6 +38,7 @@ def run(args) -> int:
     if args.calib_frames and weak != "int8":
         raise UserError("--calib-frames is for --weak-int8 calibration (Q/DQ exports carry their own scales)")
     batch = parse_batch(args.batch) if args.batch is not None else None
+    _check_build_outputs(args)
     calib = _read_clip(args.calib_frames) if args.calib_frames else None
     result = build_engines(args.dir, out_dir=args.out, batch=batch, workspace_gb=args.workspace,
                            timing_cache=args.timing_cache, weak_precision=weak, progress=not args.no_progress,
@@ -54,6 +55,23 @@ def run(args) -> int:
 MAX_CALIB_FRAMES = 512
 
 
+def _check_build_outputs(args):
+    """The engine folder can be written and no engine file, sidecar or engines.json is one of the inputs."""
+    from pathlib import Path
+
+    from tmanet.export.manifest import FRAME_ENCODER, MANIFEST, MEMORY_HEAD
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
+
+    from .metadata import ENGINE_NAMES, ENGINES_MANIFEST, engine_path, sidecar_path
+    out = Path(args.out or args.dir)
+    check_output(out, "dir", "--out")
+    engines = [engine_path(out, name) for name in ENGINE_NAMES]
+    outputs = engines + [sidecar_path(e) for e in engines] + [out / ENGINES_MANIFEST]
+    src = Path(args.dir)
+    refuse_overwriting_inputs(outputs, [src / MANIFEST, src / FRAME_ENCODER, src / MEMORY_HEAD, args.calib_frames,
+                                        args.timing_cache])
+
+
 def _read_clip(path):
     """A .npy clip as it is; a video or image folder through the runtime's reader (first 512 frames)."""
     from pathlib import Path
@@ -61,5 +79,5 @@ def _read_clip(path):
         return path
     import numpy as np
 
-    from tmanet.runtime.video_io import open_frames
+    from tmanet.video_io import open_frames
     return np.stack([frame for frame, _ in open_frames(path, max_frames=MAX_CALIB_FRAMES)])

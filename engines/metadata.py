@@ -13,13 +13,12 @@ manifest, so an engine directory is self-describing even when it lives apart fro
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from tmanet.errors import UserError
+from tmanet.export.manifest import sha256_file
+from tmanet.safe_files import write_text, write_text_if_changed
 
 from .versioning import format_compute_capability, format_version
 
@@ -33,14 +32,6 @@ REQUIRED_KEYS = ("schema", "engine", "engine_file", "engine_sha256", "engine_byt
 
 class EngineIntegrityError(UserError):
     """An engine file or its metadata is missing, unreadable or does not match."""
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sidecar_path(engine_path) -> Path:
@@ -102,23 +93,10 @@ def validate_metadata(meta: dict, where: str = "engine metadata") -> dict:
     return meta
 
 
-def _atomic_write_text(path: Path, text: str):
-    """Write via a temporary file + rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_metadata(engine_file, meta: dict) -> Path:
     validate_metadata(meta)
     path = sidecar_path(engine_file)
-    _atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -174,7 +152,8 @@ def _comparable_options(options: dict) -> dict:
 
 # -- the engine set -----------------------------------------------------------------------------------------
 def make_engines_manifest(metas: dict, onnx_manifest: dict, onnx_dir) -> dict:
-    """``metas``: engine name -> sidecar dict."""
+    """``metas``: engine name -> sidecar dict. ``written_at`` is the newest engine's build time, not the clock:
+    the same engines give the same manifest, byte for byte."""
     first = next(iter(metas.values()))
     return {
         "schema": SCHEMA,
@@ -186,13 +165,14 @@ def make_engines_manifest(metas: dict, onnx_manifest: dict, onnx_dir) -> dict:
         "engines": {name: {"file": m["engine_file"], "sha256": m["engine_sha256"], "bytes": m["engine_bytes"],
                            "metadata": sidecar_path(m["engine_file"]).name, "precision": m["precision"]}
                     for name, m in metas.items()},
-        "written_at": utc_now(),
+        "written_at": max(m["built_at"] for m in metas.values()),
     }
 
 
 def write_engines_manifest(out_dir, manifest: dict) -> Path:
+    """Atomically, and only when it changes: a build that kept every engine leaves the file as it was."""
     path = Path(out_dir) / ENGINES_MANIFEST
-    _atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text_if_changed(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -1,4 +1,5 @@
-"""The TensorRT backend of the streaming runtime (``backend="trt"``), and ``bench_trt``.
+"""The TensorRT backend of the streaming runtime (``backend="trt"``); ``tmanet bench --backend trt`` reads its
+CUDA-event timings (``profile=True``).
 
 Design (one object per engine, buffers allocated once, addresses rotated instead of data copied):
 
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.export.manifest import ENCODER_OUTPUTS, HEAD_OUTPUTS, head_input_names
-from tmanet.memory import MemoryStepper
+from tmanet.runtime.address_cache import AddressKeyedCache
 from tmanet.runtime.backends import Backend, BackendUnavailable, register_backend
 
 from .build import TensorRTNotInstalled, require_tensorrt, trt_dtype_name
@@ -44,8 +45,6 @@ from .metadata import (ENGINE_NAMES, EngineIntegrityError, current_gpu, load_eng
 from .versioning import check_compatible
 
 log = logging.getLogger("tmanet")
-
-MAX_GRAPHS = 64        # per engine; beyond it the addresses have changed (new rings): start over
 
 
 class TensorRTBackendUnavailable(TensorRTNotInstalled, BackendUnavailable):
@@ -91,9 +90,13 @@ class TrtEngine:
                 self.inputs[tname] = entry
             else:
                 self.outputs[tname] = entry
+        self._reset_run_state()
+
+    def _reset_run_state(self):
         self.batch_shape = None
+        self.shape_changed = False   # set by set_batch: the next run is eager (see run)
         self.bound = {}
-        self.graphs = {}
+        self.graphs = AddressKeyedCache()  # bound addresses -> CUDA graph
         self.graphs_ok = True
 
     def batch_range(self) -> tuple[int, int]:
@@ -110,12 +113,14 @@ class TrtEngine:
                 if not self.context.set_input_shape(tname, (b, *entry["shape"][1:])):
                     raise ValueError(f"{self.name}: batch {b} is outside the engine's profile {self.batch_range()}")
         self.batch_shape = b
+        self.shape_changed = True
 
     def output_shape(self, tname: str, b: int) -> tuple:
         return (b, *self.outputs[tname]["shape"][1:])
 
     def bind(self, tensors: dict):
-        """Bind each named tensor's address (a torch CUDA tensor); only changed addresses are set again."""
+        """Bind each named tensor's address (a torch CUDA tensor); only changed addresses are set again.
+        TensorRT needs 256-byte aligned addresses: see :func:`aligned_for_binding`."""
         for tname, t in tensors.items():
             ptr = t.data_ptr()
             if self.bound.get(tname) != ptr:
@@ -128,34 +133,89 @@ class TrtEngine:
             raise RuntimeError(f"{self.name}: TensorRT enqueue failed (see the TensorRT log above)")
 
     def run(self, use_graph: bool):
-        """Enqueue on the stream, as a CUDA graph replay when asked (one graph per set of bound addresses)."""
+        """Enqueue on the stream, as a CUDA graph replay when asked (one graph per set of bound addresses).
+        After a shape change the context runs once eagerly first: TensorRT finishes its per-shape setup in
+        an enqueue, which a replay would skip."""
         if not (use_graph and self.graphs_ok):
             self._enqueue()
             return
         key = (self.batch_shape, tuple(sorted(self.bound.items())))
         graph = self.graphs.get(key)
-        if graph is not None:
+        if graph is not None and not self.shape_changed:
             graph.replay()
             return
-        # First time these addresses are seen: run eagerly (this frame's result; it also lets TensorRT finish
-        # its deferred per-shape setup, which must not happen during capture), then capture for next time.
+        # This frame's result, eagerly (and TensorRT's deferred per-shape setup, outside any capture).
         self._enqueue()
+        self.shape_changed = False
+        if graph is None:
+            self._capture(key)
+
+    def _capture(self, key):
+        """Capture one enqueue as trtexec does (thread-local capture mode, so other threads' CUDA calls do not
+        invalidate it). An enqueue that fails inside the capture is recorded, not raised: the graph is
+        dropped, the CUDA error cleared, and this engine runs eagerly from then on."""
         torch = self.torch
         graph = torch.cuda.CUDAGraph()
+        enqueued, error = False, None
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._enqueue()
-        except RuntimeError as e:
-            log.warning("%s: CUDA graph capture failed (%s): running without CUDA graphs", self.name, e)
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                enqueued = bool(self.context.execute_async_v3(self.stream.cuda_stream))
+        except RuntimeError as e:   # the capture itself was invalidated (torch raises at its end)
+            error = e
+        if error is not None or not enqueued:
+            _clear_cuda_error()
+            reason = error or "execute_async_v3 returned False during capture"
+            log.warning("%s: CUDA graph capture failed (%s): running without CUDA graphs", self.name, reason)
             self.graphs_ok = False
             return
-        if len(self.graphs) >= MAX_GRAPHS:
-            self.graphs.clear()
-        self.graphs[key] = graph
+        self.graphs.put(key, graph)
 
     def close(self):
         self.graphs.clear()
         self.context = self.engine = self.runtime = None
+
+
+def _clear_cuda_error():
+    """Reset the CUDA runtime's last error after a failed capture (cudaGetLastError clears it), through
+    Polygraphy's libcudart wrapper; if that cannot be loaded there is nothing of ours to clear."""
+    try:
+        from polygraphy import cuda
+        cuda.wrapper().handle.cudaGetLastError()
+    except Exception as e:   # no libcudart found by Polygraphy: the error stays for torch to report
+        log.debug("could not clear the CUDA error: %s", e)
+
+
+TRT_ALIGNMENT = 256   # bytes: set_tensor_address wants I/O addresses aligned to this
+
+
+def aligned_for_binding(tensors: dict, staging: dict, warned: set, engine: str = "memory_head") -> dict:
+    """``tensors`` with every one whose address is not 256-byte aligned replaced by an aligned copy (a staging
+    buffer per name, allocated once), with a one-line warning per
+    name. The copy runs on the current stream; ring slot views are aligned for the usual sizes, so this is a
+    fallback, not the normal path."""
+    out = {}
+    for name, t in tensors.items():
+        if t.data_ptr() % TRT_ALIGNMENT == 0:
+            out[name] = t
+            continue
+        if name not in warned:
+            warned.add(name)
+            log.warning("%s input %s is not %d-byte aligned (address %#x): copying it into an aligned buffer "
+                        "each frame", engine, name, TRT_ALIGNMENT, t.data_ptr())
+        buf = staging.get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = staging[name] = _aligned_empty(t)
+        buf.copy_(t)
+        out[name] = buf
+    return out
+
+
+def _aligned_empty(like):
+    """An uninitialised tensor like ``like`` at a 256-byte aligned address, whatever the allocator's alignment."""
+    pad = TRT_ALIGNMENT // like.element_size()
+    raw = like.new_empty(like.numel() + pad)
+    offset = (-raw.data_ptr() % TRT_ALIGNMENT) // like.element_size()
+    return raw[offset:offset + like.numel()].view(like.shape)
 
 
 class TrtBackend(Backend):
@@ -193,8 +253,9 @@ class TrtBackend(Backend):
         self.min_batch = lo
         self.batch, self.max_batch = (lo, lo) if lo == hi else (None, hi)
         self._buffers = {}
+        self._staging, self._misaligned = {}, set()   # aligned copies of misaligned head inputs (rare)
         self._h2d_done = None       # event: the pinned frame buffer may be overwritten once it has fired
-        self.last_timing = {}       # with profile=True: CUDA-event milliseconds and host seconds of the last frame
+        self.last_timing = {}       # with profile=True: CUDA-event and host-enqueue milliseconds of the last frame
         self._marks, self._enqueue_s = {}, {}
 
     # -- loading ------------------------------------------------------------------------------------------
@@ -278,10 +339,12 @@ class TrtBackend(Backend):
     def _collect_timing(self):
         m = self._marks
         span = (lambda a, b: m[a].elapsed_time(m[b]) if a in m and b in m else None)
-        self.last_timing = {"h2d_ms": span("h2d", "encoder"), "frame_encoder_ms": span("encoder", "encoder_end"),
-                            "memory_head_ms": span("head", "head_end"), "d2h_ms": span("head_end", "d2h_end"),
-                            "encoder_enqueue_s": self._enqueue_s.get("encoder"),
-                            "head_enqueue_s": self._enqueue_s.get("head")}
+        encoder, head = span("encoder", "encoder_end"), span("head", "head_end")
+        enqueue = [self._enqueue_s.get(k) for k in ("encoder", "head")]
+        self.last_timing = {"h2d_ms": span("h2d", "encoder"), "frame_encoder_ms": encoder, "memory_head_ms": head,
+                            "d2h_ms": span("head_end", "d2h_end"),
+                            "gpu_compute_ms": encoder + head if None not in (encoder, head) else None,
+                            "enqueue_ms": sum(enqueue) * 1e3 if None not in enqueue else None}
         self._marks = {}
 
     # -- the interface ------------------------------------------------------------------------------------
@@ -333,6 +396,7 @@ class TrtBackend(Backend):
             self.stream.wait_stream(current)    # the ring write on the current stream must have landed
             self._mark("head")
             self.memory_head.set_batch(b)
+            inputs = aligned_for_binding(inputs, self._staging, self._misaligned)
             self.memory_head.bind({**inputs, "mask": bufs["mask"], "logits": bufs["logits"]})
             t0 = time.perf_counter()
             self.memory_head.run(self.cuda_graphs)
@@ -354,7 +418,8 @@ class TrtBackend(Backend):
         return mask, out
 
     def synchronize(self):
-        self.stream.synchronize()
+        """The whole device: our stream, and the segmenter's ring write on torch's current stream."""
+        self.torch.cuda.synchronize(self.device_obj)
 
     def close(self):
         if getattr(self, "stream", None) is not None:
@@ -391,90 +456,3 @@ def _require_tensorrt_for_backend():
 
 
 register_backend("trt", TrtBackend)
-
-
-# -- benchmark ----------------------------------------------------------------------------------------------
-def _stats(values) -> dict:
-    a = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if a.size == 0:
-        return {}
-    return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max())}
-
-
-def _open_engine_dir(engine_dir, export_dir=None):
-    """The ONNX manifest for an engine directory: the export's when given, else the copy in engines.json."""
-    if export_dir is not None:
-        from tmanet.export.manifest import load_manifest
-        return Path(export_dir), load_manifest(export_dir, verify=False)
-    return Path(engine_dir), read_engines_manifest(engine_dir)["onnx_manifest"]
-
-
-def bench_trt(engine_dir, frames=32, warmup: int = 10, iters: int = 100, cuda_graphs: bool = True, batch=None,
-              export_dir=None, device="cuda:0") -> dict:
-    """trtexec-like latency of the streaming pipeline on TensorRT: per frame, H2D of the uint8 frames, frame
-    engine, ring write, memory head, D2H of the mask (no logits).
-
-    ``frames``: a uint8 clip (F, H, W, 3) at the export size, or a number of synthetic frames. ``batch``: engine
-    batch (default: the fixed batch, or the profile's opt batch). Returns milliseconds (mean, median, p90,
-    p99, min, max) of: ``gpu_compute_ms`` (both engines, CUDA events), ``frame_encoder_ms``,
-    ``memory_head_ms``, ``h2d_ms``, ``d2h_ms``, ``host_latency_ms`` (wall time from the frames in host memory
-    to the masks in host memory), ``enqueue_ms`` (host time spent launching both engines), plus the
-    throughput in frames (streams x pushes) per second.
-    """
-    base_dir, manifest = _open_engine_dir(engine_dir, export_dir)
-    backend = TrtBackend(base_dir, manifest, device, engine_dir=engine_dir, cuda_graphs=cuda_graphs, profile=True)
-    try:
-        torch = backend.torch
-        H, W = backend.input_size
-        if batch is None:
-            batch = backend.batch or backend.metadata["frame_encoder"]["batch"]["opt"]
-        backend._check_batch(batch)
-        if isinstance(frames, (int, np.integer)):
-            rng = np.random.default_rng(0)
-            clip = rng.integers(0, 256, (int(frames), H, W, 3), dtype=np.uint8)
-        else:
-            clip = np.asarray(frames)
-            if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[1:] != (H, W, 3):
-                raise ValueError(f"frames must be a uint8 clip (F, {H}, {W}, 3), got {clip.dtype} {clip.shape}")
-        batches = [np.ascontiguousarray(np.repeat(f[None], batch, 0)) for f in clip]
-        stepper = MemoryStepper(backend.encode, lambda qk, qv, keys, values: backend.head(qk, qv, keys, values,
-                                                                                        logits=False))
-        rows = []
-        wall0 = None
-        for i in range(warmup + iters):
-            if i == warmup:
-                torch.cuda.synchronize(backend.device_obj)
-                wall0 = time.perf_counter()
-            x = batches[i % len(batches)]
-            t0 = time.perf_counter()
-            stepper.step(x)
-            latency = time.perf_counter() - t0
-            if i >= warmup:
-                t = backend.last_timing
-                rows.append({"host_latency_ms": latency * 1e3,
-                             "enqueue_ms": (t["encoder_enqueue_s"] + t["head_enqueue_s"]) * 1e3,
-                             "frame_encoder_ms": t["frame_encoder_ms"], "memory_head_ms": t["memory_head_ms"],
-                             "gpu_compute_ms": t["frame_encoder_ms"] + t["memory_head_ms"],
-                             "h2d_ms": t["h2d_ms"], "d2h_ms": t["d2h_ms"]})
-        wall = time.perf_counter() - wall0 if wall0 is not None else float("nan")
-        meta = backend.metadata["frame_encoder"]
-        result = {
-            "backend": "trt",
-            "describe": backend.describe(),
-            "tensorrt_version": backend.trt.__version__,
-            "gpu": meta["gpu"],
-            "precision": {n: m["precision"] for n, m in backend.metadata.items()},
-            "cuda_graphs": bool(cuda_graphs) and backend.encoder.graphs_ok and backend.memory_head.graphs_ok,
-            "input_size": [H, W],
-            "batch": int(batch),
-            "warmup": int(warmup),
-            "iters": int(iters),
-            "throughput_fps": (iters * batch / wall) if iters else None,
-        }
-        for key in ("gpu_compute_ms", "frame_encoder_ms", "memory_head_ms", "h2d_ms", "d2h_ms", "host_latency_ms",
-                    "enqueue_ms"):
-            result[key] = _stats(r[key] for r in rows)
-        return result
-    finally:
-        backend.close()

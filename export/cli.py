@@ -27,18 +27,23 @@ def register(sub):
 def run(args) -> int:
     from tmanet.checkpoints import load_model
     from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
+    from .manifest import check_replaceable
     from .onnx_export import DEFAULT_TOLERANCE, export_onnx
     if args.height < 32 or args.width < 32:
         raise UserError(f"--height/--width must be at least 32, got {args.height}x{args.width}")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
+    check_output(args.out, "dir", "--out")
+    refuse_overwriting_inputs([args.out], [args.checkpoint, args.check_frames])
+    check_replaceable(args.out)
     model = load_model(args.checkpoint, args.preset)
     frames = None
     if args.check_frames:
         import numpy as np
 
-        from tmanet.runtime.video_io import open_frames
+        from tmanet.video_io import open_frames
         source = open_frames(args.check_frames, max_frames=model.config.sequence_num + 2)
         frames = np.stack([frame for frame, _ in source])
         if frames.shape[1:3] != (args.height, args.width):

@@ -1,11 +1,19 @@
-"""``manifest.json`` of an export directory: what was exported, how, and the SHA256 of every file."""
+"""``manifest.json`` of an export directory: what was exported, how, and the SHA256 of every file.
+
+:func:`load_manifest` validates the whole manifest once, here (:class:`ExportSpec`: every field the runtime,
+calibration and TensorRT build read, with its type and range, and the mandatory ``files`` checksums): a bad
+manifest is refused at load with one sentence naming the field.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
+import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from tmanet.safe_files import PARTIAL_MARK, OutputError, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "tmanet-trt-onnx/1"
@@ -23,6 +31,139 @@ def head_input_names(sequence_num: int) -> list[str]:
 
 class ManifestError(ValueError):
     """The export directory is missing, incomplete or modified since it was written."""
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+MAX_CLASSES = 256  # masks are uint8
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Typed reads of a manifest dict; each failure is one :class:`ManifestError` naming the field."""
+
+    def __init__(self, m: dict, where: str):
+        self.m, self.where = m, where
+
+    def bad(self, field, want) -> ManifestError:
+        if field not in self.m:
+            return ManifestError(f"{self.where}: field {field!r} is missing (it must be {want})")
+        got = repr(self.m[field])
+        got = got if len(got) <= 60 else got[:57] + "..."
+        return ManifestError(f"{self.where}: field {field!r} must be {want}, got {got}")
+
+    def integer(self, field, low=1, high=None) -> int:
+        v = self.m.get(field)
+        if not _is_int(v) or v < low or (high is not None and v > high):
+            raise self.bad(field, f"an integer in {low}..{high}" if high else f"an integer >= {low}")
+        return v
+
+    def pair(self, field) -> tuple[int, int]:
+        v = self.m.get(field)
+        if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)):
+            raise self.bad(field, "a list of two integers >= 1")
+        return tuple(v)
+
+    def optional(self, field, valid, want):
+        if field in self.m and self.m[field] is not None and not valid(self.m[field]):
+            raise self.bad(field, want)
+
+
+def _is_pair_or_int(v) -> bool:
+    return _is_int(v) and v >= 1 or isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)
+
+
+def _is_palette(v) -> bool:
+    return isinstance(v, list) and all(isinstance(c, list) and len(c) == 3
+                                       and all(_is_int(x) and 0 <= x <= 255 for x in c) for c in v)
+
+
+def _is_file_entry(name, entry) -> bool:
+    return (Path(name).name == name and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+            and bool(_SHA256.fullmatch(entry["sha256"])) and _is_int(entry.get("bytes", 0)))
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """The validated contents of ``manifest.json``: what an export directory holds and at which shapes.
+
+    :meth:`from_dict` checks every field (type, range, consistency) and raises :class:`ManifestError` naming
+    the first bad field."""
+    sequence_num: int
+    key_channels: int
+    value_channels: int
+    num_classes: int
+    input_size: tuple[int, int]
+    feature_size: tuple[int, int]
+    batch: int | None            # None: dynamic batch (1..max_batch)
+    max_batch: int
+    precision: dict
+    files: dict                  # name -> {"sha256": hex, "bytes": int}
+
+    @classmethod
+    def from_dict(cls, m, where: str = MANIFEST) -> "ExportSpec":
+        if not isinstance(m, dict):
+            raise ManifestError(f"{where}: the manifest must be a JSON object, got a {type(m).__name__}")
+        f = _Fields(m, where)
+        size, feature = f.pair("input_size"), f.pair("feature_size")
+        if any(a > b for a, b in zip(feature, size)):
+            raise f.bad("feature_size", f"at most the input size {list(size)}")
+        batch = m.get("batch")
+        if batch != "dynamic" and not (_is_int(batch) and batch >= 1):
+            raise f.bad("batch", 'an integer >= 1 or "dynamic"')
+        max_batch = m.get("max_batch", batch)
+        if not (_is_int(max_batch) and max_batch >= 1 and batch in ("dynamic", max_batch)):
+            raise f.bad("max_batch", "an integer >= 1 (the batch, for a fixed-batch export)")
+        f.optional("class_names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                   "a list of names")
+        f.optional("palette", _is_palette, "a list of [r, g, b] colours in 0..255")
+        for field in ("slide_crop", "slide_stride"):
+            f.optional(field, _is_pair_or_int, "an integer >= 1 or a list of two")
+        f.optional("query_chunk", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        f.optional("align_corners", lambda v: isinstance(v, bool), "true or false")
+        f.optional("config", lambda v: isinstance(v, dict), "an object")
+        precision = m.get("precision", {"frame_encoder": "fp32", "memory_head": "fp32"})
+        if not (isinstance(precision, dict) and set(precision) == {"frame_encoder", "memory_head"}
+                and all(p in PRECISIONS for p in precision.values())):
+            raise f.bad("precision", f"an object giving frame_encoder and memory_head one of {', '.join(PRECISIONS)}")
+        files = m.get("files")
+        if not isinstance(files, dict) or not {FRAME_ENCODER, MEMORY_HEAD} <= set(files):
+            raise f.bad("files", f"an object with the SHA256 of {FRAME_ENCODER} and {MEMORY_HEAD}; checksums are "
+                                 "mandatory, re-export")
+        for name, entry in files.items():
+            if not _is_file_entry(name, entry):
+                raise f.bad("files", f'plain file names with {{"sha256": 64 hex digits, "bytes": n}} ({name!r} is not)')
+        return cls(f.integer("sequence_num"), f.integer("key_channels"), f.integer("value_channels"),
+                   f.integer("num_classes", 1, MAX_CLASSES), size, feature, None if batch == "dynamic" else batch,
+                   max_batch, dict(precision), dict(files))
+
+
+# What an export directory may hold and still be replaced: its own files, tmanet build's, and the hidden
+# temporary files a killed write leaves.
+REPLACEABLE_PATTERNS = ("manifest.json", "*.onnx", "*.engine", "*.engine.json", "engines.json", f".*{PARTIAL_MARK}*")
+
+
+def check_replaceable(directory):
+    """Raise :class:`~tmanet.safe_files.OutputError` unless ``directory`` may be replaced by a new export: it is
+    new, empty, or an export directory holding only export and engine files (nothing of the user's is lost)."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise OutputError(f"--out {directory} is an existing file, not a folder")
+    entries = list(directory.iterdir())
+    if not entries:
+        return
+    if not (directory / MANIFEST).is_file():
+        raise OutputError(f"--out {directory} is a non-empty folder that is not an export directory: refusing to "
+                          "replace it (choose a new or empty folder)")
+    foreign = [p.name for p in entries if not any(p.match(pattern) for pattern in REPLACEABLE_PATTERNS)]
+    if foreign:
+        raise OutputError(f"--out {directory} holds files that are not part of an export ({', '.join(foreign[:3])}): "
+                          "refusing to replace it (move them, or choose another folder)")
 
 
 def sha256_file(path, chunk=1 << 20) -> str:
@@ -50,11 +191,7 @@ def library_versions() -> dict:
 
 
 def write_manifest(directory, manifest: dict) -> Path:
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(directory) / MANIFEST, manifest)
 
 
 def load_manifest(directory, verify: bool = True) -> dict:
@@ -64,14 +201,17 @@ def load_manifest(directory, verify: bool = True) -> dict:
     if not path.is_file():
         raise ManifestError(f"{directory} is not an export directory: no {MANIFEST} (run `tmanet export` first)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ManifestError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: the manifest must be a JSON object, got a {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    ExportSpec.from_dict(manifest, str(path))
     if verify:
         problems = []
-        for name, entry in manifest.get("files", {}).items():
+        for name, entry in manifest["files"].items():
             f = directory / name
             if not f.is_file():
                 problems.append(f"{name}: missing")
@@ -81,3 +221,7 @@ def load_manifest(directory, verify: bool = True) -> dict:
             raise ManifestError(f"{directory}: " + "; ".join(problems))
     manifest["directory"] = str(directory)
     return manifest
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a number JSON allows")

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from tmanet.memory import MemoryStepper
+from tmanet.onnx_session import cpu_session
+from tmanet.safe_files import atomic_directory
 
-from .manifest import (ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, file_entries,
-                       head_input_names, library_versions, write_manifest)
+from .manifest import (ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, check_replaceable,
+                       file_entries, head_input_names, library_versions, write_manifest)
 
 log = logging.getLogger("tmanet")
 
@@ -62,15 +64,27 @@ def export_onnx(model, out_dir, height: int, width: int, batch: int = 1, dynamic
 
     ``batch`` fixes the batch size (streams x slide windows); ``dynamic_batch`` leaves it free (1..64).
     With ``check`` ONNX Runtime is compared with torch on real frames (``check_frames`` (F,H,W,3) uint8, or
-    a synthetic clip) and an :class:`ExportCheckError` is raised above ``tolerance``.
+    a synthetic clip) and an :class:`ExportCheckError` is raised above ``tolerance`` or on non-finite outputs.
+
+    The export is staged beside ``out_dir`` and swapped in when complete and checked: a previous export there
+    stays usable until then, and a failed export leaves it as it was. ``out_dir`` must be new, empty or an
+    export directory (see :func:`~tmanet.export.manifest.check_replaceable`).
     """
-    cfg = model.config
     if height < 32 or width < 32:
         raise ValueError(f"input size {height}x{width} is too small (at least 32x32)")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out)
+    with atomic_directory(out) as stage:
+        _export_into(stage, model, height, width, batch, dynamic_batch, preset, checkpoint, check, check_frames,
+                     query_chunk, tolerance)
+    return out
+
+
+def _export_into(out: Path, model, height, width, batch, dynamic_batch, preset, checkpoint, check, check_frames,
+                 query_chunk, tolerance):
+    cfg = model.config
     model = model.eval()
     encoder, head = model.split((height, width), query_chunk=query_chunk)
     example_batch = 2 if dynamic_batch else batch  # torch.export specialises a dynamic dim traced at size 1
@@ -113,27 +127,21 @@ def export_onnx(model, out_dir, height: int, width: int, batch: int = 1, dynamic
                                                 tolerance)
     manifest["files"] = file_entries(out, [FRAME_ENCODER, MEMORY_HEAD])
     write_manifest(out, manifest)
-    return out
 
 
 def check_frames_for(height, width, count, seed=0) -> np.ndarray:
     """Real-looking frames for the check when the user gives none: the documented synthetic clip rule."""
-    from tmanet.synthetic_weights import make_clip
-    return make_clip(count, height, width, seed)
+    from tmanet.synthetic_weights import make_noise_clip
+    return make_noise_clip(count, height, width, seed)
 
 
 def check_against_torch(out, encoder, head, sequence_num, frames, batch, tolerance) -> dict:
     """Stream ``frames`` through torch and ONNX Runtime side by side; compare every output."""
-    import onnxruntime as ort
-
     height, width = head.out_size
     frames = check_frames_for(height, width, sequence_num + 2) if frames is None else np.asarray(frames)
     if frames.dtype != np.uint8 or frames.shape[1:] != (height, width, 3):
         raise ValueError(f"check frames must be uint8 (F, {height}, {width}, 3), got {frames.dtype} {frames.shape}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    enc_s = ort.InferenceSession(str(out / FRAME_ENCODER), opts, providers=["CPUExecutionProvider"])
-    head_s = ort.InferenceSession(str(out / MEMORY_HEAD), opts, providers=["CPUExecutionProvider"])
+    enc_s, head_s = cpu_session(out / FRAME_ENCODER), cpu_session(out / MEMORY_HEAD)
     names = head_input_names(sequence_num)
     worst = {"encoder": 0.0, "logits": 0.0}
     mask_equal = total = 0
@@ -150,6 +158,10 @@ def check_against_torch(out, encoder, head, sequence_num, frames, batch, toleran
         inputs = [qk, qv, *keys, *values]
         ref_mask, ref_logits = head(*inputs)
         mask, logits = head_s.run(HEAD_OUTPUTS, {n: t.contiguous().numpy() for n, t in zip(names, inputs)})
+        if not (np.isfinite(logits).all() and bool(torch.isfinite(ref_logits).all())):
+            raise ExportCheckError(
+                f"the exported model gives non-finite logits (NaN or infinite) on check frame {len(scale)}: "
+                "its weights or activations overflow; the export is not usable")
         worst["logits"] = max(worst["logits"], float(np.abs(ref_logits.numpy() - logits).max()))
         scale.append(float(ref_logits.std()))
         mask_equal += int((ref_mask.numpy() == mask).sum())
@@ -167,8 +179,8 @@ def check_against_torch(out, encoder, head, sequence_num, frames, batch, toleran
     log.info("ONNX Runtime vs torch on %d frames: logits max |d| %.3g (%.2g of the logit std), encoder max |d| "
              "%.3g, masks %.4f%% equal", result["frames"], worst_logits, result["relative"], worst_enc,
              100 * result["mask_agreement"])
-    if result["relative"] > tolerance:
+    if not result["relative"] <= tolerance:  # NaN fails too
         raise ExportCheckError(
             f"ONNX Runtime disagrees with torch: logits max |d| {worst_logits:.4g} = {result['relative']:.3g} of the "
-            f"logit std, above the tolerance {tolerance:g}; the ONNX files in {out} are not trustworthy")
+            f"logit std, above the tolerance {tolerance:g}; the ONNX files are not trustworthy")
     return result

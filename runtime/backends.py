@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import importlib
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
+from tmanet.onnx_session import cpu_session
+
+from .address_cache import AddressKeyedCache
 
 log = logging.getLogger("tmanet")
 
@@ -62,6 +64,9 @@ class Backend:
 
     def head(self, query_key, query_value, slot_keys, slot_values, logits: bool = True):
         raise NotImplementedError
+
+    def synchronize(self):
+        """Wait for the work this backend enqueued on its device (nothing to wait for on the CPU)."""
 
     def close(self):
         """Release engines and buffers (the object is unusable afterwards)."""
@@ -127,18 +132,9 @@ class OrtBackend(Backend):
         except ImportError as e:
             raise BackendUnavailable(f"onnxruntime is not installed: {e}") from None
         self.ort = ort
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of convs: parallel within ops
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        if inter_threads:
-            opts.inter_op_num_threads = int(inter_threads)
-        opts.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
         self.threads = threads
-        self.encoder = ort.InferenceSession(str(self.export_dir / FRAME_ENCODER), opts, providers=providers)
-        self.memory_head = ort.InferenceSession(str(self.export_dir / MEMORY_HEAD), opts, providers=providers)
+        self.encoder = cpu_session(self.export_dir / FRAME_ENCODER, threads, inter_threads)
+        self.memory_head = cpu_session(self.export_dir / MEMORY_HEAD, threads, inter_threads)
         T = self.sequence_num
         self.head_inputs = head_input_names(T)
         got = [i.name for i in self.memory_head.get_inputs()]
@@ -147,7 +143,7 @@ class OrtBackend(Backend):
         self._out_types = {o.name: _ORT_TYPES[o.type] for o in
                            self.encoder.get_outputs() + self.memory_head.get_outputs()}
         self._buffers: dict[tuple, dict[str, np.ndarray]] = {}
-        self._bindings: dict[tuple, object] = {}
+        self._bindings = AddressKeyedCache()
         self.last_head_binding = None  # for inspection: the binding the last head call ran
 
     def zeros(self, shape):
@@ -170,18 +166,17 @@ class OrtBackend(Backend):
         """An IOBinding of these exact arrays, by address, reused while the addresses are the same."""
         arrays = list(inputs.items()) + list(outputs.items())
         key = (id(session),) + tuple((n, a.ctypes.data, a.shape, a.dtype.str) for n, a in arrays)
-        binding = self._bindings.get(key)
-        if binding is None:
-            if len(self._bindings) > 256:  # stale addresses after re-allocations: start over
-                self._bindings.clear()
-            binding = session.io_binding()
-            for name, a in inputs.items():
-                if not a.flags.c_contiguous:
-                    raise ValueError(f"input {name} must be C-contiguous to be bound by address")
-                binding.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-            for name, a in outputs.items():
-                binding.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-            self._bindings[key] = binding
+        return self._bindings.get_or_make(key, lambda: self._bind(session, inputs, outputs))
+
+    @staticmethod
+    def _bind(session, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
+        binding = session.io_binding()
+        for name, a in inputs.items():
+            if not a.flags.c_contiguous:
+                raise ValueError(f"input {name} must be C-contiguous to be bound by address")
+            binding.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        for name, a in outputs.items():
+            binding.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         return binding
 
     def encode(self, frames):
@@ -228,12 +223,19 @@ class TorchBackend(Backend):
     """The PyTorch split (``model.split`` at the export size) rebuilt from the manifest's checkpoint: the
     reference for the other backends, on the CPU or a CUDA device.
 
-    CUDA-only options (the GPU path without TensorRT):
+    Speed options (each equals eager fp32 within the fp16 tolerance; see the tests):
 
-    - ``precision="fp16"``: both graphs run under ``torch.autocast("cuda", float16)``. The encoder's outputs
-      are cast back to float32 before they reach the ring, so the ring and the head's memory interface stay
-      float32 whatever the precision; logits are returned as float32.
-    - ``cuda_graphs=True``: the frame encoder is captured into a ``torch.cuda.CUDAGraph`` per batch size
+    - ``precision="fp16"``: true half weights and activations (the BN-folded graphs cast once at open, no
+      autocast re-casting weights per call); the memory ring is float16 too, halving its traffic. The
+      chunked memory read takes its softmax in float32; logits are returned as float32. On the CPU too,
+      where torch has half kernels (slow there: for checking, not for speed).
+    - ``channels_last``: weights (and so activations) in NHWC memory format, the layout tensor cores and
+      oneDNN prefer. CPU and CUDA.
+    - ``cudnn_benchmark`` (CUDA): ``torch.backends.cudnn.benchmark = True`` (process-wide): cuDNN times its
+      convolution algorithms for each shape on first use and keeps the fastest.
+    - ``compile``: both graphs through ``torch.compile`` (Inductor; needs a C++ compiler on the CPU and
+      Triton on CUDA; the first frames compile, which can take minutes).
+    - ``cuda_graphs=True`` (CUDA): the frame encoder is captured into a ``torch.cuda.CUDAGraph`` per batch size
       (the host frame is copied into a static input, the graph replayed, the static outputs returned). The
       head is captured lazily once per set of input addresses: its memory inputs are the ring's slot views,
       which rotate over T+1 phases but are fixed tensors within a phase, and its queries are the encoder
@@ -246,21 +248,12 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, export_dir, manifest, device="cpu", model=None, threads: int | None = None,
-                 precision: str = "fp32", cuda_graphs: bool = False, fused_attention: bool | None = None):
+                 precision: str = "fp32", cuda_graphs: bool = False, fused_attention: bool | None = None,
+                 channels_last: bool = False, cudnn_benchmark: bool = False, compile: bool = False):
         super().__init__(export_dir, manifest, device)
-        # Validate the options before any loading, so a bad option fails fast and clearly.
-        if precision not in TORCH_PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         on_cuda = str(device).startswith("cuda")
-        if precision == "fp16" and not on_cuda:
-            raise ValueError(f"fp16 autocast needs device='cuda' (got device {device!r}); "
-                             "use precision='fp32' on the CPU")
-        if cuda_graphs and not on_cuda:
-            raise ValueError(f"cuda_graphs needs device='cuda' (got device {device!r}); CUDA graphs "
-                             "capture GPU kernels only")
-        if fused_attention and not on_cuda:
-            raise ValueError(f"fused_attention needs device='cuda' (got device {device!r}); torch has no fused "
-                             "CPU kernel for the memory read")
+        self._check_options(precision, on_cuda, cuda_graphs=cuda_graphs, fused_attention=fused_attention,
+                            cudnn_benchmark=cudnn_benchmark)
         import torch
 
         from tmanet.checkpoints import load_model
@@ -270,51 +263,67 @@ class TorchBackend(Backend):
             raise BackendUnavailable(f"device {device!r} asked for, but torch sees no CUDA device")
         if threads:
             torch.set_num_threads(int(threads))
+        if cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         if model is None:
             model = load_model(resolve_checkpoint(self.export_dir, manifest),
                                ModelConfig.from_dict(manifest["config"]))
         self.device_obj = torch.device(device)
-        self.precision = precision
-        self.cuda_graphs = bool(cuda_graphs)
+        self.precision, self.dtype = precision, {"fp32": torch.float32, "fp16": torch.float16}[precision]
+        self.cuda_graphs, self.channels_last, self.compiled = bool(cuda_graphs), bool(channels_last), bool(compile)
         encoder, head = model.eval().split(self.input_size, query_chunk=manifest.get("query_chunk"))
-        self.encoder = encoder.to(self.device_obj)
-        self.memory_head = head.to(self.device_obj)
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.encoder = encoder.to(self.device_obj, self.dtype, memory_format=memory_format)
+        self.memory_head = head.to(self.device_obj, self.dtype, memory_format=memory_format)
         self.memory_head.fused_attention = on_cuda and fused_attention is not False and self._fused_kernel_fits()
         if on_cuda and fused_attention is not False and not self.memory_head.fused_attention:
             log.warning("no fused attention kernel takes this head's inputs (%d key, %d value channels, %s): "
                         "the memory read runs in chunks", self.key_channels, self.value_channels, precision)
+        self._encoder_fn, self._head_fn = self.encoder, self.memory_head
+        if compile:
+            self._encoder_fn = torch.compile(self.encoder, dynamic=False)
+            self._head_fn = torch.compile(self.memory_head, dynamic=False)
         self._encoder_graphs: dict[int, tuple] = {}   # batch -> (graph, static input, static outputs)
-        self._head_graphs: dict[tuple, tuple] = {}    # input addresses -> (graph, static outputs)
+        self._head_graphs = AddressKeyedCache()      # input addresses -> (graph, static outputs)
+
+    @staticmethod
+    def _check_options(precision, on_cuda, **cuda_only):
+        """Bad options fail before any loading, in one sentence."""
+        if precision not in TORCH_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+        if on_cuda:
+            return
+        why = {"cuda_graphs": "CUDA graphs capture GPU kernels only",
+               "fused_attention": "torch has no fused CPU kernel for the memory read",
+               "cudnn_benchmark": "it selects cuDNN convolution algorithms"}
+        for name, value in cuda_only.items():
+            if value:
+                raise ValueError(f"{name} needs device='cuda' (got a CPU device); {why[name]}")
 
     def zeros(self, shape):
-        return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device_obj)
+        return self.torch.zeros(shape, dtype=self.dtype, device=self.device_obj)
 
     def _fused_kernel_fits(self) -> bool:
         """Whether a fused attention kernel takes the head's channel widths in its precision: which kernel
         applies depends on widths, dtype and alignment, not on the number of positions, so a few suffice."""
         from tmanet.model.tma_head import fused_read
         torch = self.torch
-        q = torch.zeros(1, 8, self.key_channels, device=self.device_obj)
-        k = torch.zeros(1, self.key_channels, 16, device=self.device_obj)
-        v = torch.zeros(1, 16, self.value_channels, device=self.device_obj)
-        with torch.inference_mode(), self._autocast():
+        q = torch.zeros(1, 8, self.key_channels, device=self.device_obj, dtype=self.dtype)
+        k = torch.zeros(1, self.key_channels, 16, device=self.device_obj, dtype=self.dtype)
+        v = torch.zeros(1, 16, self.value_channels, device=self.device_obj, dtype=self.dtype)
+        with torch.inference_mode():
             return fused_read(q, k, v) is not None
 
-    def _autocast(self):
-        if self.precision == "fp16":
-            # No autocast weight cache under graph capture (the torch docs require it off with CUDA graphs).
-            return self.torch.autocast("cuda", dtype=self.torch.float16, cache_enabled=not self.cuda_graphs)
-        return nullcontext()
+    def synchronize(self):
+        if self.device_obj.type == "cuda":
+            self.torch.cuda.synchronize(self.device_obj)
 
     def _run_encoder(self, x):
-        with self._autocast():
-            outs = self.encoder(x)
-        return tuple(o.float() for o in outs)  # the ring is float32 whatever the precision (no-op in fp32)
+        return self._encoder_fn(x)   # in the backend's dtype: the ring is too
 
     def _run_head(self, inputs):
-        with self._autocast():
-            mask, logits = self.memory_head(*inputs)
-        return mask, logits.float()
+        mask, logits = self._head_fn(*inputs)
+        return mask, logits.float()   # the interface promises float32 logits (a no-op in fp32)
 
     def _capture(self, fn, *args):
         """``fn(*args)`` captured into a CUDA graph -> (graph, static outputs). Warm-up runs go on a side
@@ -356,13 +365,8 @@ class TorchBackend(Backend):
         with self.torch.inference_mode():
             if self.cuda_graphs:
                 key = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in inputs)
-                entry = self._head_graphs.get(key)
-                if entry is None:
-                    if len(self._head_graphs) > 256:  # stale addresses after re-allocations: start over
-                        self._head_graphs.clear()
-                    # The graph reads these exact addresses: valid for every later call with the same key.
-                    entry = self._head_graphs[key] = self._capture(self._run_head, inputs)
-                graph, (mask, out) = entry
+                # The graph reads these exact addresses: valid for every later call with the same key.
+                graph, (mask, out) = self._head_graphs.get_or_make(key, lambda: self._capture(self._run_head, inputs))
                 graph.replay()
             else:
                 mask, out = self._run_head(inputs)
@@ -374,9 +378,12 @@ class TorchBackend(Backend):
 
     def describe(self):
         on = {True: "on", False: "off"}
+        extras = [name for name, used in (("channels_last", self.channels_last), ("torch.compile", self.compiled),
+                                          ("cudnn.benchmark", self.torch.backends.cudnn.benchmark
+                                           and self.device_obj.type == "cuda")) if used]
         return (f"torch {self.torch.__version__} ({self.device_obj}, {self.precision}, CUDA graphs "
                 f"{on[self.cuda_graphs]}, fused attention {on[self.memory_head.fused_attention]}, "
-                f"{self.torch.get_num_threads()} threads)")
+                + "".join(f"{e}, " for e in extras) + f"{self.torch.get_num_threads()} threads)")
 
 
 register_backend("ort", OrtBackend)

@@ -11,15 +11,19 @@ above what was allocated before it was opened, and an official frame's transient
 """
 from __future__ import annotations
 
-import json
 import platform
 import re
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from tmanet import safe_files
+from tmanet.safe_files import atomic_file
 
 from .segmenter import STAGES, StageTimer
 
@@ -125,8 +129,8 @@ def summarize(ms) -> dict:
 
 def bench_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     """A synthetic clip at the export size: the documented smooth moving texture."""
-    from tmanet.synthetic_weights import make_clip
-    return make_clip(count, height, width, seed)
+    from tmanet.synthetic_weights import make_noise_clip
+    return make_noise_clip(count, height, width, seed)
 
 
 # -- the official protocol --------------------------------------------------------------------------------
@@ -165,19 +169,38 @@ class OfficialProtocol:
 
 
 # -- the benchmark ----------------------------------------------------------------------------------------
+ENGINE_GRAPHS = {"frame_engine": "frame_encoder.onnx", "head": "memory_head.onnx"}  # roofline rows
+
+
+@dataclass
+class Measured:
+    """What the timing loop recorded: milliseconds per timed frame (``frames_ms`` has the warm-up too),
+    the backend's own device timings where it reports them (TensorRT's CUDA events), and memory peaks."""
+    totals: list = field(default_factory=list)
+    frames_ms: list = field(default_factory=list)
+    stages: dict = field(default_factory=lambda: {s: [] for s in STAGES})
+    device: dict = field(default_factory=dict)
+    official_ms: list = field(default_factory=list)
+    agreement: list = field(default_factory=list)
+    peak_rss: int = 0
+    gpu_peak: int = 0
+    gpu_official_peak: int = 0
+
+
 def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int = 50, warmup: int = 5,
               compare_official: bool = False, official_frames: int | None = None, threads: int | None = None,
-              seed: int = 0, progress: bool = True, backend_options: dict | None = None) -> dict:
+              seed: int = 0, progress: bool = True, backend_options: dict | None = None,
+              roofline: bool = True) -> dict:
     """Stream ``warmup + frames`` synthetic frames at the export size and time the last ``frames``.
 
     With ``compare_official`` the official protocol runs on the first ``official_frames`` timed frames,
     interleaved frame by frame with the streaming runtime, so both see the same machine load (timings on a
     shared machine drift over minutes). Its model is loaded before the runtime and the peak-RSS mark is reset
     after each official frame, so the memory figures are the runtime's alone. ``backend_options`` go to the
-    backend (e.g. ``precision="fp16"``, ``cuda_graphs=True`` for torch on CUDA); the official protocol always
-    runs in float32 eager."""
-    from tqdm import tqdm
-
+    backend (e.g. ``precision="fp16"``, ``cuda_graphs=True`` for torch on CUDA; the TensorRT backend is
+    opened with ``profile=True`` unless told otherwise, for its CUDA-event timings); the official protocol
+    always runs in float32 eager. With ``roofline`` each engine's work (counted from its ONNX graph) is
+    set against a GEMM peak probed on the same backend after the timing loop (:mod:`.roofline`)."""
     from tmanet.export.manifest import load_manifest
     from .segmenter import StreamingSegmenter
     if frames < 1 or warmup < 0:
@@ -189,23 +212,53 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     options = dict(backend_options or {})
     if threads:
         options["threads"] = threads
+    if backend == "trt":
+        options.setdefault("profile", True)
     n_official = min(official_frames or frames, frames) if compare_official else 0
     official = OfficialProtocol(manifest, clip, streams, device, threads) if n_official else None
 
     gpu = CudaMemoryProbe(device) if backend == "torch" and device.startswith("cuda") else None
     gpu_before = gpu.reset() if gpu else 0
-    gpu_peak = gpu_official_peak = 0
     probe = RssProbe()
     probe.reset_peak()
     rss_before = probe.current()
     seg = StreamingSegmenter.open(export_dir, backend=backend, device=device, **options)
-    timer = ProfilingTimer(probe, sync=_sync_for(backend, device))
-    timer.overall_peak = probe.peak()   # loading the engines counts too
-    rss_loaded = probe.current()
-    seg.timer = timer
-    totals, stages, masks = [], {s: [] for s in STAGES}, []
-    official_ms, agreement = [], []
-    bar = tqdm(range(warmup + frames), desc=f"bench {backend}" + (" + official" if official else ""),
+    try:
+        timer = ProfilingTimer(probe, sync=_sync_for(seg.backend))
+        timer.overall_peak = probe.peak()   # loading the engines counts too
+        rss_loaded = probe.current()
+        seg.timer = timer
+        gemm = _gemm_probe(seg.backend, backend, device, options, threads) if roofline else None
+        measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress,
+                                between=gemm.sample if gemm else None)
+        roof = _roofline(export_dir, gemm, streams, measured) if gemm else None
+        described = seg.backend.describe()
+    finally:
+        seg.close()
+    report = {
+        "export": str(Path(export_dir).resolve()), "backend": backend, "backend_detail": described,
+        "device": device, "preset": manifest.get("preset"), "input_size": [H, W],
+        "sequence_num": manifest["sequence_num"], "batch": manifest["batch"], "streams": streams,
+        "precision": manifest.get("precision"), "backend_options": dict(backend_options or {}),
+        "frames": frames, "warmup": warmup,
+        **_memory_report(measured, timer, probe, rss_before, rss_loaded, gpu_before if gpu else None),
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine()},
+    }
+    report.update(_latency_report(measured, streams))
+    if official is not None:
+        report.update(_official_report(measured, streams, n_official, official, gpu))
+    if roof is not None:
+        report["roofline"] = roof
+    return report
+
+
+def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress, between=None) -> Measured:
+    """The timing loop: push every frame of ``clip``, time the frames after ``warmup``, interleave the
+    official protocol's frames and ``between()`` (untimed, after each timed frame), follow the memory peaks."""
+    from tqdm import tqdm
+    m, timer = Measured(), seg.timer
+    bar = tqdm(range(len(clip)), desc=f"bench {seg.backend.name}" + (" + official" if official else ""),
                unit="frame", disable=not progress)
     for i in bar:
         frame = clip[i]
@@ -215,75 +268,87 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         else:
             res = seg.push_batch(np.repeat(frame[None], streams, 0))
         elapsed = (time.perf_counter() - start) * 1e3
+        m.frames_ms.append(elapsed)
         if i >= warmup:
-            totals.append(elapsed)
+            m.totals.append(elapsed)
             for s in STAGES:
-                stages[s].append(timer.last[s] * 1e3)
-            masks.append(res[0].mask)
+                m.stages[s].append(timer.last[s] * 1e3)
+            for key, value in (getattr(seg.backend, "last_timing", None) or {}).items():
+                if value is not None:
+                    m.device.setdefault(key, []).append(value)
         if gpu:
-            gpu_peak = max(gpu_peak, gpu.peak())
+            m.gpu_peak = max(m.gpu_peak, gpu.peak())
         if official is not None and (i == warmup - 1 or warmup <= i < warmup + n_official):
             timer.overall_peak = max(timer.overall_peak, probe.peak())
             start_bytes = gpu.reset() if gpu else 0
             mask, ms = official.frame(i)
             probe.reset_peak()  # the official model's transient memory is not the runtime's
             if gpu:
-                gpu_official_peak = max(gpu_official_peak, gpu.peak() - start_bytes)
+                m.gpu_official_peak = max(m.gpu_official_peak, gpu.peak() - start_bytes)
                 gpu.reset()
             if i >= warmup:     # the frame before the timed ones warms the official model up
-                official_ms.append(ms)
-                agreement.append(float(np.mean(mask == res[0].mask)))
-    peak = max(timer.overall_peak, probe.peak())
-    described = seg.backend.describe()
-    seg.close()
-
-    total = summarize(totals)
-    report = {
-        "export": str(Path(export_dir).resolve()),
-        "backend": backend,
-        "backend_detail": described,
-        "device": device,
-        "preset": manifest.get("preset"),
-        "input_size": [H, W],
-        "sequence_num": manifest["sequence_num"],
-        "batch": manifest["batch"],
-        "streams": streams,
-        "precision": manifest.get("precision"),
-        "backend_options": dict(backend_options or {}),
-        "frames": frames,
-        "warmup": warmup,
-        "fps": streams * 1e3 / total["mean"],
-        "latency_ms": total,
-        "stages_ms": {s: summarize(v) for s, v in stages.items()},
-        "peak_memory_mb": (peak - rss_before) / MB,
-        "peak_rss_mb": peak / MB,
-        "loaded_memory_mb": (rss_loaded - rss_before) / MB,
-        "stage_peak_memory_mb": ({s: v / MB for s, v in timer.stage_peak.items()} if probe.resettable else None),
-        "memory_method": probe.method,
-        "cuda_peak_memory_mb": (gpu_peak - gpu_before) / MB if gpu else None,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine()},
-    }
-    if official is not None:
-        st = summarize(official_ms)
-        report["official_frames"] = n_official
-        report["official_latency_ms"] = st
-        report["official_fps"] = streams * 1e3 / st["mean"]
-        # Same frames: compare with the runtime's latency on exactly those frames.
-        report["speedup_vs_official"] = st["mean"] / float(np.mean(totals[:n_official]))
-        report["speedup_vs_official_all_frames"] = report["fps"] / report["official_fps"]
-        report["mask_agreement_vs_official"] = float(np.mean(agreement))
-        report["official_threads"] = official.torch.get_num_threads()
-        if gpu:
-            report["official_cuda_peak_memory_mb"] = gpu_official_peak / MB
-    return report
+                m.official_ms.append(ms)
+                m.agreement.append(float(np.mean(mask == res[0].mask)))
+        if between is not None and i >= warmup:
+            timer.overall_peak = max(timer.overall_peak, probe.peak())
+            between()
+            probe.reset_peak()  # the probe's matrices are not the runtime's memory
+            if gpu:
+                gpu.reset()
+    m.peak_rss = max(timer.overall_peak, probe.peak())
+    return m
 
 
-def _sync_for(backend, device):
-    if backend == "torch" and device.startswith("cuda"):
-        import torch
-        return torch.cuda.synchronize
-    return None
+def _memory_report(m: Measured, timer, probe, rss_before, rss_loaded, gpu_before) -> dict:
+    return {"peak_memory_mb": (m.peak_rss - rss_before) / MB, "peak_rss_mb": m.peak_rss / MB,
+            "loaded_memory_mb": (rss_loaded - rss_before) / MB,
+            "stage_peak_memory_mb": ({s: v / MB for s, v in timer.stage_peak.items()} if probe.resettable
+                                     else None),
+            "memory_method": probe.method,
+            "cuda_peak_memory_mb": (m.gpu_peak - gpu_before) / MB if gpu_before is not None else None}
+
+
+def _latency_report(m: Measured, streams: int) -> dict:
+    total = summarize(m.totals)
+    out = {"fps": streams * 1e3 / total["mean"], "latency_ms": total,
+           "stages_ms": {s: summarize(v) for s, v in m.stages.items()}, "frame_latency_ms": m.frames_ms}
+    if m.device:
+        out["device_timing_ms"] = {k: summarize(v) for k, v in m.device.items()}
+    return out
+
+
+def _official_report(m: Measured, streams, n_official, official, gpu) -> dict:
+    st = summarize(m.official_ms)
+    out = {"official_frames": n_official, "official_latency_ms": st, "official_fps": streams * 1e3 / st["mean"],
+           # Same frames: compare with the runtime's latency on exactly those frames.
+           "speedup_vs_official": st["mean"] / float(np.mean(m.totals[:n_official])),
+           "mask_agreement_vs_official": float(np.mean(m.agreement)),
+           "official_threads": official.torch.get_num_threads()}
+    out["speedup_vs_official_all_frames"] = streams * 1e3 / summarize(m.totals)["mean"] / out["official_fps"]
+    if gpu:
+        out["official_cuda_peak_memory_mb"] = m.gpu_official_peak / MB
+    return out
+
+
+def _gemm_probe(engine, backend, device, options, threads):
+    from .roofline import GemmProbe
+    precision = options.get("precision", "fp32")
+    metadata = getattr(engine, "metadata", None)   # TensorRT: the engines' build precisions
+    if metadata:
+        precision = "fp32" if all(v["precision"] == "fp32" for v in metadata.values()) else "fp16"
+    return GemmProbe(backend, device, precision, threads)
+
+
+def _roofline(export_dir, gemm, streams, m: Measured) -> dict:
+    from .roofline import export_work_gflop, roofline
+    work = export_work_gflop(export_dir, ENGINE_GRAPHS)
+    return roofline(work, {s: summarize(m.stages[s])["p50"] for s in ENGINE_GRAPHS}, streams, gemm.peak())
+
+
+def _sync_for(engine):
+    """What ends a stage: the backend's device synchronisation when it runs on a CUDA device, so work it
+    enqueued asynchronously is charged to the stage that enqueued it (None on the CPU)."""
+    return engine.synchronize if str(engine.device).startswith("cuda") else None
 
 
 def format_report(r: dict) -> str:
@@ -309,35 +374,88 @@ def format_report(r: dict) -> str:
             lines.append(f"official CUDA {r['official_cuda_peak_memory_mb']:.0f} MB transient peak per frame")
         lines.append(f"speedup       {r['speedup_vs_official']:.2f}x vs official (same frames, interleaved); "
                      f"masks agree on {100 * r['mask_agreement_vs_official']:.3f}% of pixels")
+    if r.get("device_timing_ms"):
+        lines.append("device        " + ", ".join(f"{k} p50 {v['p50']:.3f}" for k, v in r["device_timing_ms"].items()))
+    if r.get("roofline"):
+        lines += format_roofline(r["roofline"])
     return "\n".join(lines)
 
 
+def format_roofline(roof: dict) -> list[str]:
+    lines = [f"roofline      peak {roof['peak_tflops'] * 1e3:.1f} GFLOP/s ({roof['probe']}, median of "
+             f"{roof['probe_samples']}, one after each timed frame; best {roof['probe_best_tflops'] * 1e3:.1f})",
+             f"{'engine':<14}{'GFLOP/frame':>12}{'GFLOP/s':>10}{'of peak':>9}"]
+    for name in ENGINE_GRAPHS:
+        e = roof[name]
+        lines.append(f"{name:<14}{e['gflop']:>12.2f}{e['tflops'] * 1e3:>10.1f}{100 * e['fraction_of_peak']:>8.1f}%")
+    return lines
+
+
 def plot_report(r: dict, path):
-    """A bar chart PNG of the stage latencies (and the official protocol's) drawn with Pillow."""
-    from PIL import Image, ImageDraw
-    bars = [(s, r["stages_ms"][s]["mean"]) for s in STAGES] + [("total", r["latency_ms"]["mean"])]
-    if "official_latency_ms" in r:
-        bars.append(("official", r["official_latency_ms"]["mean"]))
-    width, row, left, right, top = 720, 34, 110, 150, 50
-    height = top + row * len(bars) + 30
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    title = f"tmanet bench: {r['backend']} {r['input_size'][0]}x{r['input_size'][1]} T={r['sequence_num']}"
+    """A PNG (matplotlib, Agg): per-stage p50 bars with p90/p99 whiskers, the latency of every frame in
+    order (warm-up shaded), and the roofline (each engine's achieved GFLOP/s against the probed peak)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    panels = 3 if r.get("roofline") else 2
+    fig = Figure(figsize=(5 * panels, 4.2), layout="constrained")
+    axes = fig.subplots(1, panels)
+    _plot_stages(axes[0], r)
+    _plot_frames(axes[1], r)
+    if panels == 3:
+        _plot_roofline(axes[2], r["roofline"])
+    title = (f"tmanet bench: {r['backend_detail']}  {r['input_size'][0]}x{r['input_size'][1]}  "
+             f"T={r['sequence_num']}")
     if "speedup_vs_official" in r:
-        title += f"  speedup {r['speedup_vs_official']:.2f}x"
-    d.text((10, 12), title, fill="black")
-    scale = (width - left - right) / max(v for _, v in bars) if bars else 1
-    for i, (name, value) in enumerate(bars):
-        y = top + i * row
-        colour = {"total": (40, 90, 170), "official": (190, 70, 50)}.get(name, (110, 150, 200))
-        d.text((10, y + 8), name, fill="black")
-        d.rectangle([left, y + 4, left + max(1, int(value * scale)), y + row - 8], fill=colour)
-        d.text((left + int(value * scale) + 8, y + 8), f"{value:.2f} ms", fill="black")
-    d.text((10, height - 22), "mean latency per frame", fill=(90, 90, 90))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+        title += f"  ({r['speedup_vs_official']:.2f}x the official protocol)"
+    fig.suptitle(title, fontsize=9)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _plot_stages(ax, r):
+    rows = [(s, r["stages_ms"][s]) for s in STAGES] + [("total", r["latency_ms"])]
+    if "official_latency_ms" in r:
+        rows.append(("official", r["official_latency_ms"]))
+    names = [n for n, _ in rows]
+    p50 = np.array([st["p50"] for _, st in rows])
+    x = np.arange(len(rows))
+    colours = ["tab:blue"] * len(STAGES) + ["tab:green"] + ["tab:red"] * (len(rows) - len(STAGES) - 1)
+    ax.bar(x, p50, color=colours, label="p50")
+    for q, marker in (("p90", "_"), ("p99", "v")):
+        tops = np.array([st[q] for _, st in rows])
+        ax.vlines(x, p50, tops, color="black", linewidth=1)
+        ax.scatter(x, tops, marker=marker, color="black", s=30, label=q, zorder=3)
+    ax.set_xticks(x, names, rotation=30)
+    ax.set_ylabel("ms per frame")
+    ax.set_title("stages: p50 bars, p90 / p99 whiskers", fontsize=9)
+    ax.legend(fontsize=8)
+
+
+def _plot_frames(ax, r):
+    ms = np.asarray(r["frame_latency_ms"])
+    ax.plot(np.arange(len(ms)), ms, marker=".", linewidth=1)
+    if r["warmup"]:
+        ax.axvspan(-0.5, r["warmup"] - 0.5, color="0.85", label="warm-up")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("ms")
+    ax.set_title("latency of every frame", fontsize=9)
+
+
+def _plot_roofline(ax, roof):
+    names = list(ENGINE_GRAPHS)
+    achieved = [roof[n]["tflops"] * 1e3 for n in names]
+    ax.bar(names, achieved, color="tab:blue", label="achieved")
+    ax.axhline(roof["peak_tflops"] * 1e3, color="tab:red", linestyle="--", label="GEMM peak (probed)")
+    for i, n in enumerate(names):
+        ax.text(i, achieved[i], f"{100 * roof[n]['fraction_of_peak']:.0f}%\n{roof[n]['gflop']:.1f} GFLOP",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.25 * max(achieved + [roof["peak_tflops"] * 1e3]))
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title("roofline: " + roof["probe"], fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
 
 
 def write_json(r: dict, path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(r, indent=1) + "\n")
+    safe_files.write_json(path, r)

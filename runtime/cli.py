@@ -1,7 +1,10 @@
-"""``tmanet run`` (segment a video, an image folder or a .npy clip) and ``tmanet bench``."""
+"""``tmanet run`` (segment a video, an image folder, a .npy clip or the image topics of an MCAP) and
+``tmanet bench``."""
 from __future__ import annotations
 
+import argparse
 import logging
+from contextlib import contextmanager
 
 log = logging.getLogger("tmanet")
 
@@ -10,24 +13,38 @@ BACKEND_CHOICES = ("ort", "torch", "trt")
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "run", help="segment a video, a folder of images or a .npy clip with an export",
+        "run", help="segment a video, a folder of images, a .npy clip or an MCAP's camera topics",
         description="Stream frames through an export directory and write an overlay video, masks and/or "
-                    "logits. Whole mode needs frames of the export size (no resizing is done: resize the "
-                    "input, re-export at its size, or use --mode slide for larger frames).")
+                    "logits. Whole mode needs frames of the export size unless --resize (or use --mode slide "
+                    "for larger frames). An MCAP input (ROS 2 bag) is segmented per --topic, each topic its "
+                    "own stream timed by the message header stamps, into an MCAP of <topic>/mask images.")
     p.add_argument("export_dir", metavar="DIR", help="export directory (manifest.json + ONNX files)")
     p.add_argument("--input", "-i", required=True, metavar="PATH",
-                   help="video file, folder of png/jpg frames (sorted by name) or .npy clip (F,H,W,3) uint8")
+                   help="video file, folder of png/jpg frames (sorted by name), .npy clip (F,H,W,3) uint8, "
+                        "ROS bag .mcap/.db3/.bag (with --topic), or X.mcap:/TOPIC (one topic, as a video)")
+    p.add_argument("--topic", action="append", metavar="TOPIC",
+                   help="ROS bag input: an image topic to segment (repeat for several cameras); without it, "
+                        "the image topics are listed")
+    p.add_argument("--color", action="store_true",
+                   help="ROS bag input: also write <topic>/color_mask (rgb8, the preset's palette)")
+    p.add_argument("--resize", action="store_true",
+                   help="whole mode, frames of another size: resize each frame to the export size and the "
+                        "logits back to the frame size (bilinear) before the argmax")
     _engine_args(p)
     p.add_argument("--mode", choices=("whole", "slide"), default="whole",
                    help="whole: frames of the export size; slide: larger frames as overlapping crops of the "
                         "export size, each crop with its own memory (official slide protocol)")
     p.add_argument("--stride", type=int, nargs="+", metavar="S",
                    help="slide stride (one value or H W); default: the preset's overlap ratio")
-    p.add_argument("--output", "-o", metavar="VIDEO", help="write an overlay video (e.g. overlay.mp4)")
+    p.add_argument("--output", "-o", metavar="PATH",
+                   help="write an overlay video (e.g. overlay.mp4); for a ROS bag input, the output MCAP")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0..1)")
     p.add_argument("--save-masks", metavar="DIR", help="write one palette PNG per frame (pixel = class id)")
     p.add_argument("--save-logits", metavar="F.npy", help="write all logits as one (F, C, H, W) float32 .npy")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="a video cut short (or damaged) ends at its last good frame with a warning instead of "
+                        "an error")
     p.add_argument("--max-gap", type=float, default=1.0, metavar="S",
                    help="reset the memory when consecutive video timestamps are more than S seconds apart "
                         "(0 disables)")
@@ -49,8 +66,22 @@ def register(subparsers):
                    help="timed frames of the official protocol (default: --frames)")
     b.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames")
     b.add_argument("--json", metavar="F", help="write the report as JSON")
-    b.add_argument("--plot", metavar="F.png", help="write a bar chart of the stage latencies (PNG)")
+    b.add_argument("--plot", metavar="F.png",
+                   help="write a PNG: stage latencies (p50 bars, p90/p99 whiskers), every frame's latency, roofline")
+    b.add_argument("--no-roofline", action="store_true",
+                   help="skip the roofline (work counted from the ONNX graphs against a GEMM peak probed on the "
+                        "same backend, ~1 s)")
     b.set_defaults(func=bench_command)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _engine_args(p):
@@ -58,10 +89,17 @@ def _engine_args(p):
                    help="ort: ONNX Runtime CPU (default); torch: the PyTorch reference (needs the checkpoint "
                         "named in the manifest); trt: TensorRT engines")
     p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the torch/trt backends")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for ort/torch (default: all cores)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for ort/torch (default: all cores)")
     p.add_argument("--precision", choices=("fp32", "fp16"),
-                   help="torch backend on CUDA: fp16 runs both graphs under autocast (the memory ring stays "
-                        "float32); default fp32")
+                   help="torch backend: fp16 runs both graphs in half precision (weights, activations and the "
+                        "memory ring; meant for CUDA, slow on the CPU); default fp32")
+    p.add_argument("--channels-last", action="store_true",
+                   help="torch backend: channels_last (NHWC) memory format for weights and activations")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch backend on CUDA: let cuDNN time its convolution algorithms and keep the fastest")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: torch.compile both graphs (the first frames compile: minutes)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend on CUDA: replay the graphs as captured CUDA graphs (trt: on by default)")
     p.add_argument("--no-fused-attention", action="store_true",
@@ -84,6 +122,12 @@ def _backend_options(args) -> dict:
             raise UserError("--cuda-graphs needs a CUDA backend (--backend torch --device cuda, or trt); "
                             "ort runs on the CPU")
         options["cuda_graphs"] = True
+    for flag in ("channels_last", "cudnn_benchmark", "compile"):
+        if getattr(args, flag):
+            if args.backend != "torch":
+                raise UserError(f"--{flag.replace('_', '-')} applies to the torch backend only (got --backend "
+                                f"{args.backend})")
+            options[flag] = True
     if args.no_fused_attention:
         if args.backend != "torch":
             raise UserError(f"--no-fused-attention applies to the torch backend only (got --backend {args.backend})")
@@ -107,6 +151,57 @@ def _open(args, **kwargs):
         raise UserError(str(e)) from None
 
 
+def _check_run_outputs(args):
+    """Every output can be written and none is an input: checked before any work starts."""
+    from pathlib import Path
+
+    from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
+
+    from tmanet.video_io import WRITABLE_VIDEO_SUFFIXES
+    if args.output:
+        check_output(args.output, "file", "--output")
+        suffix = Path(args.output).suffix.lower()
+        if suffix not in WRITABLE_VIDEO_SUFFIXES:
+            raise UserError(f"--output {args.output}: unknown video container {suffix or '(no extension)'}; "
+                            f"use one of {', '.join(WRITABLE_VIDEO_SUFFIXES)}")
+    if args.save_logits:
+        check_output(args.save_logits, "file", "--save-logits")
+        if Path(args.save_logits).suffix.lower() != ".npy":
+            raise UserError(f"--save-logits writes a .npy file: got {args.save_logits}")
+    if args.save_masks:
+        check_output(args.save_masks, "dir", "--save-masks")
+    inputs = [args.input, args.export_dir]
+    refuse_overwriting_inputs([args.output, args.save_logits], inputs)
+    # Mask PNGs go into the folder one by one: it may hold other files, but must not be an input.
+    refuse_overwriting_inputs([args.save_masks], inputs, whole=False)
+
+
+@contextmanager
+def _stop_requests():
+    """Inside the block SIGINT/SIGTERM ask to stop: ``stop[0]`` becomes the signal and the frame loop ends at a
+    frame boundary (no exception in the middle of its bookkeeping); a second signal stops at once."""
+    import signal
+    import threading
+
+    from tmanet.errors import Interrupted
+    stop = [None]
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum, _):
+        if stop[0] is not None:
+            raise Interrupted(signum)
+        stop[0] = signum
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run_command(args) -> int:
     import os
     import time
@@ -114,10 +209,15 @@ def run_command(args) -> int:
 
     from tqdm import tqdm
 
-    from tmanet.errors import UserError
+    from tmanet.errors import Interrupted, UserError
 
     from .io_threads import Prefetch, Worker
-    from .video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
+    from tmanet.video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
+    from tmanet.driving_logs import is_log
+    if is_log(args.input):
+        return run_log_command(args)
+    if args.topic or args.color:
+        raise UserError("--topic and --color apply to a ROS bag input (--input X.mcap, X.db3, X.bag)")
     if not (args.output or args.save_masks or args.save_logits):
         log.info("no --output, --save-masks or --save-logits: segmenting without writing results")
     _backend_options(args)  # flag errors before any file is opened
@@ -126,26 +226,34 @@ def run_command(args) -> int:
     if args.stride and len(args.stride) not in (1, 2):
         raise UserError("--stride takes one value or two (H W)")
     stride = None if not args.stride else (args.stride * 2)[:2]
+    _check_run_outputs(args)
     try:
-        source = open_frames(args.input, args.max_frames)
+        source = open_frames(args.input, args.max_frames, allow_truncated=args.allow_truncated)
     except ValueError as e:
         raise UserError(str(e)) from None
     seg = _open(args, mode=args.mode, stride=stride, return_logits=bool(args.save_logits),
-                max_gap=args.max_gap or None)
+                max_gap=args.max_gap or None, resize=args.resize)
     palette = seg.palette
     described = seg.backend.describe()
-    writer = VideoWriter(args.output, fps=source.fps or 25.0) if args.output else None
-    logits_file = NpyWriter(args.save_logits) if args.save_logits else None
-    mask_dir = None
-    if args.save_masks:
+    writer = logits_file = mask_dir = None
+    try:
+        writer = VideoWriter(args.output, fps=source.fps or 25.0) if args.output else None
+        logits_file = NpyWriter(args.save_logits) if args.save_logits else None
+    except BaseException:
+        seg.close()
+        if writer is not None:
+            writer.discard()
+        raise
+    if args.save_masks:  # created with its first PNG: an early error leaves no empty folder
         from pathlib import Path
         mask_dir = Path(args.save_masks)
-        mask_dir.mkdir(parents=True, exist_ok=True)
 
     def render(index, frame, res):  # in a pool thread: the per-frame work that needs no order
         if mask_dir is not None:
             save_mask_png(res.mask, mask_dir / f"{index:06d}.png", palette)
         return overlay(frame, res.mask, palette, args.alpha) if writer is not None else None
+
+    written = [0]
 
     def write(item):  # in the writer thread, in frame order
         rendered, res = item
@@ -154,6 +262,7 @@ def run_command(args) -> int:
             writer.write(image)
         if logits_file is not None:
             logits_file.append(res.logits)
+        written[0] += 1
 
     # Decoding ahead, and rendering and writing behind, run in threads, so the engines wait for neither.
     workers = max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -161,29 +270,44 @@ def run_command(args) -> int:
     frames = Prefetch(source)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tmanet-render")
     output = Worker(write, depth=2 * workers)
+    finished = False
     try:
-        bar = tqdm(frames, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
-        for frame, timestamp in bar:
-            t0 = time.perf_counter()
-            try:
-                res = seg.push(frame, timestamp=timestamp)
-            except ValueError as e:
-                raise UserError(f"frame {count} of {args.input}: {e}") from None
-            busy += time.perf_counter() - t0
-            output.submit((pool.submit(render, count, frame, res), res))
-            count += 1
-        output.close()  # the last results are written (and a writing error raised) before the files close
+        with _stop_requests() as stop:  # SIGINT/SIGTERM: the frames segmented so far become valid outputs
+            bar = tqdm(frames, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
+            for frame, timestamp in bar:
+                if stop[0] is not None:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    res = seg.push(frame, timestamp=timestamp)
+                except ValueError as e:
+                    raise UserError(f"frame {count} of {args.input}: {e}") from None
+                busy += time.perf_counter() - t0
+                output.submit((pool.submit(render, count, frame, res), res))
+                count += 1
+            bar.close()
+            output.close()  # the last results are written (and a writing error raised) before the files close
+            for sink in (writer, logits_file):
+                if sink is not None:
+                    sink.close()
+            finished = True
     finally:
         frames.close()
-        try:
-            output.close()  # after an error elsewhere: what was queued is still written
-        finally:
-            pool.shutdown()
-            if writer is not None:
-                writer.close()
-            if logits_file is not None:
-                logits_file.close()
-            seg.close()
+        if not finished:  # an error: no output is left under its final name (mask PNGs are whole files)
+            try:
+                output.close()
+            except BaseException:
+                pass  # the first error is the one to report
+            for sink in (writer, logits_file):
+                if sink is not None:
+                    sink.discard()
+        pool.shutdown()
+        seg.close()
+    outputs = [f"{what} {where}" for what, where in (("overlay", args.output), ("masks", args.save_masks),
+                                                     ("logits", args.save_logits)) if where]
+    if stop[0] is not None:
+        print(f"interrupted: {written[0]} frames written" + (f" ({', '.join(outputs)})" if outputs else ""))
+        raise Interrupted(stop[0])
     wall = time.perf_counter() - started
     if count == 0:
         raise UserError(f"{args.input}: no frames")
@@ -195,18 +319,107 @@ def run_command(args) -> int:
     return 0
 
 
+def run_log_command(args) -> int:
+    """``tmanet run DIR --input X.mcap|X.db3|X.bag --topic T [...] --output OUT.mcap [--color]``: each topic
+    one camera stream; per topic ``<topic>/mask`` (and ``<topic>/color_mask``) with the input's header and
+    log time."""
+    import time
+
+    from tqdm import tqdm
+
+    from tmanet.errors import UserError
+
+    from .camera_streams import CameraStreams
+    from tmanet.driving_logs import log_reader
+    from tmanet.mcap_io import McapImageWriter
+    from .camera_streams import segment_image_message
+    _backend_options(args)
+    source, topics, output = _log_arguments(args)
+    if topics is None:
+        return 0
+    reader = log_reader(source)
+    streams = CameraStreams(lambda: _open(args, max_gap=args.max_gap or None, resize=args.resize))
+    described = streams.describe()
+    palette = streams.palette if args.color else None
+    count, started = 0, time.perf_counter()
+    try:
+        with McapImageWriter(output) as writer:
+            messages = tqdm(reader.read_images(source, topics), total=reader.count_messages(source, topics),
+                            desc="tmanet run", unit="image", disable=args.no_progress)
+            for topic, log_time, publish_time, msg in messages:
+                try:
+                    mask, color = segment_image_message(streams, topic, msg, palette)
+                except ValueError as e:
+                    raise UserError(f"{source}, {topic}, message at log time {log_time} ns: {e}") from None
+                writer.write(f"{topic}/mask", mask, log_time, publish_time)
+                if color is not None:
+                    writer.write(f"{topic}/color_mask", color, log_time, publish_time)
+                count += 1
+            if count == 0:
+                raise UserError(f"{source}: no messages on {', '.join(topics)}")
+    except ValueError as e:  # the input turned unreadable part-way (the writer has removed its partial file)
+        raise UserError(str(e)) from None
+    finally:
+        streams.close()
+    wall = time.perf_counter() - started
+    print(f"{count} images from {len(topics)} topic(s), {described}: {count / wall:.2f} images/s\n"
+          f"  masks: {output}")
+    return 0
+
+
+def _log_arguments(args):
+    """``(source, topics, output)`` of a ROS bag run, checked before anything is written; ``topics`` is None
+    when none was asked for (the image topics are printed instead)."""
+    from pathlib import Path
+
+    from tmanet.errors import UserError
+
+    from tmanet.driving_logs import log_reader
+    if args.save_masks or args.save_logits or args.mode != "whole" or args.max_frames:
+        raise UserError("a ROS bag input takes --topic, --output OUT.mcap, --color and --resize (whole mode; "
+                        "not --save-masks, --save-logits, --mode slide or --max-frames)")
+    source = Path(args.input)
+    if not source.exists():
+        raise UserError(f"input not found: {source}")
+    try:
+        found = log_reader(source).image_topics(source)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    listing = ", ".join(f"{t} ({kind.rsplit('/', 1)[-1]})" for t, kind in found.items()) or "none"
+    if not args.topic:
+        print(f"image topics in {source}: {listing}\nchoose them with --topic")
+        return source, None, None
+    unknown = [t for t in args.topic if t not in found]
+    if unknown:
+        raise UserError(f"{source} has no image topic {', '.join(unknown)}; its image topics: {listing}")
+    if not args.output or not args.output.lower().endswith(".mcap"):
+        raise UserError("a ROS bag input writes an MCAP: --output OUT.mcap (for an overlay video or mask "
+                        "PNGs of one topic, give --input X.mcap:/TOPIC)")
+    output = Path(args.output)
+    if output.resolve() == source.resolve():
+        raise UserError(f"--output {output} is the input: choose another file")
+    return source, list(dict.fromkeys(args.topic)), output
+
+
 def bench_command(args) -> int:
     from tmanet.errors import UserError
     from tmanet.export.manifest import ManifestError
 
     from .backends import BackendUnavailable
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
+
     from .bench import format_report, plot_report, run_bench, write_json
     options = _backend_options(args)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output(path, "file", flag)
+    refuse_overwriting_inputs([args.json, args.plot], [args.export_dir])
     try:
         report = run_bench(args.export_dir, backend=args.backend, device=args.device, frames=args.frames,
                            warmup=args.warmup, compare_official=args.compare_official,
                            official_frames=args.official_frames, threads=args.threads, seed=args.seed,
-                           progress=not args.no_progress, backend_options=options)
+                           progress=not args.no_progress, backend_options=options,
+                           roofline=not args.no_roofline)
     except (ManifestError, BackendUnavailable, ValueError) as e:
         raise UserError(str(e)) from None
     print(format_report(report))

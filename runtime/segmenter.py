@@ -14,10 +14,15 @@ the export's fixed batch (padded with idle rows, which belong to no stream) or o
 
 Every input is validated before any state changes: a bad frame raises ValueError and the next good frame
 continues exactly as if the bad one had never been pushed.
+
+Thread safety: a segmenter may be shared between threads; each push, reset, release, add_stream and close
+holds the segmenter's lock, so pushes are serialized (in the order the threads take the lock) and every result
+is one whole frame's.
 """
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,12 +79,33 @@ def default_stride(input_size, slide_crop, slide_stride) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def resize_frames(frames: np.ndarray, size) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` -> uint8 ``(N, h, w, 3)`` at ``size`` = (h, w): bilinear, half-pixel centres
+    (``align_corners=False``, as the OpenCV resize of the official test pipeline), rounded."""
+    import torch
+    import torch.nn.functional as F
+    x = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def rescale_logits(logits: np.ndarray, size, align_corners: bool) -> np.ndarray:
+    """float ``(N, C, h, w)`` -> ``(N, C, H, W)``: bilinear with the preset's ``align_corners``, the official
+    test protocol's rescale of the logits to the original image before the argmax."""
+    import torch
+    import torch.nn.functional as F
+    x = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners).numpy()
+
+
 class StreamingSegmenter:
     def __init__(self, backend: Backend, manifest: dict, mode: str = "whole", stride=None,
                  return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP,
-                 num_streams: int | None = None):
+                 num_streams: int | None = None, resize: bool = False):
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        if resize and mode != "whole":
+            raise ValueError("resize applies to whole mode (slide mode runs crops of the export size)")
         if max_gap is not None and not (isinstance(max_gap, (int, float)) and max_gap > 0):
             raise ValueError(f"max_gap must be a positive number of seconds or None, got {max_gap!r}")
         if num_streams is not None and not (_is_int(num_streams) and num_streams > 0):
@@ -90,6 +116,8 @@ class StreamingSegmenter:
         self.return_logits = bool(return_logits)
         self.max_gap = max_gap
         self.num_streams = None if num_streams is None else int(num_streams)
+        self.resize = bool(resize)
+        self.align_corners = bool(manifest.get("align_corners", False))
         self.sequence_num = int(manifest["sequence_num"])
         self.input_size = tuple(int(s) for s in manifest["input_size"])
         self.num_classes = int(manifest["num_classes"])
@@ -103,20 +131,24 @@ class StreamingSegmenter:
             raise ValueError(f"slide stride {self.stride} must be positive and at most the crop (the export "
                              f"size {self.input_size}), otherwise some pixels are in no window")
         self.timer = StageTimer()
+        self._lock = threading.RLock()  # one push (or reset/release/close) at a time: see the module docstring
+        self._closed = False
+        self._rescale = False  # this push's frames were resized: the head returns logits to rescale
         self._clear()
 
     @classmethod
     def open(cls, directory, backend: str = "ort", device: str = "cpu", mode: str = "whole", stride=None,
              return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP, verify: bool = True,
-             num_streams: int | None = None, **backend_options) -> "StreamingSegmenter":
+             num_streams: int | None = None, resize: bool = False, **backend_options) -> "StreamingSegmenter":
         """A segmenter over the export directory ``directory`` (manifest.json + the two ONNX files).
         ``num_streams`` fixes the number of streams up front (else the first push does).
+        ``resize``: whole mode takes frames of any size (see :func:`resize_frames`, :func:`rescale_logits`).
         ``backend_options`` go to the backend (e.g. ``threads=`` for ort)."""
         from tmanet.export.manifest import load_manifest
         manifest = load_manifest(directory, verify=verify)
         engine = get_backend(backend)(Path(directory), manifest, device, **backend_options)
         return cls(engine, manifest, mode=mode, stride=stride, return_logits=return_logits, max_gap=max_gap,
-                   num_streams=num_streams)
+                   num_streams=num_streams, resize=resize)
 
     # -- state --------------------------------------------------------------------------------------------
     def _clear(self):
@@ -137,20 +169,34 @@ class StreamingSegmenter:
     def reset(self, stream: int | None = None):
         """Start stream ``stream`` afresh (its next frame is a first frame), or forget everything: with
         ``None`` the next push may use another frame size (and stream count, unless open() fixed it)."""
-        if stream is None:
-            self._clear()
-            return
-        s = self._check_stream_id(stream)
-        if self.stepper is not None:
-            self._restart(s)
+        with self._lock:
+            self._check_open()
+            if stream is None:
+                self._clear()
+                return
+            s = self._check_stream_id(stream)
+            if self.stepper is not None:
+                self._restart(s)
 
     def release(self, stream: int):
         """Free stream ``stream``: its memory is forgotten and its next frame is a first frame; it counts
         as unused (``in_use``) until then."""
-        s = self._check_stream_id(stream)
-        if self.stepper is not None:
-            self._restart(s)
-            self.in_use[s] = False
+        with self._lock:
+            self._check_open()
+            s = self._check_stream_id(stream)
+            if self.stepper is not None:
+                self._restart(s)
+                self.in_use[s] = False
+
+    def add_stream(self) -> int:
+        """One more stream, fresh; returns its id. The other streams keep their memory (the ring grows)."""
+        with self._lock:
+            self._check_open()
+            s = self.streams or 0
+            self.num_streams = self.streams = s + 1
+            if self.stepper is not None:
+                self._grow(s)
+            return s
 
     def _restart(self, s: int):
         self._index[s] = 0
@@ -160,6 +206,10 @@ class StreamingSegmenter:
             self.ring.reset(row)
 
     # -- validation (touches nothing) ---------------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this StreamingSegmenter is closed: open a new one")
+
     def _check_stream_id(self, stream) -> int:
         if not _is_int(stream) or stream < 0:
             raise ValueError(f"stream must be a non-negative int, got {stream!r}")
@@ -201,12 +251,14 @@ class StreamingSegmenter:
         eh, ew = self.input_size
         if n < 1:
             raise ValueError("push_batch needs at least one frame")
+        if H == 0 or W == 0:
+            raise ValueError(f"empty {what}: {H}x{W} pixels")
         if self.mode == "whole":
-            if (H, W) != (eh, ew):
+            if (H, W) != (eh, ew) and not self.resize:
                 hint = ("use slide mode (mode='slide', `--mode slide`) to run crops of the export size, "
                         if H >= eh and W >= ew else "")
                 raise ValueError(f"frame size {H}x{W} differs from the export size {eh}x{ew}: {hint}resize "
-                                 f"the frames, or export at {H}x{W}")
+                                 f"them with `--resize` (resize=True), or export at {H}x{W}")
         else:
             if H < eh or W < ew:
                 raise ValueError(f"frame size {H}x{W} is smaller than the export size {eh}x{ew}: slide mode "
@@ -262,8 +314,23 @@ class StreamingSegmenter:
                 count[y1:y2, x1:x2] += 1
             self._count = count
 
+    def _grow(self, s: int):
+        """Room for the new stream ``s`` (= the old stream count): its lanes take the rows after the old
+        lanes, the idle padding rows move to the end."""
+        nwin = len(self.windows)
+        self.ring.grow(nwin)
+        self._index.append(0)
+        self._last_time.append(None)
+        self.in_use.append(False)
+        self._restart(s)
+        if self.backend.batch is None:
+            lanes = self.streams * nwin
+            self._inputs = np.zeros((min(lanes, self.backend.max_batch), *self._inputs.shape[1:]), np.uint8)
+        if self.mode == "slide":
+            self._canvas = np.concatenate([self._canvas, np.zeros_like(self._canvas[:1])])
+
     def _head(self, query_key, query_value, slot_keys, slot_values):
-        logits = self.return_logits or self.mode == "slide"
+        logits = self.return_logits or self.mode == "slide" or self._rescale
         return self.backend.head(query_key, query_value, slot_keys, slot_values, logits=logits)
 
     def _calls(self, ids: list[int]) -> list[tuple[list[int], list[int]]]:
@@ -284,22 +351,31 @@ class StreamingSegmenter:
         """Segment the next frame (uint8 RGB ``(H, W, 3)``) of stream ``stream`` (the single stream when
         None); no other stream moves."""
         streams = None if stream is None else [stream]
-        return self._push(frame, None if timestamp is None else [timestamp], streams, single=True)[0]
+        with self._lock:
+            self._check_open()
+            return self._push(frame, None if timestamp is None else [timestamp], streams, single=True)[0]
 
     def push_batch(self, frames, timestamps=None, streams=None) -> list[SegmentResult]:
         """Segment the next frame of several streams in one engine batch: ``frames[k]`` (``(N, H, W, 3)``)
         is the next frame of stream ``streams[k]`` (distinct ids; all streams in order when None). Only
         those streams advance. ``timestamps``: one per frame, or one for all."""
-        return self._push(frames, timestamps, streams, single=False)
+        with self._lock:
+            self._check_open()
+            return self._push(frames, timestamps, streams, single=False)
 
     def _push(self, frames, timestamps, streams, single: bool) -> list[SegmentResult]:
         timer = self.timer
         timer.begin()
         with timer("pre"):
             frames = self._check_frames(frames, single)
-            n, H, W = frames.shape[:3]
+            n = frames.shape[0]
             ids = self._check_streams(streams, n)
             times = self._check_times(timestamps, n)
+            camera_size = frames.shape[1:3]
+            self._rescale = self.resize and camera_size != self.input_size
+            if self._rescale:
+                frames = resize_frames(frames, self.input_size)
+            H, W = frames.shape[1:3]
             # -- valid: from here on state changes --
             if self.stepper is None:
                 self._setup(self.streams or n, H, W)
@@ -324,11 +400,13 @@ class StreamingSegmenter:
                     s, wi = divmod(lane, nwin)
                     if self.mode == "whole":
                         masks[s] = mask[k].copy()
-                        logits_out[s] = logits[k].copy() if self.return_logits else None
+                        logits_out[s] = logits[k].copy() if self.return_logits or self._rescale else None
                     else:
                         y1, y2, x1, x2 = self.windows[wi]
                         self._canvas[s, :, y1:y2, x1:x2] += logits[k]
         with timer("post"):
+            if self._rescale:
+                self._to_camera_size(ids, masks, logits_out, camera_size)
             results = []
             for s, t in zip(ids, times):
                 if self.mode == "slide":
@@ -340,6 +418,13 @@ class StreamingSegmenter:
                 self._last_time[s] = t
                 self.in_use[s] = True
         return results
+
+    def _to_camera_size(self, ids, masks: dict, logits: dict, size):
+        """Masks (and logits, when asked) at the camera size from the export-size logits of each stream."""
+        full = rescale_logits(np.stack([logits[s] for s in ids]), size, self.align_corners)
+        for s, stream_logits in zip(ids, full):
+            masks[s] = stream_logits.argmax(0).astype(np.uint8)
+            logits[s] = stream_logits if self.return_logits else None
 
     def _gather(self, frames, ids, lanes, frame_of, size) -> np.ndarray:
         """One engine call's input: its lanes' crops, padding rows left as they are."""
@@ -355,8 +440,13 @@ class StreamingSegmenter:
 
     # -- conveniences -------------------------------------------------------------------------------------
     def close(self):
-        self._clear()
-        self.backend.close()
+        """Release the engines; later pushes raise. Closing twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._clear()
+            self.backend.close()
 
     def __enter__(self):
         return self

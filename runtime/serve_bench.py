@@ -14,8 +14,8 @@ from .bench import summarize
 
 
 def sequence_clips(streams: int, frames: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
-    from tmanet.synthetic_weights import make_clip
-    return [make_clip(frames, height, width, seed + s) for s in range(streams)]
+    from tmanet.synthetic_weights import make_noise_clip
+    return [make_noise_clip(frames, height, width, seed + s) for s in range(streams)]
 
 
 def bench_in_process(export_dir, clips, warmup: int, threads=None) -> tuple[float, list[float]]:

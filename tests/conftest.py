@@ -144,8 +144,8 @@ def make_tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def small_clip():
     """A 4-frame 64x128 synthetic clip (not set A's)."""
-    from tmanet.synthetic_weights import make_clip
-    return make_clip(4, 64, 128, seed=7)
+    from tmanet.synthetic_weights import make_noise_clip
+    return make_noise_clip(4, 64, 128, seed=7)
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +169,30 @@ def tiny_export_dir(tmp_path_factory, make_tiny_model):
     return get
 
 
+@pytest.fixture(scope="session")
+def export_b1(tiny_export_dir) -> Path:
+    """The batch-1 64x128 export of ``make_tiny_model(0)``."""
+    return tiny_export_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(make_tiny_model, tmp_path_factory) -> Path:
+    """A native checkpoint of ``make_tiny_model(seed=3)``."""
+    from tmanet.checkpoints import save_checkpoint
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny.pth"
+    save_checkpoint(make_tiny_model(seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
+    """The 64x128 batch-1 export of :func:`tiny_ckpt` (read-only: tests write their outputs elsewhere)."""
+    from tmanet.checkpoints import load_model
+    from tmanet.export import export_onnx
+    return export_onnx(load_model(tiny_ckpt), tmp_path_factory.mktemp("tiny_export") / "fp32", 64, 128,
+                       checkpoint=tiny_ckpt, check=False)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on two cores shared with other jobs, OpenMP spin-waits make training ~10x slower."""
@@ -176,3 +200,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- comparisons (plain functions: ``from conftest import max_abs, top2_margin``) --------------------------
+def max_abs(a, b) -> float:
+    """Largest absolute difference, computed in float64."""
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def top2_margin(logits: np.ndarray) -> np.ndarray:
+    """Gap between the largest and second largest logit per pixel; logits (C, H, W)."""
+    part = np.sort(logits, axis=0)
+    return part[-1] - part[-2]

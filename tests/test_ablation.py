@@ -11,23 +11,20 @@ import torch
 
 from tmanet.checkpoints import read_checkpoint
 from tmanet.model import TMANet
-from tmanet.memory import memory_frame_indices
+from tmanet.slots import memory_frame_indices
 from tmanet.training.ablation import (DEFAULT_VARIANTS, VARIANTS, Variant, cross_orders, eval_clips,
                                       evaluate_variant, main, parse_variant, predict_clip, run_ablation,
                                       small_config)
-from tmanet.training.synthetic import ClipSpec, make_clip
-from tmanet.training.trainer import (MEMORY_ORDERS, InputError, SyntheticVideo, TrainSamples, check_memory_order,
-                                     init_from_scratch, memory_frame_order, order_memory, train)
+from tmanet.training.synthetic import ClipSpec, make_street_clip
+from tmanet.training.config import MEMORY_ORDERS, InputError, check_memory_order
+from tmanet.training.data import SyntheticVideo, TrainSamples
+from tmanet.training.recipe import init_from_scratch, memory_frame_order, order_memory
+from tmanet.training.trainer import train
 
 TINY = dict(base_channels=16, key_channels=16, value_channels=32, channels=32, aux_channels=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(T: int, seed: int = 0) -> TMANet:
@@ -140,7 +137,7 @@ def test_memory_order_cli_flag_and_resume_keeps_the_order(tmp_path, capsys):
 # -- evaluation path -----------------------------------------------------------------------------------
 def test_predict_clip_uses_the_order_and_matches_the_reference():
     model = tiny_model(2)
-    frames, _ = make_clip(ClipSpec(frames=6, height=32, width=64, degradation=0.8, seed=7))
+    frames, _ = make_street_clip(ClipSpec(frames=6, height=32, width=64, degradation=0.8, seed=7))
     # oldest first = the model's own reference inference (official order) from frame T on
     ref = model.predict_clip(frames).argmax(1)
     np.testing.assert_array_equal(predict_clip(model, frames, "oldest_first", 2, batch=3), ref)
@@ -168,7 +165,7 @@ def test_newest_first_is_oldest_first_with_the_slot_encoders_permuted():
             mods = list(slots)[::-1]
             for i, m in enumerate(mods):
                 slots[i] = m
-    frames, _ = make_clip(ClipSpec(frames=6, height=32, width=64, degradation=0.8, seed=3))
+    frames, _ = make_street_clip(ClipSpec(frames=6, height=32, width=64, degradation=0.8, seed=3))
     clip = torch.from_numpy(frames)
 
     def logits(m, order):

@@ -11,14 +11,12 @@ from PIL import Image
 
 from tmanet.cli import main
 from tmanet.runtime.bench import ProfilingTimer, RssProbe, run_bench, summarize
+from tmanet.runtime.roofline import count_macs
 from tmanet.runtime.segmenter import STAGES
 
 H, W = 64, 128
 
 
-@pytest.fixture(scope="module")
-def export_b1(tiny_export_dir):
-    return tiny_export_dir()
 
 
 def export_ring_bytes(export_dir) -> int:
@@ -91,17 +89,88 @@ def test_profiling_timer_sees_a_stage_allocation():
 
 
 def test_bench_command_writes_json_and_plot(export_b1, tmp_path, capsys):
+    (tmp_path / "b.png").write_bytes(b"an older plot")
     assert main(["bench", str(export_b1), "--frames", "3", "--warmup", "1", "--json", str(tmp_path / "b.json"),
                  "--plot", str(tmp_path / "b.png"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "frame_engine" in out and "frames/s" in out
+    assert "frame_engine" in out and "frames/s" in out and "GFLOP/frame" in out
     r = json.loads((tmp_path / "b.json").read_text())
-    for key in ("fps", "latency_ms", "peak_memory_mb", "stages_ms", "backend", "input_size"):
+    for key in ("fps", "latency_ms", "peak_memory_mb", "stages_ms", "backend", "input_size", "roofline"):
         assert key in r
     assert set(r["latency_ms"]) >= {"p50", "p90", "p99"}
+    # Every frame's latency in order, the warm-up frame first: the timed ones are what the summary is of.
+    assert len(r["frame_latency_ms"]) == 4
+    assert np.median(r["frame_latency_ms"][1:]) == pytest.approx(r["latency_ms"]["p50"])
     im = Image.open(tmp_path / "b.png")
-    assert im.format == "PNG" and im.size[0] > 100
+    assert im.format == "PNG" and im.size[0] > 1000   # three panels: stages, frames over time, roofline
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png"]   # no temporary left behind
     assert main(["bench", str(export_b1), "--frames", "0", "--no-progress"]) == 2
+
+
+def conv_macs(cin, cout, k, h, w, groups=1):
+    return h * w * cout * (cin // groups) * k * k
+
+
+def tiny_frame_encoder_macs(H, W, c=16, T=2, ck=16, cv=32):
+    """Multiply-adds of the tiny model's frame encoder, from the architecture: ResNet-18 V1c (deep stem of
+    three 3x3 convs, the first at stride 2; max-pool; BasicBlocks of two 3x3 convs; output stride 8 = strides
+    1, 2, 1, 1 with dilated layers 3-4, a 1x1 downsample where the stride or width changes), then the key/value
+    encoders of the query and the T slots as one 1x1 conv and two grouped 3x3 convs."""
+    h2, w2, h4, w4, h8, w8 = H // 2, W // 2, H // 4, W // 4, H // 8, W // 8
+    stem = conv_macs(3, c // 2, 3, h2, w2) + conv_macs(c // 2, c // 2, 3, h2, w2) + conv_macs(c // 2, c, 3, h2, w2)
+    layer1 = 4 * conv_macs(c, c, 3, h4, w4)
+    deeper = 0
+    for cin, cout in ((c, 2 * c), (2 * c, 4 * c), (4 * c, 8 * c)):   # layers 2-4, all at 1/8
+        deeper += (conv_macs(cin, cout, 3, h8, w8) + conv_macs(cout, cout, 3, h8, w8)   # block 1
+                   + conv_macs(cin, cout, 1, h8, w8)                                       # its downsample
+                   + 2 * conv_macs(cout, cout, 3, h8, w8))                                 # block 2
+    encoders = (conv_macs(8 * c, (T + 1) * (ck + cv), 1, h8, w8)
+                + conv_macs((T + 1) * ck, (T + 1) * ck, 3, h8, w8, groups=T + 1)
+                + conv_macs((T + 1) * cv, (T + 1) * cv, 3, h8, w8, groups=T + 1))
+    return stem + layer1 + deeper + encoders
+
+
+def tiny_head_macs(H, W, T=2, ck=16, cv=32, channels=32, classes=19):
+    """The memory read (q.k over T*h*w positions, then the weighted sum of the values), the 3x3 bottleneck
+    over cat([query value, read]) and the 1x1 classifier."""
+    n = (H // 8) * (W // 8)
+    read = n * ck * (T * n) + n * (T * n) * cv
+    return read, conv_macs(2 * cv, channels, 3, H // 8, W // 8) + conv_macs(channels, classes, 1, H // 8, W // 8)
+
+
+def test_counted_work_of_a_small_export_matches_the_architecture(export_b1, tiny_export_dir):
+    assert count_macs(export_b1 / "frame_encoder.onnx")["total"] == tiny_frame_encoder_macs(H, W)
+    head = count_macs(export_b1 / "memory_head.onnx")
+    read, convs = tiny_head_macs(H, W)
+    assert head["per_op"]["MatMul"] == read and head["per_op"]["Conv"] == convs
+    # A batch of 2 is twice the work; a dynamic batch is counted at the batch asked for.
+    assert count_macs(tiny_export_dir(batch=2) / "memory_head.onnx")["total"] == 2 * (read + convs)
+    dynamic = count_macs(tiny_export_dir(dynamic=True) / "frame_encoder.onnx", batch=3)
+    assert dynamic["batch"] == 3 and dynamic["total"] == 3 * tiny_frame_encoder_macs(H, W)
+
+
+def test_chunked_read_is_counted_once_in_full(make_tiny_model, tmp_path):
+    """With 32-query chunks the exporter writes one MatMul pair per chunk: their work adds up to the read."""
+    from tmanet.export import export_onnx
+    export = export_onnx(make_tiny_model(seed=1), tmp_path, H, W, query_chunk=32, check=False)
+    import onnx
+    matmuls = [n for n in onnx.load(str(export / "memory_head.onnx")).graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2 * (H // 8) * (W // 8) // 32
+    assert count_macs(export / "memory_head.onnx")["per_op"]["MatMul"] == tiny_head_macs(H, W)[0]
+
+
+def test_roofline_report(export_b1):
+    r = run_bench(export_b1, frames=3, warmup=1, progress=False)
+    roof = r["roofline"]
+    assert roof["peak_tflops"] > 0 and "onnxruntime MatMul" in roof["probe"]
+    read, convs = tiny_head_macs(H, W)
+    assert roof["head"]["gflop"] == pytest.approx(2 * (read + convs) / 1e9)
+    assert roof["frame_engine"]["gflop"] == pytest.approx(2 * tiny_frame_encoder_macs(H, W) / 1e9)
+    for stage in ("frame_engine", "head"):
+        e = roof[stage]
+        assert e["tflops"] == pytest.approx(e["gflop"] / r["stages_ms"][stage]["p50"])
+        assert e["fraction_of_peak"] == pytest.approx(e["tflops"] / roof["peak_tflops"])
+    assert "roofline" not in run_bench(export_b1, frames=1, warmup=0, progress=False, roofline=False)
 
 
 @pytest.mark.gpu
@@ -113,10 +182,50 @@ def test_bench_torch_cuda_compare_official(export_b1, tmp_path, flags):
     r = json.loads(out.read_text())
     assert r["device"] == "cuda" and r["speedup_vs_official"] > 0
     assert r["mask_agreement_vs_official"] > (0.99 if flags else 0.999)
-    # Device memory: the runtime holds at least its ring (T+1 positions x T slots of key and value features).
-    ring_mb = (r["sequence_num"] + 1) * r["sequence_num"] * export_ring_bytes(export_b1) / 2**20
+    # Device memory: the runtime holds at least its ring (T+1 positions x T slots of key and value features),
+    # in half precision with fp16.
+    ring_mb = (r["sequence_num"] + 1) * r["sequence_num"] * export_ring_bytes(export_b1) / 2**20 / (2 if flags else 1)
     assert ring_mb <= r["cuda_peak_memory_mb"] < 4096
     assert 0 < r["official_cuda_peak_memory_mb"] < 4096
+    roof = r["roofline"]   # the peak probed by torch matmul in the backend's precision, on the device
+    assert f"torch matmul {'fp16' if flags else 'fp32'}" in roof["probe"] and "cuda" in roof["probe"]
+    assert 0 < roof["frame_engine"]["fraction_of_peak"] and 0 < roof["head"]["fraction_of_peak"]
     if flags:
         assert r["backend_options"] == {"precision": "fp16", "cuda_graphs": True}
         assert "fp16" in r["backend_detail"] and "CUDA graphs on" in r["backend_detail"]
+
+
+def test_stages_end_with_the_backends_device_synchronisation(export_b1):
+    """A backend on a CUDA device enqueues asynchronously (TensorRT on its own stream): each stage must wait
+    for it, or the frame engine's device time lands in the head stage. A stand-in that logs its calls."""
+    from tmanet.runtime.backends import BACKENDS, OrtBackend, register_backend
+    calls = []
+
+    class AsyncStandIn(OrtBackend):
+        name = "async-stand-in"
+
+        def __init__(self, export_dir, manifest, device="cuda:0", **options):
+            super().__init__(export_dir, manifest, "cpu", **options)
+            self.device = device   # what the bench sees: a device whose work is asynchronous
+
+        def encode(self, frames):
+            calls.append("encode")
+            return super().encode(frames)
+
+        def head(self, *args, **kwargs):
+            calls.append("head")
+            return super().head(*args, **kwargs)
+
+        def synchronize(self):
+            calls.append("sync")
+
+    register_backend("async-stand-in", AsyncStandIn)
+    try:
+        run_bench(export_b1, backend="async-stand-in", device="cuda:0", frames=2, warmup=0, progress=False,
+                  roofline=False)
+    finally:
+        BACKENDS.pop("async-stand-in")
+    assert calls.count("encode") == calls.count("head") == 2
+    for i, call in enumerate(calls):
+        if call in ("encode", "head"):
+            assert calls[i + 1] == "sync", calls

@@ -11,19 +11,19 @@ import shutil
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from tmanet.calibration import CalibrationError, calibrate
 from tmanet.calibration.compare import CompareError, _miou, compare_exports, format_table, target_agreement
-from tmanet.training.evaluate import confusion_matrix
 from tmanet.calibration.precision import (FLOAT, FLOAT16, attention_nodes, convert_fp16, in_module, io_signature,
                                           module_names, module_of, node_compute_types)
 from tmanet.calibration.quantize import (CalibrationDataError, SampleReader, build_samples, frame_streams,
                                          write_reference_npz)
 from tmanet.export import export_onnx, load_manifest
 from tmanet.export.manifest import MANIFEST, sha256_file
-from tmanet.synthetic_weights import make_clip
+from tmanet.metrics import confusion_matrix
+from tmanet.onnx_session import cpu_session
+from tmanet.synthetic_weights import make_noise_clip
 
 H, W = 64, 128
 R50_SIZE = (128, 256)
@@ -46,11 +46,6 @@ def modelopt():
 
 # -- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_export(make_tiny_model, tmp_path_factory):
-    return export_onnx(make_tiny_model(seed=3), tmp_path_factory.mktemp("tiny") / "fp32", H, W, check=False)
-
-
-@pytest.fixture(scope="module")
 def r50_export(official_model, official_cityscapes_ckpt, tmp_path_factory):
     """128x256: at 64x128 a third of the pixels lie near an 8x upsampling boundary between classes, where
     the synthetic model's top-2 logits nearly tie and any rounding flips them (FP16 then measures
@@ -62,25 +57,19 @@ def r50_export(official_model, official_cityscapes_ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("frames") / "clip.npy"
-    np.save(path, make_clip(6, H, W, seed=11))
+    np.save(path, make_noise_clip(6, H, W, seed=11))
     return path
 
 
 @pytest.fixture(scope="module")
 def r50_clips():
     """(calibration frames, gate frames the calibration did not see) at the R50 export size."""
-    return make_clip(6, *R50_SIZE, seed=11), make_clip(6, *R50_SIZE, seed=23)
-
-
-def _session(path):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return make_noise_clip(6, *R50_SIZE, seed=11), make_noise_clip(6, *R50_SIZE, seed=23)
 
 
 def _encode_each(export_dir, frames):
     """The fp32 frame graph's outputs for each frame on its own (batch 1)."""
-    s = _session(export_dir / "frame_encoder.onnx")
+    s = cpu_session(export_dir / "frame_encoder.onnx")
     return [s.run(None, {"frames": f[None]}) for f in frames]
 
 
@@ -94,7 +83,7 @@ def test_head_samples_are_the_fp32_frame_graph_streamed_in_order(tiny_export):
     stream's first frame; every slide window is its own stream."""
     manifest = load_manifest(tiny_export)
     T = manifest["sequence_num"]
-    clip = make_clip(5, 80, 160, seed=4)  # larger than the export: slide windows, several streams
+    clip = make_noise_clip(5, 80, 160, seed=4)  # larger than the export: slide windows, several streams
     streams = frame_streams(clip, (H, W), manifest)
     assert len(streams.streams) > 1 and streams.frames == 5
     samples = build_samples(tiny_export, manifest, streams, progress=False)
@@ -120,7 +109,7 @@ def test_head_samples_are_the_fp32_frame_graph_streamed_in_order(tiny_export):
 
 def test_samples_memory_mapped_and_frames_only(tiny_export, tmp_path):
     manifest = load_manifest(tiny_export)
-    clip = make_clip(3, H, W, seed=2)
+    clip = make_noise_clip(3, H, W, seed=2)
     streams = frame_streams(clip, (H, W), manifest)
     samples = build_samples(tiny_export, manifest, streams, tmp_path, progress=False)
     assert isinstance(samples.frames, np.memmap) and (tmp_path / "memory_key_1.npy").is_file()
@@ -133,7 +122,7 @@ def test_frame_streams_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         frame_streams(tmp_path / "missing.npy", (H, W))
     with pytest.raises(CalibrationDataError, match="smaller than the export size"):
-        frame_streams(make_clip(2, 32, 64, seed=0), (H, W))
+        frame_streams(make_noise_clip(2, 32, 64, seed=0), (H, W))
     with pytest.raises(CalibrationDataError, match="uint8"):
         frame_streams(np.zeros((2, H, W, 3), np.float32), (H, W))
 
@@ -176,9 +165,9 @@ def test_attention_nodes_cover_every_query_chunk():
 
 
 def test_frames_from_a_video(tiny_export, tmp_path):
-    from tmanet.runtime.video_io import VideoWriter
+    from tmanet.video_io import VideoWriter
     with VideoWriter(tmp_path / "clip.mp4", fps=10) as writer:
-        for frame in make_clip(4, H, W, seed=9):
+        for frame in make_noise_clip(4, H, W, seed=9):
             writer.write(frame)
     streams = frame_streams(tmp_path / "clip.mp4", (H, W), num=3)
     assert streams.kind == "video" and streams.frames == 3 and len(streams.streams) == 1
@@ -215,7 +204,7 @@ def test_fp16_graphs_keep_io_and_attention_fp32(modelopt, tiny_export, clip_file
 
 def test_fp16_attention_in_fp16_when_switched_off(modelopt, tiny_export, tmp_path):
     manifest = load_manifest(tiny_export)
-    streams = frame_streams(make_clip(4, H, W, seed=1), (H, W), manifest)
+    streams = frame_streams(make_noise_clip(4, H, W, seed=1), (H, W), manifest)
     samples = build_samples(tiny_export, manifest, streams, progress=False)
     ref = write_reference_npz(samples.graph_inputs("memory_head"), tmp_path / "ref", 1, 2)
     src = tiny_export / "memory_head.onnx"
@@ -368,11 +357,11 @@ def test_trained_demo_model_full_int8_gate(modelopt, tmp_path):
     from tmanet.checkpoints import load_model
     from tmanet.demo import DEMO_MODEL
     from tmanet.training.synthetic import ClipSpec
-    from tmanet.training.synthetic import make_clip as driving_clip
+    from tmanet.training.synthetic import make_street_clip
     size = (128, 256)
     src = export_onnx(load_model(DEMO_MODEL), tmp_path / "fp32", *size, check=False)
-    calib, _ = driving_clip(ClipSpec(frames=32, height=size[0], width=size[1], degradation=0.5, seed=11))
-    gate_frames, _ = driving_clip(ClipSpec(frames=24, height=size[0], width=size[1], degradation=0.5, seed=2026))
+    calib, _ = make_street_clip(ClipSpec(frames=32, height=size[0], width=size[1], degradation=0.5, seed=11))
+    gate_frames, _ = make_street_clip(ClipSpec(frames=24, height=size[0], width=size[1], degradation=0.5, seed=2026))
     agreement = {}
     for quantize_residual in (False, True):
         manifest = calibrate(src, tmp_path / f"int8_{quantize_residual}", calib, precision="int8",
@@ -383,7 +372,7 @@ def test_trained_demo_model_full_int8_gate(modelopt, tmp_path):
 
 # -- compare ------------------------------------------------------------------------------------------------
 def test_compare_identical_dirs_and_miou(tiny_export, clip_file, tmp_path):
-    labels = make_clip(6, H, W, seed=5)[..., 0] % 19
+    labels = make_noise_clip(6, H, W, seed=5)[..., 0] % 19
     labels[:, :8] = 255  # ignored rows
     np.save(tmp_path / "labels.npy", labels)
     result = compare_exports(tiny_export, tiny_export, clip_file, labels=tmp_path / "labels.npy", progress=False)
@@ -436,7 +425,7 @@ def test_compare_errors(tiny_export, clip_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="frames source not found"):
         compare_exports(tiny_export, tiny_export, tmp_path / "nope.mp4", progress=False)
     with pytest.raises(CompareError, match="smaller than the export size"):
-        compare_exports(tiny_export, tiny_export, make_clip(2, 32, 64, seed=0), progress=False)
+        compare_exports(tiny_export, tiny_export, make_noise_clip(2, 32, 64, seed=0), progress=False)
     np.save(tmp_path / "few.npy", np.zeros((2, H, W), np.uint8))
     with pytest.raises(CompareError, match="2 label maps for 6 frames"):
         compare_exports(tiny_export, tiny_export, clip_file, labels=tmp_path / "few.npy", progress=False)
@@ -464,7 +453,7 @@ def test_calibrate_bad_input_leaves_nothing(tiny_export, clip_file, tmp_path):
         calibrate(not_fp32, tmp_path / "b", clip_file, precision="int8")
     if _modelopt_usable():
         with pytest.raises(CalibrationDataError, match="smaller than the export size"):
-            calibrate(tiny_export, tmp_path / "c", make_clip(2, 32, 64, seed=0), precision="fp16")
+            calibrate(tiny_export, tmp_path / "c", make_noise_clip(2, 32, 64, seed=0), precision="fp16")
         with pytest.raises(FileNotFoundError):
             calibrate(tiny_export, tmp_path / "c", tmp_path / "missing.mp4", precision="fp16")
     leftovers = sorted(p.name for p in tmp_path.iterdir())

@@ -10,7 +10,7 @@ import torch
 
 from tmanet.checkpoints import CheckpointError, load_model, save_checkpoint
 from tmanet.presets import get_preset
-from tmanet.synthetic_weights import make_clip, read_manifest, state_dict_sha256
+from tmanet.synthetic_weights import make_noise_clip, read_manifest, state_dict_sha256
 
 SHAPE_FIELDS = ("depth", "base_channels", "sequence_num", "key_channels", "value_channels", "channels",
                 "num_classes", "aggregation")
@@ -82,7 +82,7 @@ def tiny(make_tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    return make_clip(3, 32, 64, seed=5)
+    return make_noise_clip(3, 32, 64, seed=5)
 
 
 def test_missing_file(tmp_path):
@@ -217,6 +217,6 @@ def test_generator_cli(tmp_path):
     clip_path = tmp_path / "clip.npy"
     assert main(["--make-clip", "--frames", "3", "--height", "16", "--width", "24", "--seed", "4",
                  "--out", str(clip_path)]) == 0
-    np.testing.assert_array_equal(np.load(clip_path), make_clip(3, 16, 24, 4))
+    np.testing.assert_array_equal(np.load(clip_path), make_noise_clip(3, 16, 24, 4))
     assert main(["--manifest", "nope", "--seed", "0", "--out", str(tmp_path / "x.pth")]) == 2
     assert not (tmp_path / "x.pth").exists()

@@ -7,14 +7,14 @@ import pytest
 from PIL import Image
 
 from tmanet.training.datasets import CamVidVideo, CityscapesVideo, TrainTransform
-from tmanet.training.synthetic import ClipSpec, make_clip, write_cityscapes_sequence
+from tmanet.training.synthetic import ClipSpec, make_street_clip, write_cityscapes_sequence
 
 FIRST = 100  # Cityscapes-style frame numbers that do not start at 0
 
 
 @pytest.fixture(scope="module")
 def cs_clips():
-    return [make_clip(ClipSpec(frames=8, height=24, width=48, degradation=0.3, seed=s)) for s in (1, 2)]
+    return [make_street_clip(ClipSpec(frames=8, height=24, width=48, degradation=0.3, seed=s)) for s in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def camvid_official_root(tmp_path):
 
 
 def test_camvid_official_layout(camvid_official_root):
-    from tmanet.training.trainer import parse_data
+    from tmanet.training.data import parse_data
     assert parse_data(camvid_official_root).kind == "camvid"
     ds = CamVidVideo(camvid_official_root, split="train", sequence_num=4, sequence_range=4)
     assert ds.layout == "official" and ds.frames_dir == camvid_official_root / "images_sequence"

@@ -7,8 +7,8 @@ import numpy as np
 
 from tmanet import demo
 from tmanet.checkpoints import load_model
-from tmanet.training.evaluate import confusion_matrix, scores_from_confusion
-from tmanet.training.synthetic import ClipSpec, make_clip
+from tmanet.metrics import confusion_matrix, scores_from_confusion
+from tmanet.training.synthetic import ClipSpec, make_street_clip
 
 
 def test_demo_model_is_small_and_segments_held_out_clips():
@@ -16,7 +16,7 @@ def test_demo_model_is_small_and_segments_held_out_clips():
     model = load_model(demo.DEMO_MODEL)  # native format: no preset needed
     info = json.loads(demo.DEMO_INFO.read_text())
     assert model.config.depth == 18 and model.config.sequence_num == 2
-    frames, labels = make_clip(ClipSpec(frames=6, height=128, width=256, degradation=0.5, seed=987_654))
+    frames, labels = make_street_clip(ClipSpec(frames=6, height=128, width=256, degradation=0.5, seed=987_654))
     C = model.config.num_classes
     cm = np.zeros((C, C), np.int64)
     for t, res in enumerate(model.stream(frames, return_logits=False)):

@@ -17,10 +17,10 @@ from tmanet.engines.build import (DEFAULT_DYNAMIC_BATCH, TensorRTNotInstalled, b
                                   onnx_input_shapes, parse_batch, profile_shapes, require_tensorrt, resolve_batch)
 from tmanet.engines.metadata import (EngineIntegrityError, is_up_to_date, load_engine_metadata,
                                      make_engines_manifest, make_metadata, read_engines_manifest, read_metadata,
-                                     sha256_file, sidecar_path, verify_engine_file, write_engines_manifest,
-                                     write_metadata)
+                                     sidecar_path, verify_engine_file, write_engines_manifest, write_metadata)
 from tmanet.engines.versioning import (EngineCompatibilityError, build_plan, check_compatible,
                                        format_compute_capability, parse_trt_version)
+from tmanet.export.manifest import sha256_file
 
 H, W = 64, 128
 TRT_SENTENCE = "TensorRT is not installed: "
@@ -268,12 +268,6 @@ def test_profile_shapes_from_onnx(tmp_path):
 
 
 # -- a tiny real export --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_export(make_tiny_model, tmp_path_factory):
-    from tmanet.export import export_onnx
-    return export_onnx(make_tiny_model(seed=5), tmp_path_factory.mktemp("export"), H, W, batch=1, check=False)
-
-
 def test_export_profiles(tiny_export):
     """The real export's inputs give the profile shapes the build would use."""
     from tmanet.export import load_manifest
@@ -425,6 +419,8 @@ class StandInBuilder:
                 stand_in.calls.append({"onnx": name, "strongly_typed": net.strongly_typed, **config})
                 if stand_in.fail == name:
                     raise PolygraphyException("stand-in builder failure")
+                if isinstance(stand_in.fail, tuple) and stand_in.fail[0] == name:
+                    raise stand_in.fail[1]
                 return (name.encode() + repr(sorted(config.items(), key=str)).encode()) * 50
             return build
 
@@ -432,7 +428,18 @@ class StandInBuilder:
         monkeypatch.setattr(pt, "CreateConfig", lambda **kw: {k: v for k, v in kw.items() if v is not None})
         monkeypatch.setattr(pt, "EngineBytesFromNetwork", engine_bytes)
         monkeypatch.setattr(pt, "Profile", Profile)
-        monkeypatch.setattr(pt, "Calibrator", lambda data: ("calibrator", data))
+        monkeypatch.setattr(pt, "Calibrator", lambda data: ("calibrator", calibration_batches(data)))
+
+
+def calibration_batches(data):
+    """What Polygraphy's Calibrator (>= 0.49.10) lets through: it declares every non-index input float32 (the
+    only type TensorRT calibrates; uint8 frames included) and drops a batch of any other dtype, which leaves
+    TensorRT with no batch and no scaling factors. The stand-in fails loudly instead."""
+    for batch in data:
+        for name, array in batch.items():
+            assert array.dtype in (np.float32, np.int32, np.int64, np.bool_), \
+                f"calibration input {name} is {array.dtype}: Polygraphy rejects it (float32 only)"
+        yield batch
 
 
 def test_build_orchestration(tiny_export, tmp_path, monkeypatch):
@@ -454,10 +461,23 @@ def test_build_orchestration(tiny_export, tmp_path, monkeypatch):
     assert meta["source_onnx"]["sha256"] == sha256_file(tiny_export / "memory_head.onnx")
     assert meta["io"]["memory_value_1"]["shape"][1] == 32 and meta["io"]["mask"]["dtype"] == "uint8"
     assert meta["io"]["logits"] == {"mode": "output", "dtype": "float32", "shape": [1, 19, H, W]}
-    # Nothing changed: both engines are kept; a different workspace rebuilds them.
+    # Nothing changed: both engines are kept and engines.json is left as it was (bytes and mtime: its
+    # written_at is the engines' build time, not the clock); a different workspace rebuilds them.
+    listed = out / "engines.json"
+    bytes_before, mtime_before = listed.read_bytes(), listed.stat().st_mtime_ns
     build_engines(tiny_export, out_dir=out, workspace_gb=1.5, progress=False)
     assert len(builder.calls) == 2
+    assert listed.read_bytes() == bytes_before and listed.stat().st_mtime_ns == mtime_before
+    assert manifest["written_at"] == max(m["built_at"] for m in (read_metadata(out / f"{n}.engine")
+                                                               for n in ("frame_encoder", "memory_head")))
     before = {n: sha256_file(out / f"{n}.engine") for n in ("frame_encoder", "memory_head")}
+    # Polygraphy/TensorRT API mismatches (e.g. an old Polygraphy on TensorRT 11) are one clear build error too.
+    for error in (AttributeError("'IBuilderConfig' object has no attribute 'int8_calibrator'"),
+                  TypeError("progress_monitor"), RuntimeError("out of memory")):
+        builder.fail = ("frame_encoder.onnx", error)
+        with pytest.raises(UserError, match=f"TensorRT could not build frame_encoder .*{type(error).__name__}: "):
+            build_engines(tiny_export, out_dir=out, workspace_gb=2, progress=False)
+    builder.fail, builder.calls = None, builder.calls[:2]
     # A failure in the second engine leaves the previous set in place, with no partial files.
     builder.fail = "memory_head.onnx"
     with pytest.raises(UserError, match="TensorRT could not build memory_head from .*stand-in builder failure"):
@@ -485,8 +505,10 @@ def test_build_dynamic_profile_and_weak_int8(make_tiny_model, tmp_path, monkeypa
     assert enc["profiles"][0]["frames"] == ((1, H, W, 3), (2, H, W, 3), (3, H, W, 3))
     assert len(head["profiles"][0]) == 6
     # Calibration at the opt batch (2 streams of 2 frames): frames for the encoder, streamed features for the head.
-    enc_data, head_data = enc["calibrator"][1], list(head["calibrator"][1])
+    enc_data, head_data = list(enc["calibrator"][1]), list(head["calibrator"][1])
     assert [f["frames"].shape for f in enc_data] == [(2, H, W, 3)] * 2
+    # The frames' values, as float32: streams of 2 consecutive frames (clip frames 0,1 and 2,3).
+    np.testing.assert_array_equal(enc_data[1]["frames"], small_clip[[1, 3]].astype(np.float32))
     assert len(head_data) == 2 and head_data[0]["memory_key_0"].shape == (2, 16, H // 8, W // 8)
     meta = read_metadata(export / "frame_encoder.engine")
     assert meta["precision"] == "int8-weak" and meta["batch"] == {"min": 1, "opt": 2, "max": 3, "dynamic": True}
@@ -564,16 +586,20 @@ def test_trt_matches_ort_and_graphs_change_nothing(trt_engines, tiny_export, sma
 
 
 @pytest.mark.tensorrt
-def test_trt_bench_reports_trtexec_like_numbers(trt_engines):
+def test_trt_bench_reports_trtexec_like_numbers(trt_engines, tiny_export):
     _need_trt_gpu()
-    from tmanet.engines.trt_backend import bench_trt
+    from tmanet.runtime.bench import run_bench
     for graphs in (False, True):
-        r = bench_trt(trt_engines, frames=4, warmup=3, iters=10, cuda_graphs=graphs)
-        assert r["cuda_graphs"] is graphs and r["batch"] == 1 and r["iters"] == 10
-        for key in ("gpu_compute_ms", "frame_encoder_ms", "memory_head_ms", "host_latency_ms", "enqueue_ms"):
-            assert r[key]["min"] > 0 and r[key]["min"] <= r[key]["median"] <= r[key]["max"], key
-        assert r["host_latency_ms"]["median"] >= r["gpu_compute_ms"]["median"]
-        assert r["throughput_fps"] > 0
+        r = run_bench(tiny_export, backend="trt", device="cuda", frames=10, warmup=3, progress=False,
+                      backend_options={"engine_dir": trt_engines, "cuda_graphs": graphs})
+        assert ("CUDA graphs on" in r["backend_detail"]) is graphs and r["streams"] == 1 and r["frames"] == 10
+        device = r["device_timing_ms"]
+        for key in ("gpu_compute_ms", "frame_encoder_ms", "memory_head_ms", "h2d_ms", "d2h_ms", "enqueue_ms"):
+            assert 0 < device[key]["min"] <= device[key]["p50"] <= device[key]["max"], key
+        # The stages end with a device synchronisation: each holds at least its engine's GPU time.
+        assert r["stages_ms"]["frame_engine"]["p50"] >= 0.9 * device["frame_encoder_ms"]["p50"]
+        assert r["latency_ms"]["p50"] >= device["gpu_compute_ms"]["p50"]
+        assert r["fps"] > 0 and 0 < r["roofline"]["frame_engine"]["fraction_of_peak"]
 
 
 @pytest.mark.tensorrt
@@ -588,3 +614,109 @@ def test_trt_refuses_a_tampered_engine(trt_engines, tiny_export, tmp_path):
     from tmanet.runtime.segmenter import StreamingSegmenter
     with pytest.raises(EngineIntegrityError, match="does not match its metadata"):
         StreamingSegmenter.open(tiny_export, backend="trt", engine_dir=copy)
+
+
+# -- the TensorRT backend's run loop, with stand-ins for TensorRT's context and torch's CUDA graphs ----------------
+class StandInCuda:
+    """An execution context and torch.cuda's graph capture, logging what runs: 'enqueue' (eager),
+    'enqueue in capture', 'capture', 'replay'. ``fail_in_capture``: the enqueue returns False inside a
+    capture; ``invalidate``: the capture raises at its end, as torch does when a capture was invalidated."""
+
+    def __init__(self):
+        self.log, self.capturing, self.fail_in_capture, self.invalidate, self.modes = [], False, False, False, []
+        stand_in = self
+
+        class Graph:
+            def replay(self):
+                stand_in.log.append("replay")
+
+        class Capture:
+            def __init__(self, graph, stream=None, capture_error_mode="global"):
+                stand_in.modes.append(capture_error_mode)
+
+            def __enter__(self):
+                stand_in.log.append("capture")
+                stand_in.capturing = True
+
+            def __exit__(self, *exc):
+                stand_in.capturing = False
+                if stand_in.invalidate:
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        self.torch = types.SimpleNamespace(cuda=types.SimpleNamespace(CUDAGraph=Graph, graph=Capture))
+        self.context = types.SimpleNamespace(execute_async_v3=self.execute, set_input_shape=lambda name, shape: True)
+
+    def execute(self, stream):
+        self.log.append("enqueue in capture" if self.capturing else "enqueue")
+        return not (self.capturing and self.fail_in_capture)
+
+    def engine(self):
+        from tmanet.engines.trt_backend import TrtEngine
+        engine = TrtEngine.__new__(TrtEngine)
+        engine.torch, engine.context, engine.name = self.torch, self.context, "memory_head"
+        engine.stream = types.SimpleNamespace(cuda_stream=7)
+        engine.inputs = {"x": {"shape": (-1, 4), "profile": [(1, 4), (2, 4), (4, 4)]}}
+        engine._reset_run_state()
+        return engine
+
+
+def test_trt_graphs_capture_thread_local_then_replay():
+    cuda = StandInCuda()
+    engine = cuda.engine()
+    engine.set_batch(1)
+    for _ in range(3):
+        engine.run(use_graph=True)
+    assert cuda.log == ["enqueue", "capture", "enqueue in capture", "replay", "replay"]
+    assert cuda.modes == ["thread_local"]   # as trtexec: other threads' CUDA calls cannot invalidate it
+
+
+@pytest.mark.parametrize("failure", ["fail_in_capture", "invalidate"])
+def test_trt_failed_capture_falls_back_to_eager(monkeypatch, caplog, failure):
+    import logging
+    cleared = []
+    monkeypatch.setattr("tmanet.engines.trt_backend._clear_cuda_error", lambda: cleared.append(True))
+    cuda = StandInCuda()
+    setattr(cuda, failure, True)
+    engine = cuda.engine()
+    engine.set_batch(1)
+    with caplog.at_level(logging.WARNING, logger="tmanet"):
+        engine.run(use_graph=True)   # the frame's result came from the eager enqueue; the capture failed quietly
+    assert not engine.graphs_ok and len(engine.graphs) == 0 and cleared == [True]
+    assert "CUDA graph capture failed" in caplog.text and "running without CUDA graphs" in caplog.text
+    engine.run(use_graph=True)
+    assert cuda.log == ["enqueue", "capture", "enqueue in capture", "enqueue"]
+
+
+def test_trt_shape_change_runs_eagerly_before_replaying():
+    """Batch 1, then 2, then 1 again: the batch-1 graph exists, but the context's shapes changed under it, so
+    the first batch-1 frame runs eagerly (TensorRT's per-shape setup) and only the next one replays."""
+    cuda = StandInCuda()
+    engine = cuda.engine()
+    for b in (1, 2):
+        engine.set_batch(b)
+        engine.run(use_graph=True)
+    del cuda.log[:]
+    engine.set_batch(1)
+    engine.run(use_graph=True)
+    engine.run(use_graph=True)
+    assert cuda.log == ["enqueue", "replay"] and len(engine.graphs) == 2
+
+
+def test_misaligned_head_inputs_are_copied_to_aligned_buffers(caplog):
+    import logging
+
+    import torch
+    from tmanet.engines.trt_backend import TRT_ALIGNMENT, aligned_for_binding
+    base = torch.arange(4096, dtype=torch.float32)
+    start = (-base.data_ptr() % TRT_ALIGNMENT) // 4
+    aligned, misaligned = base[start:start + 64], base[start + 1:start + 65]   # 4 bytes past an aligned address
+    staging, warned = {}, set()
+    with caplog.at_level(logging.WARNING, logger="tmanet"):
+        for _ in range(2):
+            out = aligned_for_binding({"memory_key_0": aligned, "memory_key_1": misaligned}, staging, warned)
+            assert out["memory_key_0"] is aligned   # aligned ring views are bound as they are
+            assert out["memory_key_1"].data_ptr() % TRT_ALIGNMENT == 0
+            assert torch.equal(out["memory_key_1"], misaligned)
+    assert staging["memory_key_1"].data_ptr() == out["memory_key_1"].data_ptr()   # allocated once, reused
+    warnings = [r for r in caplog.records if "not 256-byte aligned" in r.getMessage()]
+    assert len(warnings) == 1 and "memory_key_1" in warnings[0].getMessage()

@@ -11,7 +11,7 @@ from tmanet.model.slide import slide_windows
 from tmanet.model import tma_head
 from tmanet.model.tma_head import fused_read, memory_read
 from tmanet.presets import get_preset
-from tmanet.synthetic_weights import make_clip, read_manifest
+from tmanet.synthetic_weights import make_noise_clip, read_manifest
 
 
 def assert_close(actual, expected, rel=1e-4, what=""):
@@ -30,7 +30,7 @@ def test_split_equals_official_forward(make_tiny_model, aggregation, query_chunk
     model = make_tiny_model(seed=3, aggregation=aggregation)
     T = model.config.sequence_num
     H, W = 64, 96
-    clip = make_clip(T + 2, H, W, seed=11)
+    clip = make_noise_clip(T + 2, H, W, seed=11)
     frames = torch.from_numpy(clip)
     encoder, head = model.split((H, W), query_chunk=query_chunk)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_sum_aggregation_builds_and_runs(make_tiny_model):
     assert model.decode_head.bottleneck.conv.in_channels == model.config.value_channels
     concat = make_tiny_model(seed=5)
     assert concat.decode_head.bottleneck.conv.in_channels == 2 * concat.config.value_channels
-    clip = make_clip(3, 32, 64, seed=2)
+    clip = make_noise_clip(3, 32, 64, seed=2)
     out = model.predict_clip(clip)
     assert out.shape == (1, model.config.num_classes, 32, 64) and np.isfinite(out).all()
     streamed = list(model.stream(clip))
@@ -175,7 +175,7 @@ def reference_windows(H, W, crop, stride):
 def test_slide_mode_equals_per_window_reference(make_tiny_model, H, W, crop, stride):
     model = make_tiny_model(seed=4)
     T = model.config.sequence_num
-    clip = make_clip(T + 2, H, W, seed=21)
+    clip = make_noise_clip(T + 2, H, W, seed=21)
     windows = reference_windows(H, W, crop, stride)
     assert slide_windows(H, W, crop, stride) == windows
     canvas = np.zeros((2, model.config.num_classes, H, W), np.float64)
@@ -195,7 +195,7 @@ def test_slide_mode_equals_per_window_reference(make_tiny_model, H, W, crop, str
 
 def test_slide_with_crop_larger_than_image_is_whole(make_tiny_model):
     model = make_tiny_model(seed=4)
-    clip = make_clip(3, 32, 48, seed=3)
+    clip = make_noise_clip(3, 32, 48, seed=3)
     assert slide_windows(32, 48, (769, 769), (513, 513)) == [(0, 32, 0, 48)]
     np.testing.assert_array_equal(model.predict_clip(clip, mode="slide"), model.predict_clip(clip))
     with pytest.raises(ValueError, match="mode"):
@@ -268,7 +268,7 @@ def test_state_dict_layout_equals_official_manifest(preset, manifest):
 
 def test_normalize_is_the_official_formula(make_tiny_model):
     model = make_tiny_model()
-    frames = make_clip(2, 8, 12, seed=1)
+    frames = make_noise_clip(2, 8, 12, seed=1)
     mean = np.array([123.675, 116.28, 103.53], np.float32)
     std = np.array([58.395, 57.12, 57.375], np.float32)
     expected = ((frames.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)
@@ -278,7 +278,7 @@ def test_normalize_is_the_official_formula(make_tiny_model):
 def test_light_preset_r18_runs(make_tiny_model):
     model = make_tiny_model(seed=1, config=get_preset("cityscapes-r18"))
     assert model.config == get_preset("cityscapes-r18")
-    clip = make_clip(3, 64, 128, seed=9)
+    clip = make_noise_clip(3, 64, 128, seed=9)
     out = model.predict_clip(clip)
     assert out.shape == (1, 19, 64, 128) and np.isfinite(out).all()
     results = list(model.stream(clip))

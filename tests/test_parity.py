@@ -8,20 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tmanet.synthetic_weights import make_clip, official_layout_state_dict, read_manifest, state_dict_sha256
+from conftest import max_abs, top2_margin
+from tmanet.synthetic_weights import make_noise_clip, official_layout_state_dict, read_manifest, state_dict_sha256
 
 ATOL = 1e-3          # set A's recommended float32 tolerance (rtol 0)
 MASK_MARGIN = 2e-3   # masks must agree wherever the golden top-2 margin is at least this
-
-
-def top2_margin(logits: np.ndarray) -> np.ndarray:
-    """Gap between the largest and second largest logit per pixel; logits (C, H, W)."""
-    part = np.sort(logits, axis=0)
-    return part[-1] - part[-2]
-
-
-def max_abs(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
 # -- the inputs: our generator reproduces the reference ones exactly ------------------------------------
@@ -38,7 +29,7 @@ def test_generated_state_dict_matches_reference_sha256(set_a):
 
 def test_generated_clip_matches_reference_bytes(set_a):
     c = set_a["info"]["clip"]
-    clip = make_clip(c["frames"], c["H"], c["W"], c["seed"])
+    clip = make_noise_clip(c["frames"], c["H"], c["W"], c["seed"])
     assert clip.dtype == np.uint8 and clip.shape == (5, 64, 128, 3)
     assert clip.tobytes() == set_a["clip"].tobytes()
     assert clip.flags.c_contiguous  # frames bind to an engine as they are, like decoded video
@@ -109,7 +100,7 @@ def test_stream_matches_predict_clip_and_golden(official_model, streamed, predic
 
 def warmup_memory(t: int, T: int) -> list[int]:
     """Frames memory slots 0..T-1 read at frame t of a stream starting at 0: t-T+i, clamped to frame 0.
-    Written out here on purpose, independent of tmanet.memory."""
+    Written out here on purpose, independent of tmanet.slots."""
     return [max(t - T + i, 0) for i in range(T)]
 
 

@@ -12,22 +12,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import max_abs, top2_margin
 from tmanet.model import FrameResult
 from tmanet.runtime import StreamingSegmenter
 from tmanet.runtime.backends import (BACKENDS, BackendUnavailable, OrtBackend, get_backend,
                                      register_backend)
 from tmanet.runtime.segmenter import default_stride
-from tmanet.synthetic_weights import make_clip
+from tmanet.synthetic_weights import make_noise_clip
 
 ATOL = 1e-3          # set A: float32 tolerance recommended by the reference (rtol 0)
 MASK_MARGIN = 2e-3   # set A: masks must agree where the golden top-2 margin is at least this
 TINY_ATOL = 1e-4     # tiny model (logit std ~2.4): ORT/torch vs the unsplit model, measured ~1e-6
 H, W = 64, 128       # export size of the tiny models
-
-
-@pytest.fixture(scope="module")
-def export_b1(tiny_export_dir):
-    return tiny_export_dir()
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +45,11 @@ def tiny_model(export_b1):
 @pytest.fixture(scope="module")
 def clips():
     """Three different 6-frame clips at the export size."""
-    return [make_clip(6, H, W, seed) for seed in (11, 12, 13)]
+    return [make_noise_clip(6, H, W, seed) for seed in (11, 12, 13)]
 
 
 def stream_logits(model, clip):
     return np.stack([r.logits for r in model.stream(clip)])
-
-
-def max_abs(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
-
-def top2_margin(logits):
-    part = np.sort(logits, axis=0)
-    return part[-1] - part[-2]
 
 
 # -- parity with the official golden (set A, R50 cityscapes) -----------------------------------------------
@@ -283,7 +270,7 @@ class ReferenceStreams:
         self.cache = {}
 
     def logits(self, history):
-        from tmanet.memory import memory_frame_indices
+        from tmanet.slots import memory_frame_indices
         t = len(history) - 1
         ids = tuple(history[i] for i in memory_frame_indices(t, 0, self.T))
         key = (history[-1], ids)
@@ -298,7 +285,7 @@ class ReferenceStreams:
 
 @pytest.fixture(scope="module")
 def reference_streams(tiny_model):
-    pool = [make_clip(1, H, W, seed)[0] for seed in (21, 22, 23)]
+    pool = [make_noise_clip(1, H, W, seed)[0] for seed in (21, 22, 23)]
     return pool, ReferenceStreams(tiny_model, pool)
 
 
@@ -346,7 +333,7 @@ def test_stream_handling_property(export_b2, reference_streams, ops):
 # -- slide mode --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["ort", "torch"])
 def test_slide_matches_predict_clip(export_b1, tiny_model, backend):
-    clip = make_clip(3, 80, 160, seed=5)  # larger than the export: 2 x 2 overlapping 64x128 windows
+    clip = make_noise_clip(3, 80, 160, seed=5)  # larger than the export: 2 x 2 overlapping 64x128 windows
     stride = (16, 32)
     seg = StreamingSegmenter.open(export_b1, backend=backend, mode="slide", stride=stride, return_logits=True)
     out = [seg.push(f) for f in clip]
@@ -363,7 +350,7 @@ def test_slide_matches_predict_clip(export_b1, tiny_model, backend):
 
 
 def test_slide_batches_windows_and_streams(export_b2, export_dyn, tiny_model):
-    clips = [make_clip(3, 64, 200, seed=6), make_clip(3, 64, 200, seed=8)]  # 3 windows per frame
+    clips = [make_noise_clip(3, 64, 200, seed=6), make_noise_clip(3, 64, 200, seed=8)]  # 3 windows per frame
     stride = (64, 64)
     T = tiny_model.config.sequence_num
     expected = [tiny_model.predict_clip(c, mode="slide", crop=(H, W), stride=stride)[0] for c in clips]
@@ -419,7 +406,7 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
     _, changed = binding.copy_outputs_to_cpu()
     assert max_abs(changed[0], last.logits) > 1e-2
     # ... and it is exactly what a plain (copying) run on the ring's current slot contents gives.
-    from tmanet.memory import ring_positions
+    from tmanet.slots import ring_positions
     _, read = ring_positions(ring.clock[0] - 1, ring.sequence_num)
     feeds = {"query_key": backend._outputs("encoder", 1)["query_key"].copy(),
              "query_value": backend._outputs("encoder", 1)["query_value"].copy()}
@@ -433,6 +420,34 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
         assert view.flags.c_contiguous
         assert np.shares_memory(view, ring.keys) or np.shares_memory(view, ring.values)
 
+
+
+def test_ort_bindings_are_made_once_per_ring_phase(export_b1, clips):
+    """The head's IOBindings are keyed by the slot addresses: T+1 ring phases, then only reuse."""
+    seg = StreamingSegmenter.open(export_b1)
+    T = seg.manifest["sequence_num"]
+    frames = np.concatenate(clips)
+    made = []
+    for f in frames[:T + 1]:
+        seg.push(f)
+        made.append(seg.backend.last_head_binding)
+    assert len({id(b) for b in made}) == T + 1
+    for k, f in enumerate(frames[T + 1:2 * T + 2]):
+        seg.push(f)
+        assert seg.backend.last_head_binding is made[k]  # same phase, same addresses: the same binding
+
+
+def test_address_keyed_cache_makes_once_and_starts_over_when_full():
+    from tmanet.runtime.address_cache import AddressKeyedCache
+    cache, calls = AddressKeyedCache(max_entries=3), []
+
+    def make(key):
+        return lambda: calls.append(key) or f"entry {key}"
+    assert [cache.get_or_make(k, make(k)) for k in (1, 2, 1, 3, 2)] == ["entry 1", "entry 2", "entry 1", "entry 3",
+                                                                        "entry 2"]
+    assert calls == [1, 2, 3] and len(cache) == 3
+    cache.get_or_make(4, make(4))  # full: stale addresses are dropped, the new entry kept
+    assert len(cache) == 1 and cache.get(4) == "entry 4" and cache.get(1) is None
 
 # -- backends: registry, errors ----------------------------------------------------------------------------
 def test_trt_backend_reports_clearly_when_unavailable(export_b1):
@@ -479,9 +494,9 @@ def test_runtime_package_import_is_light():
     assert out.stdout.strip() == "StreamingSegmenter"
 
 
-# -- torch backend options: fp16 autocast and CUDA graphs (CUDA only) --------------------------------------
+# -- torch backend options: half precision, channels_last, compile; CUDA graphs, cudnn.benchmark (CUDA) ----
 @pytest.mark.parametrize("options, message", [
-    ({"precision": "fp16"}, "fp16 autocast needs device='cuda'"),
+    ({"cudnn_benchmark": True}, "cudnn_benchmark needs device='cuda'"),
     ({"cuda_graphs": True}, "cuda_graphs needs device='cuda'"),
     ({"fused_attention": True}, "fused_attention needs device='cuda'"),
     ({"precision": "bf16"}, "precision must be one of fp32, fp16"),
@@ -489,6 +504,14 @@ def test_runtime_package_import_is_light():
 def test_torch_cuda_options_are_rejected_on_cpu(export_b1, options, message):
     with pytest.raises(ValueError, match=message):
         StreamingSegmenter.open(export_b1, backend="torch", device="cpu", **options)
+
+
+def test_cli_cudnn_benchmark_needs_cuda(export_b1, capsys):
+    from tmanet.cli import main
+    assert main(["bench", str(export_b1), "--frames", "1", "--backend", "torch", "--cudnn-benchmark",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cudnn_benchmark needs device='cuda'" in err
 
 
 def test_torch_describe_records_precision_and_graphs(export_b1):
@@ -499,28 +522,81 @@ def test_torch_describe_records_precision_and_graphs(export_b1):
 
 @pytest.mark.parametrize("flags, message", [(["--precision", "fp16"], "--precision applies to the torch"),
                                             (["--cuda-graphs"], "--cuda-graphs needs a CUDA backend"),
-                                            (["--no-fused-attention"], "--no-fused-attention applies to the torch")])
+                                            (["--no-fused-attention"], "--no-fused-attention applies to the torch"),
+                                            (["--channels-last"], "--channels-last applies to the torch backend"),
+                                            (["--cudnn-benchmark"], "--cudnn-benchmark applies to the torch"),
+                                            (["--compile"], "--compile applies to the torch backend")])
 def test_cli_rejects_torch_cuda_flags_with_ort(export_b1, tmp_path, capsys, flags, message):
     from tmanet.cli import main
     clip = tmp_path / "clip.npy"
-    np.save(clip, make_clip(2, H, W, 3))
+    np.save(clip, make_noise_clip(2, H, W, 3))
     for cmd in (["run", str(export_b1), "--input", str(clip), "--backend", "ort"],
                 ["bench", str(export_b1), "--frames", "1", "--backend", "ort"]):
         assert main(cmd + flags + ["--no-progress"]) == 2
         assert message in capsys.readouterr().err
 
 
-def gpu_stream(export_dir, clip, **options):
-    seg = StreamingSegmenter.open(export_dir, backend="torch", device="cuda", return_logits=True, **options)
+def torch_stream(export_dir, clip, device="cpu", **options):
+    seg = StreamingSegmenter.open(export_dir, backend="torch", device=device, return_logits=True, **options)
     try:
         return [seg.push(f) for f in clip]
     finally:
         seg.close()
 
 
+def gpu_stream(export_dir, clip, **options):
+    return torch_stream(export_dir, clip, "cuda", **options)
+
+
 @pytest.fixture(scope="module")
 def long_clip():
-    return make_clip(2 * 2 + 2, H, W, 21)  # 2T+2 frames for T=2: every ring phase, twice over
+    return make_noise_clip(2 * 2 + 2, H, W, 21)  # 2T+2 frames for T=2: every ring phase, twice over
+
+
+def assert_close_to_fp32(fp32, got, precision):
+    """fp32: logits within TINY_ATOL and equal masks where the top-2 margin is clear; fp16: masks equal on at
+    least 99 % of the pixels (the fp16 tolerance of these tests)."""
+    for a, b in zip(fp32, got):
+        assert b.logits.dtype == np.float32 and b.mask.dtype == np.uint8
+        if precision == "fp32":
+            assert max_abs(a.logits, b.logits) <= TINY_ATOL
+            sure = top2_margin(a.logits) >= MASK_MARGIN
+            assert np.array_equal(a.mask[sure], b.mask[sure])
+        else:
+            assert np.mean(a.mask == b.mask) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def cpu_fp32(export_b1, long_clip):
+    return torch_stream(export_b1, long_clip)
+
+
+def test_torch_compile_on_cpu_equals_eager_fp32(export_b1, long_clip, cpu_fp32):
+    """torch.compile (Inductor, C++ on the CPU): ~1 minute to compile the two tiny graphs here."""
+    import os
+    import shutil
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (g++, or $CXX)")
+    seg = StreamingSegmenter.open(export_b1, backend="torch", return_logits=True, compile=True)
+    got = [seg.push(f) for f in long_clip]
+    assert "torch.compile" in seg.backend.describe()
+    assert_close_to_fp32(cpu_fp32, got, "fp32")
+
+
+@pytest.mark.parametrize("options", [{"precision": "fp16"}, {"channels_last": True},
+                                     {"precision": "fp16", "channels_last": True}])
+def test_torch_speed_options_on_cpu_equal_eager_fp32(export_b1, long_clip, cpu_fp32, options):
+    """The options that exist on the CPU: true half weights and activations (ring included), NHWC layout."""
+    got = torch_stream(export_b1, long_clip, **options)
+    assert_close_to_fp32(cpu_fp32, got, options.get("precision", "fp32"))
+    seg = StreamingSegmenter.open(export_b1, backend="torch", **options)
+    seg.push(long_clip[0])
+    half = options.get("precision") == "fp16"
+    assert next(seg.backend.encoder.parameters()).dtype == (torch.float16 if half else torch.float32)
+    assert seg.ring.keys.dtype == seg.ring.values.dtype == (torch.float16 if half else torch.float32)
+    if options.get("channels_last"):
+        conv = seg.backend.encoder.reduce.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and "channels_last" in seg.backend.describe()
 
 
 @pytest.mark.gpu
@@ -540,16 +616,30 @@ def test_torch_cuda_fp32_matches_ort_cpu(export_b1, long_clip, fused):
 
 
 @pytest.mark.gpu
-def test_torch_cuda_fp16_autocast_agrees_with_fp32(export_b1, long_clip):
+def test_torch_cuda_fp16_agrees_with_fp32(export_b1, long_clip):
     fp32 = gpu_stream(export_b1, long_clip)
-    fp16 = gpu_stream(export_b1, long_clip, precision="fp16")
-    for a, b in zip(fp32, fp16):
-        assert b.logits.dtype == np.float32 and b.mask.dtype == np.uint8
-        assert np.mean(a.mask == b.mask) >= 0.99
+    assert_close_to_fp32(fp32, gpu_stream(export_b1, long_clip, precision="fp16"), "fp16")
     seg = StreamingSegmenter.open(export_b1, backend="torch", device="cuda", precision="fp16")
     seg.push(long_clip[0])
-    assert all(r.keys.dtype == torch.float32 and r.values.dtype == torch.float32 for r in [seg.ring])
+    assert seg.ring.keys.dtype == torch.float16 and seg.ring.values.dtype == torch.float16
     assert "fp16" in seg.backend.describe()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [
+    {"precision": "fp16", "channels_last": True, "cudnn_benchmark": True, "cuda_graphs": True},
+    {"channels_last": True, "cudnn_benchmark": True},
+    {"precision": "fp16", "channels_last": True, "compile": True, "cuda_graphs": True},
+])
+def test_torch_cuda_speed_options_equal_eager_fp32(export_b1, long_clip, options, monkeypatch):
+    import importlib.util
+    if options.get("compile") and importlib.util.find_spec("triton") is None:
+        pytest.skip("torch.compile on CUDA needs Triton, which this torch installation lacks")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)   # process-wide: restored after the test
+    fp32 = gpu_stream(export_b1, long_clip)
+    got = gpu_stream(export_b1, long_clip, **options)
+    # cudnn.benchmark may pick TF32-free but differently ordered kernels: the fp32 bound is the fp32 one.
+    assert_close_to_fp32(fp32, got, options.get("precision", "fp32"))
 
 
 @pytest.mark.gpu

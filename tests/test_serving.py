@@ -14,7 +14,7 @@ from tmanet.errors import UserError
 from tmanet.runtime import StreamingSegmenter
 from tmanet.runtime.serve import TritonServer, free_ports
 from tmanet.runtime.triton_repo import write_triton_repo
-from tmanet.synthetic_weights import make_clip
+from tmanet.synthetic_weights import make_noise_clip
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed (make venv)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -52,7 +52,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def clips():
-    return [make_clip(6, H, W, seed) for seed in (41, 42, 43, 44)]
+    return [make_noise_clip(6, H, W, seed) for seed in (41, 42, 43, 44)]
 
 
 def frame_input(frame, dtype="UINT8"):

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tmanet.memory import MemoryRing, memory_frame_indices, ring_positions
+from tmanet.memory import MemoryRing
+from tmanet.slots import memory_frame_indices, ring_positions
 
 
 # -- memory_frame_indices -------------------------------------------------------------------------------

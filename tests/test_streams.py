@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tmanet.runtime import StreamingSegmenter
-from tmanet.synthetic_weights import make_clip
+from tmanet.synthetic_weights import make_noise_clip
 
 H, W = 64, 128
 TINY_ATOL = 1e-4
@@ -31,7 +31,7 @@ def exports(tiny_export_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool():
-    return [make_clip(1, H, W, seed)[0] for seed in (31, 32, 33)]
+    return [make_noise_clip(1, H, W, seed)[0] for seed in (31, 32, 33)]
 
 
 def assert_same(got, want):
@@ -113,6 +113,21 @@ def test_stream_id_rules(exports, pool):
     assert seg.push(pool[0], stream=1).index == 0 and seg.in_use == [False, True]
     seg.reset()  # forgets everything but keeps the stream count open() fixed
     assert seg.streams == 2
+
+
+@pytest.mark.parametrize("export", ["b1", "b2", "dyn2"])
+def test_added_streams_keep_the_others_memory(exports, pool, export):
+    """add_stream() grows the ring while streams hold memory: each stream still matches its own reference."""
+    seg = StreamingSegmenter.open(exports[export], return_logits=True)
+    refs = [StreamingSegmenter.open(exports["b1"], return_logits=True) for _ in range(3)]
+    assert seg.add_stream() == 0
+    for f in (0, 1, 2):
+        assert_same(seg.push(pool[f], stream=0), refs[0].push(pool[f]))
+    assert seg.add_stream() == 1 and seg.add_stream() == 2 and seg.streams == 3
+    for s, f in [(1, 2), (0, 1), (2, 0), (1, 1)]:
+        assert_same(seg.push(pool[f], stream=s), refs[s].push(pool[f]))
+    for s, r in zip([2, 0, 1], seg.push_batch(np.stack(pool), streams=[2, 0, 1])):
+        assert_same(r, refs[s].push(pool[[2, 0, 1].index(s)]))
 
 
 def test_sequence_slots_map_sequences_to_streams():

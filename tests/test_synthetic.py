@@ -9,7 +9,7 @@ from tmanet.training.synthetic import (
     SYNTHETIC_CLASSES,
     ClipSpec,
     degrade_frame,
-    make_clip,
+    make_street_clip,
     render_clip,
     write_cityscapes_sequence,
 )
@@ -19,7 +19,7 @@ SPEC = ClipSpec(frames=14, height=48, width=96, degradation=0.5, seed=3)
 
 @pytest.fixture(scope="module")
 def clip():
-    return make_clip(SPEC)
+    return make_street_clip(SPEC)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def test_shapes_and_dtypes(clip):
 
 
 def test_same_seed_same_clip_other_seed_other_clip(clip):
-    frames, labels = make_clip(SPEC)
+    frames, labels = make_street_clip(SPEC)
     assert np.array_equal(frames, clip[0]) and np.array_equal(labels, clip[1])
-    other_f, other_l = make_clip(dataclasses.replace(SPEC, seed=4))
+    other_f, other_l = make_street_clip(dataclasses.replace(SPEC, seed=4))
     assert not np.array_equal(other_f, frames)
     assert not np.array_equal(other_l, labels)
 
@@ -77,7 +77,7 @@ def test_colour_alone_does_not_give_the_class():
 
 
 def test_zero_degradation_is_the_clean_rendering(clean, clip):
-    frames0, labels0 = make_clip(dataclasses.replace(SPEC, degradation=0.0))
+    frames0, labels0 = make_street_clip(dataclasses.replace(SPEC, degradation=0.0))
     assert np.array_equal(frames0, clean[0])
     assert np.array_equal(labels0, clean[1])
     assert np.array_equal(clip[1], clean[1])  # labels never see the degradation
@@ -86,7 +86,7 @@ def test_zero_degradation_is_the_clean_rendering(clean, clip):
 def test_stronger_degradation_corrupts_more(clean):
     err = {}
     for d in (0.0, 0.3, 1.0):
-        frames, _ = make_clip(dataclasses.replace(SPEC, degradation=d))
+        frames, _ = make_street_clip(dataclasses.replace(SPEC, degradation=d))
         err[d] = np.abs(frames.astype(np.int16) - clean[0]).mean()
     assert err[0.0] == 0
     assert err[1.0] > err[0.3] > 0
@@ -110,7 +110,7 @@ def test_degrade_frame_zero_strength_is_identity_and_seeded():
 
 
 def test_shorter_clip_is_a_prefix_of_a_longer_one(clip):
-    frames, labels = make_clip(dataclasses.replace(SPEC, frames=5))
+    frames, labels = make_street_clip(dataclasses.replace(SPEC, frames=5))
     assert np.array_equal(frames, clip[0][:5]) and np.array_equal(labels, clip[1][:5])
 
 
@@ -122,7 +122,7 @@ def test_invalid_spec(bad):
 
 def test_write_cityscapes_sequence_exact_names(tmp_path):
     spec = ClipSpec(frames=4, height=16, width=32, degradation=0.2, seed=5)
-    arrays = make_clip(dataclasses.replace(spec, seed=6))
+    arrays = make_street_clip(dataclasses.replace(spec, seed=6))
     paths = write_cityscapes_sequence(tmp_path, [spec, arrays], split="val", city="synth",
                                       first_seq=7, first_frame=19, annotate=[1, -1])
     rel = sorted(p.relative_to(tmp_path).as_posix() for p in paths)

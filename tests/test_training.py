@@ -5,6 +5,7 @@ Everything runs a tiny ResNet-18 TMANet (width 16) on 64x64 crops of 64x128 synt
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -19,10 +20,11 @@ import torch
 from tmanet.checkpoints import load_model, read_checkpoint
 from tmanet.cli import main as cli_main
 from tmanet.model import TMANet
-from tmanet.training.synthetic import ClipSpec, make_clip
-from tmanet.training.trainer import (EpochSampler, InputError, Trainer, init_from_scratch, make_optimizer,
-                                     parse_data, parse_overrides, poly_lr, resolve_config, segmentation_loss,
-                                     train)
+from tmanet.training.synthetic import ClipSpec, make_street_clip
+from tmanet.training.config import InputError, TrainConfig, parse_overrides, resolve_config
+from tmanet.training.data import EpochSampler, parse_data
+from tmanet.training.recipe import Trainer, init_from_scratch, make_optimizer, poly_lr, segmentation_loss
+from tmanet.training.trainer import train
 
 TINY = dict(base_channels=16, key_channels=16, value_channels=32, channels=32, aux_channels=16)
 TINY_ARGS = [f"{k}={v}" for k, v in TINY.items()]
@@ -114,8 +116,8 @@ def test_epoch_sampler_resumes_mid_stream():
 
 # -- training ------------------------------------------------------------------------------------------
 def test_overfits_a_fixed_synthetic_batch(tiny_config):
-    from tmanet.training.synthetic import ClipSpec, make_clip
-    frames, labels = make_clip(ClipSpec(frames=4, height=64, width=64, seed=3))
+    from tmanet.training.synthetic import ClipSpec, make_street_clip
+    frames, labels = make_street_clip(ClipSpec(frames=4, height=64, width=64, seed=3))
     batch = {"image": torch.from_numpy(frames[2:4]), "memory": torch.from_numpy(frames[[[0, 1], [1, 2]]]),
              "label": torch.from_numpy(labels[2:4]).long()}
     torch.manual_seed(0)
@@ -217,6 +219,39 @@ def test_bad_runs_are_refused_before_anything_is_written(tmp_path, caplog):
     assert "resuming with lr=0.5, but the run was started with lr=0.01" in caplog.text
 
 
+
+def test_train_config_resumes_by_comparing_configs(caplog):
+    """Not given (None): the run's own value; given and different: kept, with a warning; iters may be raised."""
+    run = TrainConfig(data="synthetic:2", iters=10, lr=0.02, crop=(64, 64), memory_order="newest-first",
+                      synthetic_degradation=0.3)
+    meta = {"preset": "cityscapes-r18", "world_size": 1, **run.meta(synthetic=True)}
+    assert meta["crop"] == [64, 64] and meta["memory_order"] == "newest_first"  # plain lists in the checkpoint
+    with caplog.at_level(logging.WARNING, logger="tmanet"):
+        same = TrainConfig(data="synthetic:2", iters=20, lr=0.02).resumed(meta)
+    assert same == dataclasses.replace(run, iters=20) and not caplog.text
+    with caplog.at_level(logging.WARNING, logger="tmanet"):
+        other = TrainConfig(data="synthetic:2", iters=10, lr=0.5, crop=(32, 32)).resumed(meta)
+    assert other.lr == 0.5 and other.crop == (32, 32) and other.memory_order == "newest_first"
+    assert "resuming with lr=0.5, but the run was started with lr=0.02" in caplog.text
+    assert "resuming with crop=[32, 32], but the run was started with crop=[64, 64]" in caplog.text
+    old = {k: v for k, v in meta.items() if k not in ("memory_order", "synthetic_degradation")}  # older runs
+    filled = TrainConfig(data="synthetic:2", iters=10, lr=0.02).resumed(old).completed(tiny_cfg(), synthetic=True)
+    assert filled.memory_order == "oldest_first" and filled.synthetic_degradation == 0.5
+    new = TrainConfig(synthetic_size=(64, 128)).completed(tiny_cfg(), synthetic=True)  # crop: the slide window,
+    assert new.crop == (64, 128)                                                       # clipped to the clips
+    assert "synthetic_degradation" not in run.meta(synthetic=False)
+    with pytest.raises(InputError, match="memory order"):
+        TrainConfig(memory_order="sideways")
+    with pytest.raises(InputError, match="iters and batch must be positive"):
+        TrainConfig(iters=0)
+    with pytest.raises(InputError, match="crop must be H,W"):
+        TrainConfig(crop="a,b")
+
+
+def tiny_cfg():
+    cfg, _ = resolve_config("cityscapes-r18", TINY)
+    return cfg
+
 def test_init_from_a_checkpoint_without_aux_head(tmp_path, make_tiny_model):
     from tmanet.checkpoints import save_checkpoint
     source = make_tiny_model(seed=5)  # no auxiliary head, random BN statistics
@@ -276,7 +311,7 @@ def test_train_on_cuda(tmp_path, capsys, amp):
     assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     model = load_model(out / "final.pth")  # CPU tensors, whatever device trained it
-    clip = make_clip(ClipSpec(frames=3, height=64, width=128, seed=5))[0]
+    clip = make_street_clip(ClipSpec(frames=3, height=64, width=128, seed=5))[0]
     assert model.predict_clip(clip).shape == (1, 19, 64, 128)
 
 

@@ -7,15 +7,12 @@ import pytest
 from PIL import Image
 
 from tmanet.cli import main
-from tmanet.runtime.video_io import (NpyWriter, VideoWriter, colorize, open_frames, overlay, save_mask_png)
-from tmanet.synthetic_weights import make_clip
+from tmanet.video_io import (NpyWriter, VideoWriter, colorize, open_frames, overlay, save_mask_png)
+from tmanet.synthetic_weights import make_noise_clip
 
 H, W = 64, 128
 
 
-@pytest.fixture(scope="module")
-def export_b1(tiny_export_dir):
-    return tiny_export_dir()
 
 
 def write_video(path, frames, fps=10):
@@ -27,7 +24,7 @@ def write_video(path, frames, fps=10):
 
 # -- sources -----------------------------------------------------------------------------------------------
 def test_video_round_trip(tmp_path):
-    clip = make_clip(8, 64, 96, seed=3)
+    clip = make_noise_clip(8, 64, 96, seed=3)
     w = write_video(tmp_path / "clip.mp4", clip, fps=10)
     assert w.frames == 8 and w.codec in ("libx264", "mpeg4")
     src = open_frames(tmp_path / "clip.mp4")
@@ -45,7 +42,7 @@ def test_video_round_trip(tmp_path):
 
 
 def test_odd_frame_sizes_are_padded_to_even(tmp_path):
-    clip = make_clip(3, 63, 101, seed=4)
+    clip = make_noise_clip(3, 63, 101, seed=4)
     write_video(tmp_path / "odd.mp4", clip)
     frames = [f for f, _ in open_frames(tmp_path / "odd.mp4")]
     assert frames[0].shape == (64, 102, 3)
@@ -53,7 +50,7 @@ def test_odd_frame_sizes_are_padded_to_even(tmp_path):
 
 
 def test_image_folder_sorted_by_name(tmp_path):
-    clip = make_clip(4, 32, 48, seed=5)
+    clip = make_noise_clip(4, 32, 48, seed=5)
     names = ["frame_10.png", "frame_02.png", "frame_01.png", "frame_03.jpg"]  # written out of order
     for name, frame in zip(names, clip):
         Image.fromarray(frame).save(tmp_path / name, quality=95)
@@ -76,7 +73,7 @@ def test_image_folder_sorted_by_name(tmp_path):
 
 
 def test_npy_source(tmp_path):
-    clip = make_clip(5, 32, 48, seed=6)
+    clip = make_noise_clip(5, 32, 48, seed=6)
     np.save(tmp_path / "clip.npy", clip)
     src = open_frames(tmp_path / "clip.npy", max_frames=4)
     items = list(src)
@@ -135,7 +132,7 @@ def test_overlay_blend():
 # -- tmanet run --------------------------------------------------------------------------------------------
 def test_run_command_writes_overlay_masks_and_logits(export_b1, tmp_path, capsys):
     from tmanet.runtime import StreamingSegmenter
-    clip = make_clip(5, H, W, seed=9)
+    clip = make_noise_clip(5, H, W, seed=9)
     np.save(tmp_path / "clip.npy", clip)
     args = ["run", str(export_b1), "--input", str(tmp_path / "clip.npy"), "--output", str(tmp_path / "o.mp4"),
             "--save-masks", str(tmp_path / "masks"), "--save-logits", str(tmp_path / "logits.npy"),
@@ -159,7 +156,7 @@ def test_run_command_writes_overlay_masks_and_logits(export_b1, tmp_path, capsys
 
 
 def test_run_command_on_video_and_image_folder(export_b1, tmp_path):
-    clip = make_clip(4, H, W, seed=10)
+    clip = make_noise_clip(4, H, W, seed=10)
     write_video(tmp_path / "in.mp4", clip)
     assert main(["run", str(export_b1), "-i", str(tmp_path / "in.mp4"), "--save-masks", str(tmp_path / "a"),
                  "--no-progress"]) == 0
@@ -172,12 +169,12 @@ def test_run_command_on_video_and_image_folder(export_b1, tmp_path):
 
 
 def test_run_command_size_errors_and_slide(export_b1, tmp_path, capsys):
-    big = make_clip(3, 80, 160, seed=11)
+    big = make_noise_clip(3, 80, 160, seed=11)
     np.save(tmp_path / "big.npy", big)
     assert main(["run", str(export_b1), "-i", str(tmp_path / "big.npy"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "differs from the export size 64x128" in err and "--mode slide" in err
-    np.save(tmp_path / "small.npy", make_clip(2, 32, 64, seed=1))
+    np.save(tmp_path / "small.npy", make_noise_clip(2, 32, 64, seed=1))
     assert main(["run", str(export_b1), "-i", str(tmp_path / "small.npy"), "--mode", "slide",
                  "--no-progress"]) == 2
     assert "smaller than the export size" in capsys.readouterr().err

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 
@@ -15,6 +17,7 @@ import torch
 
 from .model.tmanet import TMANet
 from .presets import PRESETS, RESNET_STAGE_BLOCKS, ModelConfig, get_preset
+from .safe_files import atomic_file
 
 log = logging.getLogger("tmanet")
 
@@ -32,11 +35,17 @@ def read_checkpoint(path) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the error below says what matters
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses any global it does not allow: that is the unsafe case. Other unpickling
         # errors mean the bytes are not a checkpoint at all.
         lines = [line for line in str(e).splitlines() if "global" in line.lower()]
+        if not lines and (imported := pickle_imports(path)):
+            raise CheckpointError(
+                f"refused to load {path}: it is a plain pickle that imports Python objects ({imported}), which "
+                "could run code when unpickled; it was not run. Save the state_dict with torch.save") from None
         if not lines:
             raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint") from None
         raise CheckpointError(
@@ -45,6 +54,26 @@ def read_checkpoint(path) -> dict:
             f"({lines[0].strip()})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint ({e})") from None
+
+
+def pickle_imports(path, limit: int = 3) -> str:
+    """The first ``limit`` ``module.name`` a plain pickle imports (scanned, never executed); '' if none or if
+    the file is not a readable pickle."""
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                if len(found) >= limit:
+                    break
+    except Exception:  # not a pickle, or cut short: whatever was found so far stands
+        pass
+    return ", ".join(found)
 
 
 def split_state_dict(obj) -> tuple[OrderedDict, dict | None, str]:
@@ -138,34 +167,71 @@ def load_model(path, preset: str | ModelConfig | None = None, with_aux: bool = F
 
     Without a preset the architecture is inferred from the tensor shapes (a native checkpoint carries its
     config); with one, every disagreement is named. Missing, unexpected and mis-shaped keys are reported
-    together in one error. Training-only entries (auxiliary head, ``num_batches_tracked``) are skipped with
-    a note unless ``with_aux`` (training) keeps the auxiliary head.
+    together in one error (when the shapes were inferred, against the preset the checkpoint fits best, so a
+    missing key is named instead of blaming the keys an inference without it got wrong). Training-only
+    entries (auxiliary head, ``num_batches_tracked``) are skipped with a note unless ``with_aux`` (training)
+    keeps the auxiliary head. Weights that are NaN or infinite are refused.
     """
     sd, native, fmt = split_state_dict(read_checkpoint(path))
     sd = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd.items())
     cfg = config_from_checkpoint(sd, preset, native)
+    source = os.fspath(path)
+    if preset is None and native is None:
+        problems = state_problems(_expected_shapes(cfg, with_aux), sd)
+        if problems:
+            best = min(PRESETS.values(), key=lambda c: len(state_problems(_expected_shapes(c, with_aux), sd)))
+            if len(state_problems(_expected_shapes(best, with_aux), sd)) < len(problems):
+                cfg = best
     model = TMANet(cfg, with_aux=with_aux)
-    load_state(model, sd, source=os.fspath(path))
+    load_state(model, sd, source=source)
     model.load_format = fmt
     return model.eval()
 
 
+def _expected_shapes(cfg: ModelConfig, with_aux: bool) -> dict:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = TMANet(cfg, with_aux=with_aux)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def state_problems(expected: dict, sd) -> list[tuple[str, str]]:
+    """(kind, description) of every key of ``sd`` that does not fit ``expected`` (key -> shape);
+    training-only keys are not problems."""
+    given = {k: v for k, v in sd.items() if not (k not in expected and is_training_only(k))}
+    problems = [("missing keys", k) for k in expected if k not in given]
+    problems += [("unexpected keys", k) for k in given if k not in expected]
+    problems += [("mis-shaped keys", f"{k}: checkpoint {tuple(v.shape)}, model {expected[k]}")
+                 for k, v in given.items() if k in expected and tuple(v.shape) != expected[k]]
+    return problems
+
+
+def first_non_finite(sd) -> str | None:
+    """The first key of ``sd`` whose floating-point tensor holds a NaN or an infinity, with a count."""
+    for key, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            return f"{key} ({bad} of {v.numel()} values are NaN or infinite)"
+    return None
+
+
 def load_state(model: TMANet, sd, source="checkpoint"):
-    """Strictly load ``sd`` into ``model``: every problem listed in one error; training-only skipped."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    """Strictly load ``sd`` into ``model``: every problem listed in one error; training-only skipped;
+    non-finite weights refused."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     skipped = [k for k in sd if k not in expected and is_training_only(k)]
     given = {k: v for k, v in sd.items() if k not in skipped}
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    misshaped = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-                 for k, v in given.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    found = state_problems(expected, given)
     problems = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
+    for title in ("missing keys", "unexpected keys", "mis-shaped keys"):
+        items = [d for kind, d in found if kind == title]
         if items:
             shown = "\n    ".join(items[:50]) + (f"\n    ... and {len(items) - 50} more" if len(items) > 50 else "")
             problems.append(f"  {len(items)} {title}:\n    {shown}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model {describe(model.config)}:\n" + "\n".join(problems))
+    if (bad := first_non_finite(given)) is not None:
+        raise CheckpointError(f"{source}: non-finite weights in {bad}: the checkpoint is damaged (or its "
+                              "training diverged); refusing to use it")
     model.load_state_dict(given, strict=False)
     if skipped:
         aux = sum(k.startswith(TRAINING_ONLY_PREFIXES) for k in skipped)
@@ -185,6 +251,5 @@ def save_checkpoint(model: TMANet, path, meta: dict | None = None, extra: dict |
     obj = {"format": NATIVE_FORMAT, "config": model.config.to_dict(), "state_dict": model.state_dict(),
            "meta": meta or {}}
     obj.update(extra or {})
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    with atomic_file(path) as tmp:  # never a half-written checkpoint under the final name
+        torch.save(obj, tmp)

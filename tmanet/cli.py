@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 COMMAND_MODULES = (
     "tmanet.export.cli",        # export
@@ -30,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupted(signum, frame):
+    from .errors import Interrupted
+    raise Interrupted(signum)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -40,11 +47,22 @@ def main(argv=None) -> int:
 
     from .checkpoints import CheckpointError
     from .errors import UserError
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C: temporary outputs are removed, `run` finishes what it segmented.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return int(args.func(args) or 0)
     except (UserError, CheckpointError, ManifestError, ExportCheckError, FileNotFoundError) as e:
         print(f"tmanet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"tmanet {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -58,10 +58,11 @@ def main(argv=None) -> int:
     from tmanet.checkpoints import load_model
     from tmanet.export import export_onnx
     from tmanet.runtime import StreamingSegmenter
+    from tmanet.safe_files import atomic_file, write_json
     from tmanet.runtime.bench import format_report, run_bench
-    from tmanet.runtime.video_io import VideoWriter, overlay
-    from tmanet.training.evaluate import FlipCounter, confusion_matrix, scores_from_confusion
-    from tmanet.training.synthetic import ClipSpec, make_clip
+    from tmanet.video_io import VideoWriter, overlay
+    from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
+    from tmanet.training.synthetic import ClipSpec, make_street_clip
     torch.set_num_threads(2)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,9 +76,10 @@ def main(argv=None) -> int:
     T = cfg.sequence_num
     say(f"      ResNet-{cfg.depth} width {cfg.base_channels}, T={T}, Ck={cfg.key_channels}, Cv={cfg.value_channels}, "
         f"{cfg.num_classes} classes")
-    frames, labels = make_clip(ClipSpec(frames=a.frames, height=a.height, width=a.width, degradation=0.5,
-                                        seed=a.seed))
-    np.save(out / "clip.npy", frames)
+    frames, labels = make_street_clip(ClipSpec(frames=a.frames, height=a.height, width=a.width, degradation=0.5,
+                                               seed=a.seed))
+    with atomic_file(out / "clip.npy") as tmp:
+        np.save(tmp, frames)
     report.update(checkpoint=str(ckpt), checkpoint_kind=what, demo_model=info, clip={
         "frames": a.frames, "size": [a.height, a.width], "seed": a.seed, "degradation": 0.5})
 
@@ -125,12 +127,12 @@ def main(argv=None) -> int:
     say(f"[5/5] benchmark: streaming runtime vs the official protocol (backbone on 1+T frames per frame)")
     bench = run_bench(export_dir, backend="ort", frames=a.bench_frames, warmup=3, compare_official=True,
                       progress=False)
-    (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
+    write_json(out / "bench.json", bench)
     say("      " + format_report(bench).replace("\n", "\n      "))
     report["bench"] = {k: bench[k] for k in ("fps", "latency_ms", "peak_memory_mb", "official_fps",
                                              "speedup_vs_official")}
     report["seconds"] = time.perf_counter() - t0
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_json(out / "report.json", report, default=str)
     say(f"\ndone in {report['seconds']:.0f} s: {out}/overlay.mp4 (frame | overlay), bench.json, report.json")
     say(f"checkpoint: {what}")
     return 0

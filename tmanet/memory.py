@@ -1,8 +1,8 @@
-"""A stream's temporal memory: the slot rule, the ring buffer that holds it and the one stepping core.
+"""A stream's temporal memory: the ring buffer that holds it and the one stepping core (the slot rule they
+follow is :mod:`tmanet.slots`).
 
-These are model semantics (which frame each memory slot reads), so they live in the core: the model's own
-``TMANet.stream``, the exporter's check, calibration and every runtime backend step frames through
-:class:`MemoryStepper` and nothing else.
+These are model semantics, so they live in the core: the model's own ``TMANet.stream``, the exporter's
+check, calibration and every runtime backend step frames through :class:`MemoryStepper` and nothing else.
 
 Ring layout ``[position (T+1), slot (T), row (B), C, h, w]``: position p holds one frame's encodings under
 all T slot weights. Memory slot i of a row's frame t reads ``ring[pos(t-T+i), i, row]``, so for rows at the
@@ -12,30 +12,14 @@ is shifted or copied when time advances, the one copy is the new frame's encodin
 Each row keeps its own clock, so rows (streams) advance independently: a step names the rows it moves. Reads
 are views where the stepped rows are a contiguous run at one clock (the lockstep case) and gathered copies
 where their clocks differ. Warm-up: a row's first frame after a (re)start is written to every position,
-which is exactly the clamp rule of :func:`memory_frame_indices`; the restarted row also takes the clock of
-the other rows of that step, so lockstep streams stay views after one of them restarts.
+which is exactly the clamp rule of :func:`~tmanet.slots.memory_frame_indices`; the restarted row also takes
+the clock of the other rows of that step, so lockstep streams stay views after one of them restarts.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 
-
-def memory_frame_indices(t: int, start: int, sequence_num: int) -> list[int]:
-    """Frames read by memory slots 0..T-1 for frame ``t`` of a stream that began at frame ``start``.
-
-    Slot i holds frame t-T+i (oldest first; slot T-1 is the frame just before t). During warm-up an index
-    before the stream's first frame clamps to that first frame (the official author's advice: copy it).
-    """
-    if t < start:
-        raise ValueError(f"frame {t} precedes the stream start {start}")
-    return [max(t - sequence_num + i, start) for i in range(sequence_num)]
-
-
-def ring_positions(t: int, sequence_num: int) -> tuple[int, list[int]]:
-    """Ring of T+1 positions, frame k at position k mod (T+1): returns (position frame t is written to,
-    positions slots 0..T-1 read). The extra position lets frame t be written before the head reads t-T..t-1."""
-    size = sequence_num + 1
-    return t % size, [(t - sequence_num + i) % size for i in range(sequence_num)]
+from .slots import ring_positions
 
 
 def zeros_like_backend(like, shape):
@@ -54,6 +38,7 @@ class MemoryRing:
         self.batch = batch
         self.keys = zeros((T + 1, T, batch, *key_shape))
         self.values = zeros((T + 1, T, batch, *value_shape))
+        self._zeros = zeros
         self.clock = [0] * batch         # per row: the ring phase its next frame is written at
         self.fresh = [True] * batch      # row has no frame since its (re)start
 
@@ -126,6 +111,18 @@ class MemoryRing:
 
     def slot_values(self, rows=None) -> list:
         return self._read(self.values, rows)
+
+    def grow(self, rows: int):
+        """``rows`` more rows at the end, fresh; the existing rows keep their memory and clocks (the arrays
+        are reallocated: views read before are stale)."""
+        def grown(store):
+            out = self._zeros((*store.shape[:2], self.batch + rows, *store.shape[3:]))
+            out[:, :, :self.batch] = store
+            return out
+        self.keys, self.values = grown(self.keys), grown(self.values)
+        self.batch += rows
+        self.clock += [0] * rows
+        self.fresh += [True] * rows
 
     def advance(self, rows=None):
         """The rows' frame is done: their next write goes to the following position."""

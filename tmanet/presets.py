@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import UserError
+
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -120,4 +122,8 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+        raise UnknownPreset(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+class UnknownPreset(UserError, ValueError):
+    """A preset name that is not in :data:`PRESETS`."""

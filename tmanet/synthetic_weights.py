@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .safe_files import atomic_file
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 # Manifest files shipped in tmanet/data, by dataset and by the preset they belong to.
 MANIFEST_FILES = {
@@ -135,9 +137,8 @@ def write_official_checkpoint(manifest, seed: int, out) -> Path:
     meta = {"note": CHECKPOINT_NOTE, "seed": int(seed),
             "manifest": source if isinstance(source, str) else "entries"}
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"meta": meta, "state_dict": sd}, tmp)
-    os.replace(tmp, out)  # no half-written checkpoint under the final name
+    with atomic_file(out) as tmp:  # no half-written checkpoint under the final name
+        torch.save({"meta": meta, "state_dict": sd}, tmp)
     return out
 
 
@@ -150,7 +151,7 @@ def state_dict_sha256(sd) -> str:
     return h.hexdigest()
 
 
-def make_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+def make_noise_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
     """uint8 RGB ``(frames, height, width, 3)``: two octaves of smooth noise (cells of 16 and 4 px) mixed
     0.7/0.3 and stretched to 0..255; frame t is the window at offset (2t, 3t) of one canvas."""
     if min(frames, height, width) < 1:
@@ -185,8 +186,9 @@ def main(argv=None) -> int:
         if a.make_clip:
             if None in (a.frames, a.height, a.width):
                 p.error("--make-clip needs --frames, --height and --width")
-            clip = make_clip(a.frames, a.height, a.width, a.seed)
-            np.save(a.out, clip)
+            clip = make_noise_clip(a.frames, a.height, a.width, a.seed)
+            with atomic_file(a.out) as tmp, open(tmp, "wb") as f:
+                np.save(f, clip)
             print(f"clip {clip.shape} uint8 -> {a.out}")
             return 0
         if not a.manifest:

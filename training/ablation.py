@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tmanet.safe_files import write_json, write_text
+
 log = logging.getLogger("tmanet")
 
 CORRUPT_THRESHOLD = 60.0  # mean |RGB - clean| above this: the frame carries (almost) nothing there
@@ -49,7 +51,7 @@ ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 class Variant:
     name: str
     sequence_num: int
-    memory_order: str  # one of trainer.MEMORY_ORDERS
+    memory_order: str  # one of config.MEMORY_ORDERS
 
     @property
     def slug(self) -> str:
@@ -72,7 +74,7 @@ _SPEC = re.compile(r"^T=(?P<t>\d+)(?:\s+(?P<order>oldest-first|newest-first|curr
 
 def parse_variant(v) -> Variant:
     """A :class:`Variant`, a name of :data:`VARIANTS`, or ``"T=<n> [oldest-first|newest-first|current]"``."""
-    from .trainer import InputError
+    from .config import InputError
     if isinstance(v, Variant):
         return v
     text = " ".join(str(v).split())
@@ -97,13 +99,13 @@ def eval_clips(count: int, size=(128, 256), frames: int = 12, degradation: float
     """Held-out clips (seeds from ``SYNTHETIC_VAL_SEED``, disjoint from training): a list of
     ``(frames uint8 [F,H,W,3], labels uint8 [F,H,W], corrupted bool [F,H,W])``, ``corrupted`` marking the
     pixels whose degraded colour is far from the clean rendering."""
-    from .synthetic import ClipSpec, make_clip, render_clip
-    from .trainer import SYNTHETIC_VAL_SEED
+    from .synthetic import ClipSpec, make_street_clip, render_clip
+    from .data import SYNTHETIC_VAL_SEED
     out = []
     for i in range(count):
         spec = ClipSpec(frames=frames, height=size[0], width=size[1], degradation=degradation,
                         seed=SYNTHETIC_VAL_SEED + i)
-        clip, labels = make_clip(spec)
+        clip, labels = make_street_clip(spec)
         clean, _ = render_clip(spec)
         diff = np.abs(clip.astype(np.int16) - clean.astype(np.int16)).mean(-1)
         out.append((clip, labels, diff > CORRUPT_THRESHOLD))
@@ -115,7 +117,7 @@ def predict_clip(model, frames, order: str, score_from: int, batch: int = 4) -> 
     (``model.forward(image, memory)``), memory frames picked by ``order`` and clamped to frame 0."""
     import torch
 
-    from .trainer import memory_frame_order
+    from .recipe import memory_frame_order
     T = model.config.sequence_num
     clip = torch.from_numpy(np.ascontiguousarray(frames))
     targets = list(range(score_from, len(frames)))
@@ -142,7 +144,7 @@ def evaluate_variant(model, clips, order: str, score_from: int, batch: int = 4, 
     """Pooled and per-clip scores of ``model`` under memory ``order`` on ``clips`` (from :func:`eval_clips`)."""
     from tqdm import tqdm
 
-    from .evaluate import FlipCounter, confusion_matrix, scores_from_confusion
+    from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
     C = model.config.num_classes
     cm = np.zeros((C, C), np.int64)
     flips = FlipCounter()
@@ -216,7 +218,8 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
     Returns the ablation.json dict."""
     from tmanet.checkpoints import load_model
 
-    from .trainer import LATEST, MODEL, InputError, check_memory_order, parse_pair, train
+    from .config import InputError, check_memory_order, parse_pair
+    from .trainer import LATEST, MODEL, train
     variants = [parse_variant(v) for v in variants]
     if not variants:
         raise InputError("no ablation variants given")
@@ -305,7 +308,8 @@ def _finished_run(run_dir: Path, config, wanted: dict) -> dict | None:
     from tmanet.checkpoints import read_checkpoint
     from tmanet.presets import ModelConfig
 
-    from .trainer import LATEST, MODEL, InputError
+    from .config import InputError
+    from .trainer import LATEST, MODEL
     path = run_dir / MODEL if (run_dir / MODEL).is_file() else run_dir / LATEST
     if not path.is_file():
         return None
@@ -353,8 +357,8 @@ def _write(out: Path, result: dict, baseline: str, started: float, final: bool =
             scores["vs_own_order"] = {k: paired_difference(scores, r["eval"], k) for k in keys}
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     result["complete"] = final
-    (out / ABLATION_JSON).write_text(json.dumps(result, indent=1) + "\n")
-    (out / ABLATION_MD).write_text(format_table(result) + "\n")
+    write_json(out / ABLATION_JSON, result)
+    write_text(out / ABLATION_MD, format_table(result) + "\n")
     return result
 
 
@@ -449,7 +453,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from .trainer import InputError, resolve_config
+    from .config import InputError, resolve_config
     try:
         if args.threads is not None:
             if args.threads < 1:

@@ -80,8 +80,10 @@ def register(sub):
 
 def run_train(args) -> int:
     from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
-    from .trainer import InputError, train
+    from .config import InputError
+    from .trainer import train
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
@@ -92,6 +94,9 @@ def run_train(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.resume and not args.preset:
         raise UserError("--preset is required to start a run (e.g. --preset cityscapes-r18)")
+    check_output(args.out, "dir", "--out")
+    # The run folder is written file by file: an input inside it could be overwritten (e.g. --init iter_N.pth).
+    refuse_overwriting_inputs([args.out], [args.init, None if args.data.startswith("synthetic") else args.data])
     try:
         summary = train(args.preset, args.data, args.out, iters=args.iters, batch=args.batch, lr=args.lr,
                         resume=args.resume, crop=args.crop, workers=args.workers, seed=args.seed,
@@ -115,13 +120,17 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
     from .evaluate import evaluate, format_report, write_json
-    from .trainer import InputError, parse_pair
+    from .config import InputError, parse_pair
     for name in ("limit", "synthetic_frames", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.json:
+        check_output(args.json, "file", "--json")
+        refuse_overwriting_inputs([args.json], [args.source, None if args.data.startswith("synthetic") else args.data])
     try:
         stride = parse_pair(args.stride, "--stride") if args.stride else None
         result = evaluate(args.source, args.data, mode=args.mode, backend=args.backend, device=args.device,

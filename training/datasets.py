@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from tmanet.metrics import IGNORE_INDEX
 
 
 def read_rgb(path) -> np.ndarray:

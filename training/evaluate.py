@@ -1,117 +1,23 @@
 """Accuracy of a checkpoint or an export directory on labelled clips: IoU, mIoU, pixel accuracy and
 temporal consistency.
 
-The metric functions are pure numpy (:func:`confusion_matrix`, :func:`scores_from_confusion`,
-:class:`FlipCounter`); :func:`evaluate` streams clips through a predictor and accumulates them.
+The metrics come from :mod:`tmanet.metrics`; :func:`evaluate` streams clips through a predictor and
+accumulates them.
 Predictions always come from the *streaming* path (frame encoder + ring buffer + memory head), the
 way the model is deployed, starting at each clip's first frame (memory warm-up clamps to it).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-IGNORE_INDEX = 255
-
-
-# -- metrics -------------------------------------------------------------------------------------------
-def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """``(C, C)`` int64 counts, rows = ground truth, columns = prediction; ``ignore_index`` pixels of the
-    ground truth are left out. Any other ground-truth or predicted value outside ``[0, C)`` is an error
-    (a label map in the wrong numbering would otherwise be scored silently)."""
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
-    valid = gt != ignore_index
-    g = gt[valid].astype(np.int64)
-    p = pred[valid].astype(np.int64)
-    for name, a in (("ground truth", g), ("prediction", p)):
-        if a.size and (a.min() < 0 or a.max() >= num_classes):
-            bad = np.unique(a[(a < 0) | (a >= num_classes)])[:10].tolist()
-            raise ValueError(f"{name} holds class ids {bad} outside 0..{num_classes - 1} "
-                             f"(and not the ignore index {ignore_index})")
-    return np.bincount(g * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def scores_from_confusion(cm: np.ndarray, class_names=None) -> dict:
-    """Per-class IoU (None for a class absent from both ground truth and predictions), mIoU over the
-    classes that are present in either, pixel accuracy and mean class accuracy (over classes in the GT)."""
-    cm = np.asarray(cm, np.int64)
-    tp = np.diag(cm).astype(np.float64)
-    gt_count = cm.sum(1).astype(np.float64)
-    pred_count = cm.sum(0).astype(np.float64)
-    union = gt_count + pred_count - tp
-    total = cm.sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        acc = np.where(gt_count > 0, tp / gt_count, np.nan)
-    names = list(class_names) if class_names is not None else [str(i) for i in range(len(cm))]
-    present = union > 0
-    return {
-        "miou": float(np.mean(iou[present])) if present.any() else None,
-        "pixel_accuracy": float(tp.sum() / total) if total else None,
-        "mean_accuracy": float(np.nanmean(acc)) if (gt_count > 0).any() else None,
-        "per_class": {n: {"iou": None if math.isnan(iou[i]) else float(iou[i]),
-                          "accuracy": None if math.isnan(acc[i]) else float(acc[i]),
-                          "gt_pixels": int(gt_count[i]), "pred_pixels": int(pred_count[i])}
-                      for i, n in enumerate(names)},
-        "classes_scored": int(present.sum()),
-        "pixels": int(total),
-    }
-
-
-@dataclass
-class FlipCounter:
-    """Temporal consistency over consecutive frames of a clip: among the pixels whose ground-truth label
-    does *not* change from frame t-1 to t (both valid), the fraction whose predicted label does change.
-    Flicker that the scene does not explain; lower is better."""
-    ignore_index: int = IGNORE_INDEX
-    stable: int = 0      # pixels whose GT label stays the same
-    flipped: int = 0     # ... of which the prediction changes
-    pairs: int = 0
-    _prev: tuple | None = field(default=None, repr=False)
-
-    def start_clip(self):
-        self._prev = None
-
-    def add(self, pred, gt):
-        """The next frame of the current clip (call :meth:`start_clip` between clips)."""
-        pred, gt = np.asarray(pred), np.asarray(gt)
-        if self._prev is not None:
-            p0, g0 = self._prev
-            if p0.shape != pred.shape:
-                raise ValueError(f"frame size changed within a clip: {p0.shape} -> {pred.shape}")
-            stable = (g0 == gt) & (gt != self.ignore_index)
-            self.stable += int(stable.sum())
-            self.flipped += int((stable & (p0 != pred)).sum())
-            self.pairs += 1
-        self._prev = (pred, gt)
-
-    @property
-    def flip_rate(self) -> float | None:
-        return self.flipped / self.stable if self.stable else None
-
-    def result(self) -> dict:
-        rate = self.flip_rate
-        return {"flip_rate": rate, "temporal_consistency": None if rate is None else 1.0 - rate,
-                "frame_pairs": self.pairs, "stable_pixels": self.stable}
-
-
-def temporal_flip_rate(preds, gts, ignore_index: int = IGNORE_INDEX) -> float | None:
-    """:class:`FlipCounter` over one clip given as sequences of (H, W) maps."""
-    counter = FlipCounter(ignore_index)
-    for p, g in zip(preds, gts, strict=True):
-        counter.add(p, g)
-    return counter.flip_rate
+from tmanet import safe_files
+from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
 
 
 # -- predictors ----------------------------------------------------------------------------------------
@@ -143,7 +49,7 @@ class Predictor:
 
     def __init__(self, source, mode: str = "whole", backend: str | None = None, device: str = "cpu",
                  threads: int | None = None, stride=None):
-        from .trainer import InputError
+        from .config import InputError
         if mode not in ("whole", "slide"):
             raise InputError(f"mode must be 'whole' or 'slide', got {mode!r}")
         self.source = Path(source)
@@ -196,7 +102,7 @@ class Predictor:
         """The (reset) segmenter for frames of H x W."""
         from tmanet.runtime.backends import BackendUnavailable
 
-        from .trainer import InputError
+        from .config import InputError
         key = (H, W)
         seg = self._segmenters.get(key)
         if seg is None:
@@ -258,7 +164,8 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
     """
     from tqdm import tqdm
 
-    from .trainer import SYNTHETIC_VAL_SEED, DataSpec, InputError, open_dataset, parse_data, parse_pair
+    from .config import InputError, parse_pair
+    from .data import SYNTHETIC_VAL_SEED, DataSpec, open_dataset, parse_data
     spec = parse_data(data)
     if not 0.0 <= float(synthetic_degradation) <= 1.0:
         raise InputError(f"synthetic degradation must lie in [0, 1], got {synthetic_degradation}")
@@ -323,7 +230,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
 
 
 def _stream(predictor: Predictor, frames) -> Iterator[np.ndarray]:
-    from .trainer import InputError
+    from .config import InputError
     try:
         yield from predictor.stream(frames)
     except ValueError as e:  # the runtime's message for a frame size the export does not serve
@@ -361,9 +268,4 @@ def format_report(result: dict) -> str:
 
 
 def write_json(result: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return safe_files.write_json(path, result)

@@ -19,6 +19,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+# IGNORE_INDEX is never produced: labels describe the clean scene even where the image is destroyed.
+from tmanet.metrics import IGNORE_INDEX
+
 # Cityscapes trainIds of the classes drawn here.
 ROAD, SIDEWALK, BUILDING, POLE, TRAFFIC_SIGN, VEGETATION, SKY, PERSON, CAR = 0, 1, 2, 5, 7, 8, 10, 11, 13
 SYNTHETIC_CLASSES: dict[int, str] = {
@@ -32,7 +35,6 @@ SYNTHETIC_CLASSES: dict[int, str] = {
     PERSON: "person",
     CAR: "car",
 }
-IGNORE_INDEX = 255  # never produced: labels describe the clean scene even where the image is destroyed
 
 _Z_MAX = 150.0     # depth beyond which everything collapses onto the horizon band
 _Z_NEAR = 0.9      # objects closer than this are behind the image plane's useful range
@@ -649,7 +651,7 @@ def _frame_rng(seed: int, t: int) -> np.random.Generator:
     return np.random.default_rng([seed, 0xDE9, t])
 
 
-def make_clip(spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
+def make_street_clip(spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
     """Render and degrade a clip: frames uint8 (F, H, W, 3) RGB, labels uint8 (F, H, W) trainIds."""
     frames, labels = render_clip(spec)
     if spec.degradation > 0:
@@ -711,7 +713,7 @@ def write_cityscapes_sequence(
     gt_dir = root / "gtFine" / split / city
     written: list[Path] = []
     for i, clip in enumerate(_as_clip_list(clips)):
-        frames, labels = make_clip(clip) if isinstance(clip, ClipSpec) else clip
+        frames, labels = make_street_clip(clip) if isinstance(clip, ClipSpec) else clip
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"clip {i}: frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -736,7 +738,7 @@ def write_cityscapes_sequence(
 
 
 __all__ = [
-    "SYNTHETIC_CLASSES", "IGNORE_INDEX", "ClipSpec", "make_clip", "render_clip", "degrade_frame",
+    "SYNTHETIC_CLASSES", "IGNORE_INDEX", "ClipSpec", "make_street_clip", "render_clip", "degrade_frame",
     "write_cityscapes_sequence",
     "ROAD", "SIDEWALK", "BUILDING", "POLE", "TRAFFIC_SIGN", "VEGETATION", "SKY", "PERSON", "CAR",
 ]

@@ -84,8 +84,9 @@ class FrameEncoder(nn.Module):
     def forward(self, frames: torch.Tensor):
         """uint8 ``[B,H,W,3]`` -> query_key ``[B,Ck,h,w]``, query_value ``[B,Cv,h,w]``,
         memory_key ``[B,T,Ck,h,w]``, memory_value ``[B,T,Cv,h,w]``."""
-        # Cast before the transpose: TensorRT handles uint8 only at the I/O boundary.
-        x = (frames.float().permute(0, 3, 1, 2) - self.mean) / self.std
+        # Cast before the transpose: TensorRT handles uint8 only at the I/O boundary. Normalised in float32,
+        # then in the weights' dtype (the torch backend's half precision; nothing in an fp32 export).
+        x = ((frames.float().permute(0, 3, 1, 2) - self.mean.float()) / self.std.float()).to(self.mean.dtype)
         feat = self.backbone(x)[1]
         reduced = F.relu(self.reduce(feat))
         n_key = (self.sequence_num + 1) * self.key_channels
@@ -125,4 +126,6 @@ class MemoryHead(nn.Module):
         x = torch.cat([query_value, read], 1) if self.aggregation == "concat" else query_value + read
         logits = self.conv_seg(F.relu(self.bottleneck(x)))
         logits = F.interpolate(logits, size=self.out_size, mode="bilinear", align_corners=self.align_corners)
-        return logits.argmax(1).to(torch.uint8), logits
+        # argmax -> float -> uint8: TensorRT parses ArgMax as TopK with int64 indices, and its uint8 converts
+        # only to and from float32/float16, so the mask takes the documented path (exact: class ids < 256).
+        return logits.argmax(1).to(logits.dtype).to(torch.uint8), logits

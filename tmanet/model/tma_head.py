@@ -60,9 +60,16 @@ def memory_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
     n = h * w
     chunk = DEFAULT_QUERY_CHUNK if query_chunk is None else query_chunk
     step = n if chunk <= 0 or chunk >= n else chunk
-    reads = [torch.softmax(torch.bmm(queries[:, s:s + step], keys), dim=-1) @ values for s in range(0, n, step)]
+    reads = [_softmax(torch.bmm(queries[:, s:s + step], keys)) @ values for s in range(0, n, step)]
     read = reads[0] if len(reads) == 1 else torch.cat(reads, dim=1)                  # B, h*w, Cv
     return read.transpose(1, 2).reshape(b, values.shape[2], h, w)
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the memory positions, in float32 for half inputs (a sum over T*h*w terms)."""
+    if scores.dtype == torch.float32:
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
 
 def fused_read(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
