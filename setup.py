@@ -39,6 +39,9 @@ setup(
         # are what modelopt.onnx needs to import. Pinned set: requirements/quant.txt.
         "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes", "onnxslim", "lief"],
         "tensorrt": ["tensorrt"],
+        # Triton serving: the client. The server is the NGC Triton container's tritonserver, or the binary in
+        # nvidia-pytriton installed with --no-deps (requirements/tritonserver.txt; its dependencies pin numpy<2).
+        "serve": ["tritonclient[grpc,http]"],
         # ROS 2 .db3 and ROS 1 .bag input of `tmanet run` (MCAP needs only the required mcap packages).
         "rosbags": ["rosbags>=0.10"],
     },

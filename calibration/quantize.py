@@ -2,7 +2,7 @@
 
 Calibration data are real: frames from a video, an image folder or a ``.npy`` clip for the frame engine, and
 for the memory head the memory encodings those frames produce when streamed *in order* through the float32
-frame graph into the runtime's :class:`~tmanet.runtime.ring_buffer.MemoryRing` (slot i = frame t-T+i, oldest
+frame graph into the runtime's :class:`~tmanet.memory.MemoryRing` (slot i = frame t-T+i, oldest
 first; during warm-up the slots clamp to the stream's first frame). So the head is calibrated on exactly the
 inputs it sees in deployment, warm-up frames included.
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.export.manifest import FRAME_ENCODER, head_input_names
+from tmanet.memory import MemoryStepper
 from tmanet.onnx_session import cpu_session
 
 from .precision import (PrecisionError, attention_nodes, check_io_kept, in_module, module_names, module_of,
@@ -138,7 +139,6 @@ def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=Non
     a real stream and are dropped), like the runtime."""
     from tqdm import tqdm
 
-    from tmanet.runtime.ring_buffer import MemoryRing
     T = int(manifest["sequence_num"])
     H, W = (int(s) for s in manifest["input_size"])
     h, w = (int(s) for s in manifest["feature_size"])
@@ -163,22 +163,13 @@ def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=Non
     B = engine_batch(manifest)
     session = cpu_session(Path(export_dir) / FRAME_ENCODER) if with_head else None
     bar = tqdm(total=S, desc="calibration samples", unit="sample", disable=not progress or not with_head)
+    encode = None if session is None else (
+        lambda batch: session.run(["query_key", "query_value", "memory_key", "memory_value"], {"frames": batch}))
     for first in range(0, nstreams, B):
         lanes = list(range(first, min(first + B, nstreams)))
         padded = lanes + [lanes[0]] * (B - len(lanes))  # idle lanes: any real stream, outputs dropped
-        ring = None
-        for t in range(F):
-            batch = np.ascontiguousarray(np.stack([streams.streams[s][t] for s in padded]))
-            for row, s in enumerate(lanes):
-                frames_out[s * F + t] = batch[row]
-            if not with_head:
-                continue
-            qk, qv, mk, mv = session.run(["query_key", "query_value", "memory_key", "memory_value"],
-                                         {"frames": batch})
-            if ring is None:  # a fresh ring per group: its first write fills every slot (warm-up clamp)
-                ring = MemoryRing.like(mk, mv)
-            ring.write(mk, mv)
-            keys, values = ring.slot_keys(), ring.slot_values()
+
+        def record(qk, qv, keys, values):  # the head's inputs of frame t, one sample per real lane
             for row, s in enumerate(lanes):
                 k = s * F + t
                 head["query_key"][k] = qk[row]
@@ -186,8 +177,15 @@ def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=Non
                 for i in range(T):
                     head[f"memory_key_{i}"][k] = keys[i][row]
                     head[f"memory_value_{i}"][k] = values[i][row]
-            ring.advance()
-            bar.update(len(lanes))
+
+        stepper = MemoryStepper(encode, record)  # a fresh ring per group: the first write is the warm-up
+        for t in range(F):
+            batch = np.ascontiguousarray(np.stack([streams.streams[s][t] for s in padded]))
+            for row, s in enumerate(lanes):
+                frames_out[s * F + t] = batch[row]
+            if with_head:
+                stepper.step(batch)
+                bar.update(len(lanes))
     bar.close()
     return CalibrationSamples(frames_out, head, index, workdir, T)
 

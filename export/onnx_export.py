@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmanet.memory import MemoryStepper
 from tmanet.onnx_session import cpu_session
 from tmanet.safe_files import atomic_directory
-from tmanet.slots import memory_frame_indices
 
 from .manifest import (ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, check_replaceable,
                        file_entries, head_input_names, library_versions, write_manifest)
@@ -143,31 +143,35 @@ def check_against_torch(out, encoder, head, sequence_num, frames, batch, toleran
         raise ValueError(f"check frames must be uint8 (F, {height}, {width}, 3), got {frames.dtype} {frames.shape}")
     enc_s, head_s = cpu_session(out / FRAME_ENCODER), cpu_session(out / MEMORY_HEAD)
     names = head_input_names(sequence_num)
-    worst_enc = worst_logits = 0.0
+    worst = {"encoder": 0.0, "logits": 0.0}
     mask_equal = total = 0
     scale = []
-    encodings = []  # (memory key, memory value) of every frame so far, for the slot rule to pick from
+
+    def encode(x):  # torch's outputs go on through the ring; ONNX Runtime's are compared with them
+        ref = encoder(torch.from_numpy(x))
+        got = enc_s.run(ENCODER_OUTPUTS, {"frames": x})
+        worst["encoder"] = max(worst["encoder"], *(float(np.abs(r.numpy() - g).max()) for r, g in zip(ref, got)))
+        return ref
+
+    def compare_heads(qk, qv, keys, values):  # both heads on the same slot inputs
+        nonlocal mask_equal, total
+        inputs = [qk, qv, *keys, *values]
+        ref_mask, ref_logits = head(*inputs)
+        mask, logits = head_s.run(HEAD_OUTPUTS, {n: t.contiguous().numpy() for n, t in zip(names, inputs)})
+        if not (np.isfinite(logits).all() and bool(torch.isfinite(ref_logits).all())):
+            raise ExportCheckError(
+                f"the exported model gives non-finite logits (NaN or infinite) on check frame {len(scale)}: "
+                "its weights or activations overflow; the export is not usable")
+        worst["logits"] = max(worst["logits"], float(np.abs(ref_logits.numpy() - logits).max()))
+        scale.append(float(ref_logits.std()))
+        mask_equal += int((ref_mask.numpy() == mask).sum())
+        total += mask.size
+
+    stepper = MemoryStepper(encode, compare_heads)
     with torch.no_grad():
-        for t, frame in enumerate(frames):
-            x = np.repeat(frame[None], batch, 0)
-            ref = encoder(torch.from_numpy(x))
-            got = enc_s.run(ENCODER_OUTPUTS, {"frames": x})
-            worst_enc = max(worst_enc, *(float(np.abs(r.numpy() - g).max()) for r, g in zip(ref, got)))
-            qk, qv, mk, mv = ref
-            encodings.append((mk, mv))
-            reads = memory_frame_indices(t, 0, sequence_num)  # slot i reads frame reads[i] under slot i's weights
-            inputs = [qk, qv, *[encodings[f][0][:, i] for i, f in enumerate(reads)],
-                      *[encodings[f][1][:, i] for i, f in enumerate(reads)]]
-            ref_mask, ref_logits = head(*inputs)
-            mask, logits = head_s.run(HEAD_OUTPUTS, {n: v.contiguous().numpy() for n, v in zip(names, inputs)})
-            if not (np.isfinite(logits).all() and bool(torch.isfinite(ref_logits).all())):
-                raise ExportCheckError(
-                    f"the exported model gives non-finite logits (NaN or infinite) on check frame {len(scale)}: "
-                    "its weights or activations overflow; the export is not usable")
-            worst_logits = max(worst_logits, float(np.abs(ref_logits.numpy() - logits).max()))
-            scale.append(float(ref_logits.std()))
-            mask_equal += int((ref_mask.numpy() == mask).sum())
-            total += mask.size
+        for frame in frames:
+            stepper.step(np.repeat(frame[None], batch, 0))
+    worst_enc, worst_logits = worst["encoder"], worst["logits"]
     std = float(np.mean(scale))
     result = {"frames": int(len(frames)), "encoder_max_abs": worst_enc, "logits_max_abs": worst_logits,
               "logits_std": std, "relative": worst_logits / max(std, 1e-12), "tolerance": tolerance,

@@ -15,7 +15,6 @@ _LAZY = {
     "register_backend": "backends",
     "get_backend": "backends",
     "BackendUnavailable": "backends",
-    "MemoryRing": "ring_buffer",
 }
 
 __all__ = sorted(_LAZY)

@@ -2,9 +2,9 @@
 stream of the segmenter.
 
 A camera's memory advances only with its own frames, so cameras at different rates, with dropped frames or
-their own time gaps (``max_gap``), stay exact. Today each camera gets its own ``StreamingSegmenter`` (one
-stream each); with a segmenter whose ``push(frame, timestamp, stream=s)`` advances only stream ``s``, this
-class keeps one segmenter and numbers the cameras instead: ``push`` is the only method that changes.
+their own time gaps (``max_gap``), stay exact: one ``StreamingSegmenter`` serves every camera, each camera
+one of its streams (``push(frame, timestamp, stream=s)`` advances only stream ``s``); a new camera adds the
+next stream (``add_stream``), so the memory held grows with the cameras seen.
 """
 from __future__ import annotations
 
@@ -15,35 +15,30 @@ from tmanet.video_io import colorize
 
 
 class CameraStreams:
-    """``open_segmenter()`` makes a segmenter (opened once here, so a bad export fails before any input is
+    """``open_segmenter()`` makes the segmenter (opened here, so a bad export fails before any input is
     read); ``push(camera, frame, timestamp)`` segments the camera's next frame."""
 
     def __init__(self, open_segmenter: Callable):
-        self._open = open_segmenter
-        self._spare = open_segmenter()
-        self.palette = self._spare.palette
-        self._segmenters: dict[Hashable, object] = {}
+        self.segmenter = open_segmenter()
+        self.palette = self.segmenter.palette
+        self._streams: dict[Hashable, int] = {}  # camera -> stream id
 
     @property
     def cameras(self) -> list:
-        return list(self._segmenters)
+        return list(self._streams)
 
     def push(self, camera: Hashable, frame, timestamp: float | None = None):
-        seg = self._segmenters.get(camera)
-        if seg is None:
-            seg, self._spare = (self._spare or self._open()), None
-            self._segmenters[camera] = seg
-        return seg.push(frame, timestamp=timestamp)
+        stream = self._streams.get(camera)
+        if stream is None:
+            stream = self._streams[camera] = self.segmenter.add_stream()
+        return self.segmenter.push(frame, timestamp=timestamp, stream=stream)
 
     def describe(self) -> str:
-        seg = self._spare or next(iter(self._segmenters.values()))
-        return seg.backend.describe()
+        return self.segmenter.backend.describe()
 
     def close(self):
-        for seg in [self._spare, *self._segmenters.values()]:
-            if seg is not None:
-                seg.close()
-        self._spare, self._segmenters = None, {}
+        self.segmenter.close()
+        self._streams = {}
 
     def __enter__(self):
         return self

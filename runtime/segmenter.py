@@ -1,20 +1,23 @@
 """The streaming segmenter: frames in, masks out, one memory ring for every backend.
 
 Per frame the frame engine runs once (one backbone pass), its memory encodings go into the ring once, and the
-memory head reads the T slots as views into the ring (slot i = frame t-T+i, oldest first); see
-:mod:`tmanet.runtime.ring_buffer`. The segmenter owns all state: streams, their frame counters and timestamps,
-the slide windows and the rings; a backend (:mod:`tmanet.runtime.backends`) only runs graphs.
+memory head reads the T slots from the ring (slot i = frame t-T+i, oldest first), all through the one stepping
+core :class:`tmanet.memory.MemoryStepper`. The segmenter owns all state: streams, their frame counters and
+timestamps, the slide windows and the ring; a backend (:mod:`tmanet.runtime.backends`) only runs graphs.
 
-Lanes: the engines see a batch of *lanes*, one per (stream, slide window) pair, stream-major. A lane has its
-own memory (its own ring stream). The lanes are cut into chunks of the engine batch (a fixed-batch export) or
-one chunk of up to ``max_batch`` lanes (a dynamic export); each chunk has its own ring, padded with idle
-lanes when the lanes do not fill it. All rings rotate together, once per push.
+Streams advance independently: a push names the streams it moves (all of them by default) and only those
+advance. Lanes: the engines see a batch of *lanes*, one per (stream, slide window) pair, stream-major; a lane
+is one row of the ring, with its own memory and clock. The pushed streams' lanes are cut into engine calls of
+the export's fixed batch (padded with idle rows, which belong to no stream) or of up to ``max_batch`` lanes
+(a dynamic export). The head reads zero-copy views where a call's lanes are consecutive rows at one clock
+(the lockstep case) and gathered copies where their clocks differ.
 
 Every input is validated before any state changes: a bad frame raises ValueError and the next good frame
 continues exactly as if the bad one had never been pushed.
 
-Thread safety: a segmenter may be shared between threads; each push, reset and close holds the segmenter's
-lock, so pushes are serialized (in the order the threads take the lock) and every result is one whole frame's.
+Thread safety: a segmenter may be shared between threads; each push, reset, release, add_stream and close
+holds the segmenter's lock, so pushes are serialized (in the order the threads take the lock) and every result
+is one whole frame's.
 """
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.model.slide import pair, slide_windows
+from tmanet.memory import MemoryRing, MemoryStepper
 from tmanet.model.tmanet import FrameResult
 
 from .backends import Backend, get_backend
-from .ring_buffer import MemoryRing
 
 STAGES = ("pre", "frame_engine", "ring", "head", "post")
 DEFAULT_MAX_GAP = 1.0  # seconds between two frames of a stream beyond which its memory is stale
@@ -95,30 +98,24 @@ def rescale_logits(logits: np.ndarray, size, align_corners: bool) -> np.ndarray:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners).numpy()
 
 
-class _Chunk:
-    """One engine batch: a ring for its lanes and the input buffer its crops are gathered into."""
-
-    def __init__(self, lanes, size, ring, frames):
-        self.lanes = lanes        # global lane ids of the first len(lanes) batch rows; the rest are idle
-        self.size = size
-        self.ring = ring
-        self.frames = frames      # uint8 [size, h, w, 3]
-
-
 class StreamingSegmenter:
     def __init__(self, backend: Backend, manifest: dict, mode: str = "whole", stride=None,
-                 return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP, resize: bool = False):
+                 return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP,
+                 num_streams: int | None = None, resize: bool = False):
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
         if resize and mode != "whole":
             raise ValueError("resize applies to whole mode (slide mode runs crops of the export size)")
         if max_gap is not None and not (isinstance(max_gap, (int, float)) and max_gap > 0):
             raise ValueError(f"max_gap must be a positive number of seconds or None, got {max_gap!r}")
+        if num_streams is not None and not (_is_int(num_streams) and num_streams > 0):
+            raise ValueError(f"num_streams must be a positive int or None, got {num_streams!r}")
         self.backend = backend
         self.manifest = manifest
         self.mode = mode
         self.return_logits = bool(return_logits)
         self.max_gap = max_gap
+        self.num_streams = None if num_streams is None else int(num_streams)
         self.resize = bool(resize)
         self.align_corners = bool(manifest.get("align_corners", False))
         self.sequence_num = int(manifest["sequence_num"])
@@ -134,107 +131,134 @@ class StreamingSegmenter:
             raise ValueError(f"slide stride {self.stride} must be positive and at most the crop (the export "
                              f"size {self.input_size}), otherwise some pixels are in no window")
         self.timer = StageTimer()
-        self._lock = threading.RLock()  # one push (or reset/close) at a time: see the module docstring
+        self._lock = threading.RLock()  # one push (or reset/release/close) at a time: see the module docstring
         self._closed = False
+        self._rescale = False  # this push's frames were resized: the head returns logits to rescale
         self._clear()
 
     @classmethod
     def open(cls, directory, backend: str = "ort", device: str = "cpu", mode: str = "whole", stride=None,
              return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP, verify: bool = True,
-             resize: bool = False, **backend_options) -> "StreamingSegmenter":
+             num_streams: int | None = None, resize: bool = False, **backend_options) -> "StreamingSegmenter":
         """A segmenter over the export directory ``directory`` (manifest.json + the two ONNX files).
+        ``num_streams`` fixes the number of streams up front (else the first push does).
         ``resize``: whole mode takes frames of any size (see :func:`resize_frames`, :func:`rescale_logits`).
         ``backend_options`` go to the backend (e.g. ``threads=`` for ort)."""
         from tmanet.export.manifest import load_manifest
         manifest = load_manifest(directory, verify=verify)
         engine = get_backend(backend)(Path(directory), manifest, device, **backend_options)
         return cls(engine, manifest, mode=mode, stride=stride, return_logits=return_logits, max_gap=max_gap,
-                   resize=resize)
+                   num_streams=num_streams, resize=resize)
 
     # -- state --------------------------------------------------------------------------------------------
     def _clear(self):
-        self.api = None             # "push" or "push_batch": a segmenter serves one of them
-        self.streams = None         # number of streams, fixed at the first push
+        self.streams = self.num_streams  # number of streams: fixed by open(), else at the first push
         self.frame_size = None      # (H, W), fixed at the first push
         self.windows = None         # [(y1, y2, x1, x2)] per frame (one in whole mode)
-        self.chunks: list[_Chunk] = []
+        self.stepper: MemoryStepper | None = None
+        self.last_calls: list[list[int]] = []  # ring rows of each engine call of the last push (padding included)
+        self.in_use: list[bool] = []  # per stream: a frame pushed since its start or release()
         self._index: list[int] = []
         self._last_time: list[float | None] = []
-        self._canvas = self._count = None
+        self._canvas = self._count = self._inputs = None
 
     @property
-    def rings(self) -> list[MemoryRing]:
-        return [c.ring for c in self.chunks]
+    def ring(self) -> MemoryRing | None:
+        return None if self.stepper is None else self.stepper.ring
 
     def reset(self, stream: int | None = None):
         """Start stream ``stream`` afresh (its next frame is a first frame), or forget everything: with
-        ``None`` the next push may use another stream count, frame size or push method."""
+        ``None`` the next push may use another frame size (and stream count, unless open() fixed it)."""
         with self._lock:
             self._check_open()
-            self._reset(stream)
+            if stream is None:
+                self._clear()
+                return
+            s = self._check_stream_id(stream)
+            if self.stepper is not None:
+                self._restart(s)
 
-    def _reset(self, stream):
-        if stream is None:
-            self._clear()
-            return
-        if not isinstance(stream, (int, np.integer)) or isinstance(stream, bool) or stream < 0:
-            raise ValueError(f"stream must be a non-negative int, got {stream!r}")
-        if self.streams is None:
-            return  # nothing pushed yet: every stream starts fresh anyway
-        if stream >= self.streams:
-            raise ValueError(f"stream {stream} out of range: this segmenter serves {self.streams} stream(s)")
-        self._restart(int(stream))
+    def release(self, stream: int):
+        """Free stream ``stream``: its memory is forgotten and its next frame is a first frame; it counts
+        as unused (``in_use``) until then."""
+        with self._lock:
+            self._check_open()
+            s = self._check_stream_id(stream)
+            if self.stepper is not None:
+                self._restart(s)
+                self.in_use[s] = False
+
+    def add_stream(self) -> int:
+        """One more stream, fresh; returns its id. The other streams keep their memory (the ring grows)."""
+        with self._lock:
+            self._check_open()
+            s = self.streams or 0
+            self.num_streams = self.streams = s + 1
+            if self.stepper is not None:
+                self._grow(s)
+            return s
 
     def _restart(self, s: int):
         self._index[s] = 0
         self._last_time[s] = None
         nwin = len(self.windows)
-        for lane in range(s * nwin, (s + 1) * nwin):
-            chunk, row = self._lane_home(lane)
-            chunk.ring.reset(row)
-
-    def _lane_home(self, lane: int):
-        size = self.chunks[0].size
-        return self.chunks[lane // size], lane % size
+        for row in range(s * nwin, (s + 1) * nwin):
+            self.ring.reset(row)
 
     # -- validation (touches nothing) ---------------------------------------------------------------------
     def _check_open(self):
         if self._closed:
             raise RuntimeError("this StreamingSegmenter is closed: open a new one")
 
-    def _check_frames(self, frames, api: str) -> np.ndarray:
+    def _check_stream_id(self, stream) -> int:
+        if not _is_int(stream) or stream < 0:
+            raise ValueError(f"stream must be a non-negative int, got {stream!r}")
+        if self.streams is not None and stream >= self.streams:
+            raise ValueError(f"stream {stream} out of range: this segmenter serves {self.streams} stream(s)")
+        return int(stream)
+
+    def _check_streams(self, streams, n: int) -> list[int]:
+        """The stream id of each of the n frames."""
+        if streams is None:
+            if self.streams is None or n == self.streams:
+                return list(range(n))
+            hint = (" (the stream count is fixed at the first push; reset() to change it)"
+                    if self.num_streams is None else "")
+            raise ValueError(f"got {n} frame(s), but this segmenter serves {self.streams} streams: push all of "
+                             f"them, or name the streams to advance (stream= / streams=){hint}")
+        if self.streams is None:
+            raise ValueError("stream ids need a known stream count: open(..., num_streams=N), or push all "
+                             "streams once first")
+        if isinstance(streams, (str, bytes)) or np.ndim(streams) != 1:
+            raise ValueError(f"streams must be a list of stream ids, got {streams!r}")
+        ids = [self._check_stream_id(s) for s in streams]
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} stream ids for {n} frames")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"stream ids must be distinct (one frame per stream per push), got {ids}")
+        return ids
+
+    def _check_frames(self, frames, single: bool) -> np.ndarray:
         frames = np.asarray(frames)
-        what = "frame" if api == "push" else "frames"
-        want = "(H, W, 3)" if api == "push" else "(N, H, W, 3)"
+        what, want = ("frame", "(H, W, 3)") if single else ("frames", "(N, H, W, 3)")
         if frames.dtype != np.uint8:
             raise ValueError(f"{what} must be uint8 RGB {want}, got dtype {frames.dtype}")
-        if frames.ndim != (3 if api == "push" else 4) or frames.shape[-1] != 3:
+        if frames.ndim != (3 if single else 4) or frames.shape[-1] != 3:
             raise ValueError(f"{what} must be uint8 RGB {want}, got shape {frames.shape}")
-        if api == "push":
+        if single:
             frames = frames[None]
         n, H, W = frames.shape[:3]
         eh, ew = self.input_size
-        if H == 0 or W == 0:
-            raise ValueError(f"empty {what}: {H}x{W} pixels")
-        if self.api is not None and api != self.api:
-            raise ValueError(f"this segmenter serves {self.api}(); {api}() would mix single and batched "
-                             "streams (call reset() first, or use one segmenter per use)")
         if n < 1:
             raise ValueError("push_batch needs at least one frame")
-        if self.streams is not None and n != self.streams:
-            raise ValueError(f"got {n} frames, but this segmenter serves {self.streams} streams "
-                             "(the stream count is fixed at the first push; reset() to change it)")
-        b = self.backend.batch
+        if H == 0 or W == 0:
+            raise ValueError(f"empty {what}: {H}x{W} pixels")
         if self.mode == "whole":
             if (H, W) != (eh, ew) and not self.resize:
                 hint = ("use slide mode (mode='slide', `--mode slide`) to run crops of the export size, "
                         if H >= eh and W >= ew else "")
                 raise ValueError(f"frame size {H}x{W} differs from the export size {eh}x{ew}: {hint}resize "
                                  f"them with `--resize` (resize=True), or export at {H}x{W}")
-            if b is not None and n != b:
-                hint = ("push() needs a batch-1 or dynamic-batch export" if api == "push" else
-                        f"push_batch() needs exactly {b} frames")
-                raise ValueError(f"got {n} stream(s), but this export has a fixed batch of {b}: {hint}")
         else:
             if H < eh or W < ew:
                 raise ValueError(f"frame size {H}x{W} is smaller than the export size {eh}x{ew}: slide mode "
@@ -268,23 +292,21 @@ class StreamingSegmenter:
         return out
 
     # -- setup at the first push --------------------------------------------------------------------------
-    def _setup(self, api: str, n: int, H: int, W: int):
+    def _setup(self, n: int, H: int, W: int):
         eh, ew = self.input_size
         windows = [(0, H, 0, W)] if self.mode == "whole" else slide_windows(H, W, (eh, ew), self.stride)
         lanes = n * len(windows)
-        size = self.backend.batch or min(lanes, self.backend.max_batch)
-        T = self.sequence_num
+        b = self.backend.batch
+        idle = b - 1 if b else 0  # a fixed batch pads a partial call with rows of no stream
         h, w = (int(s) for s in self.manifest["feature_size"])
-        key_shape = (int(self.manifest["key_channels"]), h, w)
-        value_shape = (int(self.manifest["value_channels"]), h, w)
-        chunks = []
-        for start in range(0, lanes, size):
-            ring = MemoryRing(T, size, key_shape, value_shape, self.backend.zeros)
-            chunks.append(_Chunk(list(range(start, min(start + size, lanes))), size, ring,
-                                 np.zeros((size, eh, ew, 3), np.uint8)))
-        self.api, self.streams, self.frame_size, self.windows, self.chunks = api, n, (H, W), windows, chunks
+        ring = MemoryRing(self.sequence_num, lanes + idle, (int(self.manifest["key_channels"]), h, w),
+                          (int(self.manifest["value_channels"]), h, w), self.backend.zeros)
+        self.stepper = MemoryStepper(self.backend.encode, self._head, ring)
+        self.streams, self.frame_size, self.windows = n, (H, W), windows
+        self._inputs = np.zeros((b or min(lanes, self.backend.max_batch), eh, ew, 3), np.uint8)
         self._index = [0] * n
         self._last_time = [None] * n
+        self.in_use = [False] * n
         if self.mode == "slide":
             self._canvas = np.zeros((n, self.num_classes, H, W), np.float32)
             count = np.zeros((H, W), np.float32)
@@ -292,99 +314,129 @@ class StreamingSegmenter:
                 count[y1:y2, x1:x2] += 1
             self._count = count
 
+    def _grow(self, s: int):
+        """Room for the new stream ``s`` (= the old stream count): its lanes take the rows after the old
+        lanes, the idle padding rows move to the end."""
+        nwin = len(self.windows)
+        self.ring.grow(nwin)
+        self._index.append(0)
+        self._last_time.append(None)
+        self.in_use.append(False)
+        self._restart(s)
+        if self.backend.batch is None:
+            lanes = self.streams * nwin
+            self._inputs = np.zeros((min(lanes, self.backend.max_batch), *self._inputs.shape[1:]), np.uint8)
+        if self.mode == "slide":
+            self._canvas = np.concatenate([self._canvas, np.zeros_like(self._canvas[:1])])
+
+    def _head(self, query_key, query_value, slot_keys, slot_values):
+        logits = self.return_logits or self.mode == "slide" or self._rescale
+        return self.backend.head(query_key, query_value, slot_keys, slot_values, logits=logits)
+
+    def _calls(self, ids: list[int]) -> list[tuple[list[int], list[int]]]:
+        """(lane rows, rows with padding) of each engine call for the pushed streams, in stream order."""
+        nwin = len(self.windows)
+        lanes = [s * nwin + w for s in sorted(ids) for w in range(nwin)]
+        b = self.backend.batch
+        size = b or self.backend.max_batch
+        idle = list(range(self.streams * nwin, self.ring.batch))
+        calls = []
+        for start in range(0, len(lanes), size):
+            rows = lanes[start:start + size]
+            calls.append((rows, rows + idle[:b - len(rows)] if b else rows))
+        return calls
+
     # -- pushing ------------------------------------------------------------------------------------------
-    def push(self, frame, timestamp: float | None = None) -> SegmentResult:
-        """Segment the next frame (uint8 RGB ``(H, W, 3)``) of the single stream."""
+    def push(self, frame, timestamp: float | None = None, stream: int | None = None) -> SegmentResult:
+        """Segment the next frame (uint8 RGB ``(H, W, 3)``) of stream ``stream`` (the single stream when
+        None); no other stream moves."""
+        streams = None if stream is None else [stream]
         with self._lock:
             self._check_open()
-            return self._push(frame, None if timestamp is None else [timestamp], "push")[0]
+            return self._push(frame, None if timestamp is None else [timestamp], streams, single=True)[0]
 
-    def push_batch(self, frames, timestamps=None) -> list[SegmentResult]:
-        """Segment the next frame of each of N synchronized streams (``(N, H, W, 3)``) in one engine batch.
-        ``timestamps``: one per stream, or one for all."""
+    def push_batch(self, frames, timestamps=None, streams=None) -> list[SegmentResult]:
+        """Segment the next frame of several streams in one engine batch: ``frames[k]`` (``(N, H, W, 3)``)
+        is the next frame of stream ``streams[k]`` (distinct ids; all streams in order when None). Only
+        those streams advance. ``timestamps``: one per frame, or one for all."""
         with self._lock:
             self._check_open()
-            return self._push(frames, timestamps, "push_batch")
+            return self._push(frames, timestamps, streams, single=False)
 
-    def _push(self, frames, timestamps, api) -> list[SegmentResult]:
+    def _push(self, frames, timestamps, streams, single: bool) -> list[SegmentResult]:
         timer = self.timer
         timer.begin()
         with timer("pre"):
-            frames = self._check_frames(frames, api)
-            times = self._check_times(timestamps, frames.shape[0])
+            frames = self._check_frames(frames, single)
+            n = frames.shape[0]
+            ids = self._check_streams(streams, n)
+            times = self._check_times(timestamps, n)
             camera_size = frames.shape[1:3]
-            rescale = self.resize and camera_size != self.input_size
-            if rescale:
+            self._rescale = self.resize and camera_size != self.input_size
+            if self._rescale:
                 frames = resize_frames(frames, self.input_size)
-            n, H, W = frames.shape[:3]
+            H, W = frames.shape[1:3]
             # -- valid: from here on state changes --
-            if self.streams is None:
-                self._setup(api, n, H, W)
-            for s, t in enumerate(times):
+            if self.stepper is None:
+                self._setup(self.streams or n, H, W)
+            for s, t in zip(ids, times):
                 last = self._last_time[s]
                 if self.max_gap is not None and t is not None and last is not None and \
                         not 0 <= t - last <= self.max_gap:
                     self._restart(s)  # a gap (or time going back): the memory no longer shows this scene
-        need_logits = self.return_logits or self.mode == "slide" or rescale
+        frame_of = {s: k for k, s in enumerate(ids)}
         nwin = len(self.windows)
-        masks = [None] * n
-        logits_out = [None] * n
+        masks, logits_out = {}, {}
         if self.mode == "slide":
-            self._canvas[:] = 0
-        for chunk in self.chunks:
+            self._canvas[ids] = 0
+        self.last_calls = []
+        for lanes, rows in self._calls(ids):
             with timer("pre"):
-                batch = self._gather(chunk, frames)
-            with timer("frame_engine"):
-                qk, qv, mk, mv = self.backend.encode(batch)
-            with timer("ring"):
-                chunk.ring.write(mk, mv)
-            with timer("head"):
-                mask, logits = self.backend.head(qk, qv, chunk.ring.slot_keys(), chunk.ring.slot_values(),
-                                                 logits=need_logits)
+                batch = self._gather(frames, ids, lanes, frame_of, len(rows))
+            mask, logits = self.stepper.step(batch, rows, stage=timer)
+            self.last_calls.append(rows)
             with timer("post"):
-                chunk.ring.advance()
-                for row, lane in enumerate(chunk.lanes):
+                for k, lane in enumerate(lanes):
                     s, wi = divmod(lane, nwin)
                     if self.mode == "whole":
-                        masks[s] = mask[row].copy()
-                        if self.return_logits or rescale:
-                            logits_out[s] = logits[row].copy()
+                        masks[s] = mask[k].copy()
+                        logits_out[s] = logits[k].copy() if self.return_logits or self._rescale else None
                     else:
                         y1, y2, x1, x2 = self.windows[wi]
-                        self._canvas[s, :, y1:y2, x1:x2] += logits[row]
+                        self._canvas[s, :, y1:y2, x1:x2] += logits[k]
         with timer("post"):
-            if self.mode == "slide":
-                for s in range(n):
+            if self._rescale:
+                self._to_camera_size(ids, masks, logits_out, camera_size)
+            results = []
+            for s, t in zip(ids, times):
+                if self.mode == "slide":
                     merged = self._canvas[s] / self._count  # the official merge: mean over windows
                     masks[s] = merged.argmax(0).astype(np.uint8)
-                    if self.return_logits:
-                        logits_out[s] = merged
-            if rescale:
-                masks, logits_out = self._to_camera_size(logits_out, camera_size)
-            results = []
-            for s in range(n):
-                results.append(SegmentResult(self._index[s], masks[s], logits_out[s], s, times[s]))
+                    logits_out[s] = merged if self.return_logits else None
+                results.append(SegmentResult(self._index[s], masks[s], logits_out[s], s, t))
                 self._index[s] += 1
-                self._last_time[s] = times[s]
+                self._last_time[s] = t
+                self.in_use[s] = True
         return results
 
-    def _to_camera_size(self, logits: list, size) -> tuple[list, list]:
+    def _to_camera_size(self, ids, masks: dict, logits: dict, size):
         """Masks (and logits, when asked) at the camera size from the export-size logits of each stream."""
-        full = rescale_logits(np.stack(logits), size, self.align_corners)
-        masks = list(full.argmax(1).astype(np.uint8))
-        return masks, list(full) if self.return_logits else [None] * len(masks)
+        full = rescale_logits(np.stack([logits[s] for s in ids]), size, self.align_corners)
+        for s, stream_logits in zip(ids, full):
+            masks[s] = stream_logits.argmax(0).astype(np.uint8)
+            logits[s] = stream_logits if self.return_logits else None
 
-    def _gather(self, chunk: _Chunk, frames: np.ndarray) -> np.ndarray:
-        """The chunk's engine input: its lanes' crops, idle rows left as they are."""
-        if self.mode == "whole" and len(chunk.lanes) == chunk.size and chunk.lanes[0] == 0 \
-                and frames.shape[0] == chunk.size and frames.flags.c_contiguous:
+    def _gather(self, frames, ids, lanes, frame_of, size) -> np.ndarray:
+        """One engine call's input: its lanes' crops, padding rows left as they are."""
+        if self.mode == "whole" and size == len(lanes) == len(ids) and ids == sorted(ids) \
+                and frames.flags.c_contiguous:
             return frames  # the frames are the batch already: bind them as they are
         nwin = len(self.windows)
-        for row, lane in enumerate(chunk.lanes):
+        for k, lane in enumerate(lanes):
             s, wi = divmod(lane, nwin)
             y1, y2, x1, x2 = self.windows[wi]
-            chunk.frames[row] = frames[s, y1:y2, x1:x2]
-        return chunk.frames
+            self._inputs[k] = frames[frame_of[s], y1:y2, x1:x2]
+        return self._inputs[:size]
 
     # -- conveniences -------------------------------------------------------------------------------------
     def close(self):
@@ -405,3 +457,7 @@ class StreamingSegmenter:
     def __repr__(self):
         return (f"StreamingSegmenter({self.backend.describe()}, mode={self.mode}, input {self.input_size[0]}x"
                 f"{self.input_size[1]}, T={self.sequence_num}, streams={self.streams})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -16,13 +16,10 @@ CORE = "tmanet"
 FEATURES = ("export", "runtime", "calibration", "engines", "training")
 # The application layer: the only code allowed to reach into every feature package.
 APPLICATION = {"tmanet/cli.py", "tmanet/demo.py", "tmanet/__main__.py"}
-# Known core -> feature imports waiting for their own fix, as (file, imported module). Issue 9 moves the
-# stepping core so that TMANet.stream no longer borrows the runtime's ring; remove the entry with that change.
-KNOWN_CORE_TO_FEATURE = {("tmanet/model/tmanet.py", "tmanet.runtime.ring_buffer")}
 
 
 def module_name(path: Path) -> str:
-    """``runtime/ring_buffer.py`` -> ``tmanet.runtime.ring_buffer`` (setup.py maps the feature folders into
+    """``runtime/segmenter.py`` -> ``tmanet.runtime.segmenter`` (setup.py maps the feature folders into
     the ``tmanet`` namespace); a package's ``__init__.py`` is the package itself."""
     parts = list(path.relative_to(REPO).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -61,7 +58,7 @@ def project_files() -> list[Path]:
     return [p for p in files if str(p.relative_to(REPO)) not in APPLICATION]
 
 
-def package_imports(exceptions=frozenset()) -> dict[tuple[str, str], list[str]]:
+def package_imports() -> dict[tuple[str, str], list[str]]:
     """Package -> package arrows, each with the import lines that make it ("file:line -> module")."""
     arrows: dict[tuple[str, str], list[str]] = {}
     for path in project_files():
@@ -69,7 +66,7 @@ def package_imports(exceptions=frozenset()) -> dict[tuple[str, str], list[str]]:
         source = package_of(module_name(path))
         for line, target in imported_modules(path):
             dest = package_of(target)
-            if dest is None or dest == source or (rel, target) in exceptions:
+            if dest is None or dest == source:
                 continue
             arrows.setdefault((source, dest), []).append(f"{rel}:{line} -> {target}")
     return arrows
@@ -141,19 +138,13 @@ def test_cycle_finder():
 
 # -- the project -----------------------------------------------------------------------------------------
 def test_the_core_imports_no_feature_package():
-    arrows = package_imports(KNOWN_CORE_TO_FEATURE)
+    arrows = package_imports()
     wrong = {f"{a} -> {b}": lines for (a, b), lines in arrows.items() if a == CORE}
     assert not wrong, f"the core reaches into feature packages: {wrong}"
 
 
-def test_the_known_exceptions_still_exist():
-    """An exception that no longer matches an import line must leave the list (it would hide a new one)."""
-    seen = {(str(p.relative_to(REPO)), m) for p in project_files() for _, m in imported_modules(p)}
-    assert KNOWN_CORE_TO_FEATURE <= seen, KNOWN_CORE_TO_FEATURE - seen
-
-
 def test_no_cycles_between_packages():
-    arrows = package_imports(KNOWN_CORE_TO_FEATURE)
+    arrows = package_imports()
     found = cycles(arrows)
     detail = {f"{a} -> {b}": lines for (a, b), lines in arrows.items()
               if any(a in group and b in group for group in found)}
@@ -161,7 +152,7 @@ def test_no_cycles_between_packages():
 
 
 def test_the_architecture_doc_draws_the_same_graph():
-    derived = set(package_imports(KNOWN_CORE_TO_FEATURE))
+    derived = set(package_imports())
     documented = documented_edges()
     assert documented == derived, (f"docs/ARCHITECTURE.md lacks {sorted(derived - documented)} and draws "
                                    f"{sorted(documented - derived)} that the imports do not have")

@@ -145,29 +145,35 @@ def test_dynamic_export_records_max_batch_and_the_runtime_chunks_by_it(export_dy
     (small / "manifest.json").write_text(json.dumps(m))
     seg = StreamingSegmenter.open(small, return_logits=True)
     out = [seg.push_batch(np.stack([c[t] for c in clips])) for t in range(len(clips[0]))]
-    assert [len(c.lanes) for c in seg.chunks] == [2, 1]  # 3 streams: engine batches of at most 2
+    assert [len(rows) for rows in seg.last_calls] == [2, 1]  # 3 streams: engine batches of at most 2
     for s, clip in enumerate(clips):
         assert max_abs(np.stack([o[s].logits for o in out]), stream_logits(tiny_model, clip)) <= TINY_ATOL
 
 
-def test_fixed_batch_rules(export_b2, clips):
-    seg = StreamingSegmenter.open(export_b2)
-    with pytest.raises(ValueError, match="fixed batch of 2"):
-        seg.push(clips[0][0])
-    with pytest.raises(ValueError, match="fixed batch of 2"):
-        seg.push_batch(np.stack([c[0] for c in clips]))
-    assert len(seg.push_batch(np.stack([clips[0][0], clips[1][0]]))) == 2
+def test_fixed_batch_pads_partial_calls_with_idle_rows(export_b1, export_b2, clips):
+    """A fixed batch of 2 runs any number of streams: a partial engine call is padded with ring rows of no
+    stream, and the results equal a batch-1 export's."""
+    one = StreamingSegmenter.open(export_b1, return_logits=True)
+    two = StreamingSegmenter.open(export_b2, return_logits=True)
+    for f in clips[0][:3]:
+        assert max_abs(two.push(f).logits, one.push(f).logits) <= TINY_ATOL
+    assert two.last_calls == [[0, 1]] and two.ring.batch == 2  # stream 0 + one idle row
+    three = StreamingSegmenter.open(export_b2, return_logits=True)
+    out = [three.push_batch(np.stack([c[t] for c in clips])) for t in range(2)]
+    assert three.last_calls == [[0, 1], [2, 3]] and three.ring.batch == 4
+    single = StreamingSegmenter.open(export_b1, return_logits=True)
+    assert max_abs(out[1][2].logits, [single.push(f) for f in clips[2][:2]][1].logits) <= TINY_ATOL
 
 
-def test_push_and_push_batch_do_not_mix(export_dyn, clips):
+def test_push_and_push_batch_address_the_same_streams(export_dyn, clips):
     seg = StreamingSegmenter.open(export_dyn)
     seg.push(clips[0][0])
-    with pytest.raises(ValueError, match="mix"):
-        seg.push_batch(clips[0][:1])
-    seg.reset()
-    seg.push_batch(clips[0][:1])
-    with pytest.raises(ValueError, match="mix"):
-        seg.push(clips[0][1])
+    assert seg.push_batch(clips[0][1:2])[0].index == 1  # the single stream, either way
+    assert seg.push(clips[0][2], stream=0).index == 2
+    many = StreamingSegmenter.open(export_dyn, num_streams=2)
+    with pytest.raises(ValueError, match="name the streams"):
+        many.push(clips[0][0])
+    assert many.push(clips[0][0], stream=1).stream == 1
 
 
 # -- resets and timestamps ---------------------------------------------------------------------------------
@@ -227,8 +233,10 @@ def test_bad_frames_leave_state_untouched(export_b1, clips):
     for frame, kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
             seg.push(frame, **kwargs)
-    with pytest.raises(ValueError, match="mix"):
-        seg.push_batch(clip[2:3])
+    with pytest.raises(ValueError, match="serves 1 streams"):
+        seg.push_batch(clip[2:4])
+    with pytest.raises(ValueError, match="out of range"):
+        seg.push(clip[2], stream=1)
     got += [seg.push(f, timestamp=0.1 * t) for t, f in enumerate(clip[2:], start=2)]
     for g, e in zip(got, expected):
         assert g.index == e.index and np.array_equal(g.logits, e.logits) and np.array_equal(g.mask, e.mask)
@@ -292,7 +300,7 @@ OPS = st.lists(st.one_of(
 @given(ops=OPS)
 def test_stream_handling_property(export_b2, reference_streams, ops):
     pool, ref = reference_streams
-    seg = StreamingSegmenter.open(export_b2, return_logits=True, max_gap=1.0)
+    seg = StreamingSegmenter.open(export_b2, return_logits=True, max_gap=1.0, num_streams=2)
     history = [[], []]
     clock = [0.0, 0.0]
     for op in ops:
@@ -330,7 +338,7 @@ def test_slide_matches_predict_clip(export_b1, tiny_model, backend):
     seg = StreamingSegmenter.open(export_b1, backend=backend, mode="slide", stride=stride, return_logits=True)
     out = [seg.push(f) for f in clip]
     assert seg.windows == [(0, 64, 0, 128), (0, 64, 32, 160), (16, 80, 0, 128), (16, 80, 32, 160)]
-    assert len(seg.rings) == 4  # batch-1 export: one window per engine call, each with its own ring
+    assert len(seg.last_calls) == 4  # batch-1 export: one window per engine call, each its own ring row
     T = tiny_model.config.sequence_num
     expected = tiny_model.predict_clip(clip, mode="slide", crop=(H, W), stride=stride)
     got = np.stack([r.logits for r in out[T:]])
@@ -349,14 +357,14 @@ def test_slide_batches_windows_and_streams(export_b2, export_dyn, tiny_model):
     for directory, chunks in ((export_b2, 3), (export_dyn, 1)):  # 6 lanes: 3 chunks of 2, or one of 6
         seg = StreamingSegmenter.open(directory, mode="slide", stride=stride, return_logits=True)
         out = [seg.push_batch(np.stack([clips[0][t], clips[1][t]])) for t in range(T + 1)]
-        assert len(seg.rings) == chunks
+        assert len(seg.last_calls) == chunks
         for s in range(2):
             assert max_abs(out[T][s].logits, expected[s]) <= TINY_ATOL
     # Idle lanes of a fixed-batch export: push() of one stream, 3 windows in chunks of 2 (half the last
     # chunk idle). Whole mode keeps the strict rule (push() needs a batch-1 export): see test_fixed_batch_rules.
     seg = StreamingSegmenter.open(export_b2, mode="slide", stride=stride, return_logits=True)
     out = [seg.push(f) for f in clips[0]]
-    assert len(seg.rings) == 2
+    assert seg.last_calls == [[0, 1], [2, 3]]  # row 3 is idle
     assert max_abs(out[T].logits, expected[0]) <= TINY_ATOL
 
 
@@ -385,7 +393,7 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
     seg = StreamingSegmenter.open(export_b1, return_logits=True)
     for f in clips[0][:3]:
         last = seg.push(f)
-    backend, ring = seg.backend, seg.rings[0]
+    backend, ring = seg.backend, seg.ring
     binding = backend.last_head_binding
     # Re-running the bound head (no arrays passed) gives the frame's result: it reads the same memory.
     backend.memory_head.run_with_iobinding(binding)
@@ -399,7 +407,7 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
     assert max_abs(changed[0], last.logits) > 1e-2
     # ... and it is exactly what a plain (copying) run on the ring's current slot contents gives.
     from tmanet.slots import ring_positions
-    _, read = ring_positions(ring.t - 1, ring.sequence_num)
+    _, read = ring_positions(ring.clock[0] - 1, ring.sequence_num)
     feeds = {"query_key": backend._outputs("encoder", 1)["query_key"].copy(),
              "query_value": backend._outputs("encoder", 1)["query_value"].copy()}
     for i, p in enumerate(read):
@@ -585,7 +593,7 @@ def test_torch_speed_options_on_cpu_equal_eager_fp32(export_b1, long_clip, cpu_f
     seg.push(long_clip[0])
     half = options.get("precision") == "fp16"
     assert next(seg.backend.encoder.parameters()).dtype == (torch.float16 if half else torch.float32)
-    assert all(r.keys.dtype == r.values.dtype == (torch.float16 if half else torch.float32) for r in seg.rings)
+    assert seg.ring.keys.dtype == seg.ring.values.dtype == (torch.float16 if half else torch.float32)
     if options.get("channels_last"):
         conv = seg.backend.encoder.reduce.weight
         assert conv.is_contiguous(memory_format=torch.channels_last) and "channels_last" in seg.backend.describe()
@@ -613,7 +621,7 @@ def test_torch_cuda_fp16_agrees_with_fp32(export_b1, long_clip):
     assert_close_to_fp32(fp32, gpu_stream(export_b1, long_clip, precision="fp16"), "fp16")
     seg = StreamingSegmenter.open(export_b1, backend="torch", device="cuda", precision="fp16")
     seg.push(long_clip[0])
-    assert all(r.keys.dtype == torch.float16 and r.values.dtype == torch.float16 for r in seg.rings)
+    assert seg.ring.keys.dtype == torch.float16 and seg.ring.values.dtype == torch.float16
     assert "fp16" in seg.backend.describe()
 
 

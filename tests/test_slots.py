@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tmanet.runtime.ring_buffer import MemoryRing
+from tmanet.memory import MemoryRing
 from tmanet.slots import memory_frame_indices, ring_positions
 
 
@@ -124,6 +124,45 @@ def test_memory_ring_matches_reference(xp, T, batch, ops):
         t += 1
 
 
+row_ops = st.lists(st.one_of(st.tuples(st.just("step"), st.lists(st.integers(0, 2), min_size=1, max_size=3)),
+                             st.tuples(st.just("reset"), st.integers(0, 2))), min_size=1, max_size=16)
+
+
+@pytest.mark.parametrize("xp", ["numpy", "torch"])
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 3), ops=row_ops)
+def test_rows_advance_independently(xp, T, ops):
+    """Steps that name their rows (any subset, any order): each row's slots hold its own frames by the slot
+    rule, whether they are read as views (rows in step) or gathered (clocks differ)."""
+    batch = 3
+    mk, mv = encodings(0, batch, T, xp)
+    ring = MemoryRing.like(mk, mv)
+    history = [[] for _ in range(batch)]  # frame codes written to each row since its start
+    code = 0
+    for op in ops:
+        if op[0] == "reset":
+            ring.reset(op[1])
+            history[op[1]] = []
+            continue
+        rows = list(dict.fromkeys(op[1]))
+        codes = [code + k for k in range(len(rows))]
+        code += len(rows)
+        # Row k of the input carries frame code codes[k] (encodings' stream 0 of frame `code`).
+        cat = torch.cat if xp == "torch" else np.concatenate
+        keys_in = cat([encodings(c, 1, T, xp)[0] for c in codes])
+        values_in = cat([encodings(c, 1, T, xp)[1] for c in codes])
+        ring.write(keys_in, values_in, rows)
+        keys, values = ring.slot_keys(rows), ring.slot_values(rows)
+        for k, r in enumerate(rows):
+            history[r].append(codes[k])
+            t = len(history[r]) - 1
+            for i, f in enumerate(memory_frame_indices(t, 0, T)):
+                want = encodings(history[r][f], 1, T, "numpy")
+                np.testing.assert_array_equal(to_numpy(keys[i][k]), want[0][0, i], err_msg=f"row {r} slot {i}")
+                np.testing.assert_array_equal(to_numpy(values[i][k]), want[1][0, i])
+        ring.advance(rows)
+
+
 @pytest.mark.parametrize("xp", ["numpy", "torch"])
 def test_slot_views_are_views_into_the_ring(xp):
     T, batch = 3, 2
@@ -163,7 +202,7 @@ def test_reset_out_of_range_stream_leaves_ring_untouched():
     ring = MemoryRing.like(mk, mv)
     ring.write(mk, mv)
     ring.advance()
-    keys, fresh, t = ring.keys.copy(), list(ring.fresh), ring.t
+    keys, fresh, t = ring.keys.copy(), list(ring.fresh), list(ring.clock)
     with pytest.raises(IndexError):
         ring.reset(2)
-    assert ring.fresh == fresh and ring.t == t and np.array_equal(ring.keys, keys)
+    assert ring.fresh == fresh and ring.clock == t and np.array_equal(ring.keys, keys)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..memory import MemoryStepper
 from ..presets import ModelConfig
 from .resnet import ResNetV1c
 from .slide import pair, slide_windows
@@ -111,15 +112,9 @@ class TMANet(nn.Module):
         """Per-frame results from frame 0 on, through the FrameEncoder/MemoryHead split and a ring buffer of
         slot encodings; memory frame indices clamp to the first frame (the warm-up rule). From frame T on
         the result equals :meth:`predict_clip`."""
-        from tmanet.runtime.ring_buffer import MemoryRing  # the runtime's ring, shared by every backend
         frames = check_clip(frames)
         encoder, head = self.split(frames.shape[1:3])
-        ring = None
+        stepper = MemoryStepper(encoder, lambda qk, qv, keys, values: head(qk, qv, *keys, *values))
         for t, frame in enumerate(frames):
-            qk, qv, mk, mv = encoder(torch.from_numpy(frame[None]))
-            if ring is None:
-                ring = MemoryRing.like(mk, mv)
-            ring.write(mk, mv)
-            mask, logits = head(qk, qv, *ring.slot_keys(), *ring.slot_values())
-            ring.advance()
+            mask, logits = stepper.step(torch.from_numpy(frame[None]))
             yield FrameResult(t, mask[0].numpy(), logits[0].numpy() if return_logits else None)

@@ -1,0 +1,94 @@
+"""Triton Python-backend model serving a tmanet export as sequences (copied as ``model.py`` by
+``tmanet triton-repo``; see :mod:`tmanet.runtime.triton_repo` for the contract).
+
+One ``execute()`` batch of requests from different sequences is one ``push_batch(..., streams=...)`` of a
+:class:`~tmanet.runtime.StreamingSegmenter` with one stream per candidate sequence.
+
+Two facts of the Python backend stub shape this file: it embeds the system libpython and ignores PYTHONPATH,
+so the virtualenv recorded at ``triton-repo`` time (the ``site_packages`` parameter) is added with
+``site.addsitedir``, which also processes the editable install's ``.pth``; and it predates numpy 2, so
+tensors cross through torch's DLPack (exact) instead of ``as_numpy()`` / ``Tensor(name, ndarray)``.
+"""
+import json
+import re
+import site
+from pathlib import Path
+
+
+def _add_site_packages():
+    """The stub imports this file before triton_python_backend_utils (which needs numpy), so the recorded
+    ``site_packages`` parameter is read from this model's config.pbtxt here, at import."""
+    config = (Path(__file__).resolve().parent.parent / "config.pbtxt").read_text()
+    found = re.search(r'key:\s*"site_packages"\s*value:\s*\{\s*string_value:\s*("(?:[^"\\]|\\.)*")', config)
+    if found and json.loads(found.group(1)):
+        site.addsitedir(json.loads(found.group(1)))
+
+
+_add_site_packages()
+
+import numpy as np  # noqa: E402  (after the site is added)
+import torch.utils.dlpack  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from tmanet.runtime import StreamingSegmenter  # noqa: E402
+from tmanet.runtime.sequence_slots import SequenceSlots  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        export_dir = Path(args["model_repository"]) / args["model_version"] / "export"
+        options = {"threads": int(params["threads"])} if int(params.get("threads") or 0) else {}
+        streams = int(config["max_batch_size"])
+        device = params.get("device", "cpu")
+        if args.get("model_instance_kind") == "GPU":  # a KIND_GPU instance runs on the GPU Triton gave it
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.seg = StreamingSegmenter.open(export_dir, backend=params.get("backend", "ort"),
+                                           device=device, num_streams=streams,
+                                           max_gap=None, **options)  # verifies the manifest's SHA256
+        self.slots = SequenceSlots(streams)
+
+    def _input(self, request, name):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        pending = []  # (request index, stream, frame, wants logits, ends)
+        for k, request in enumerate(requests):
+            start, end = (self._input(request, n) for n in ("START", "END"))
+            try:
+                stream, restart = self.slots.stream_for(request.correlation_id(), bool(start.reshape(-1)[0]))
+            except KeyError as e:
+                responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e.args[0])))
+                continue
+            if restart:
+                self.seg.release(stream)
+            frame = self._input(request, "FRAME").numpy()[0]
+            pending.append((k, stream, frame, "LOGITS" in request.requested_output_names(),
+                            bool(end.reshape(-1)[0])))
+        while pending:  # one round per push: a sequence has at most one frame in each
+            seen, round_, later = set(), [], []
+            for item in pending:
+                (later if item[1] in seen else round_).append(item)
+                seen.add(item[1])
+            self._push(round_, responses, requests)
+            pending = later
+        return responses
+
+    def _push(self, items, responses, requests):
+        self.seg.return_logits = any(item[3] for item in items)
+        results = self.seg.push_batch(np.stack([i[2] for i in items]),
+                                      streams=[i[1] for i in items])
+        for (k, stream, _, logits, end), res in zip(items, results):
+            outputs = [pb_utils.Tensor.from_dlpack("MASK", torch.from_numpy(res.mask[None]))]
+            if logits:
+                outputs.append(pb_utils.Tensor.from_dlpack("LOGITS", torch.from_numpy(res.logits[None])))
+            responses[k] = pb_utils.InferenceResponse(output_tensors=outputs)
+            if end:
+                self.slots.release(requests[k].correlation_id())
+                self.seg.release(stream)
+
+    def finalize(self):
+        self.seg.close()
