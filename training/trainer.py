@@ -107,14 +107,12 @@ def check_memory_order(order) -> str:
 def memory_frame_order(t: int, sequence_num: int, order: str = "oldest_first", start: int = 0) -> list[int]:
     """The frame each memory slot 0..T-1 reads for frame ``t`` of a clip that begins at ``start``, under
     ``order``; indices before ``start`` clamp to it (the warm-up rule)."""
+    from tmanet.runtime.slots import memory_frame_indices  # the runtime's rule: training must match it
     order = check_memory_order(order)
-    if t < start:
-        raise ValueError(f"frame {t} precedes the clip start {start}")
+    oldest_first = memory_frame_indices(t, start, sequence_num)
     if order == "current":
         return [t] * sequence_num
-    if order == "newest_first":
-        return [max(t - 1 - i, start) for i in range(sequence_num)]
-    return [max(t - sequence_num + i, start) for i in range(sequence_num)]
+    return oldest_first[::-1] if order == "newest_first" else oldest_first
 
 
 def order_memory(image, memory, order: str = "oldest_first"):

@@ -1,0 +1,61 @@
+"""The memory path trains: gradients reach the per-slot memory encoders and the attention read in one training
+step, and the training slot rule is the runtime's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tmanet.model import TMANet, tma_head
+from tmanet.runtime.slots import memory_frame_indices
+from tmanet.training.synthetic import ClipSpec, make_clip
+from tmanet.training.trainer import Trainer, init_from_scratch, make_optimizer, memory_frame_order
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_one_training_step_reaches_every_memory_encoder_and_the_read(tiny_config, monkeypatch):
+    frames, labels = make_clip(ClipSpec(frames=4, height=64, width=64, seed=3))
+    batch = {"image": torch.from_numpy(frames[2:4]), "memory": torch.from_numpy(frames[[[0, 1], [1, 2]]]),
+             "label": torch.from_numpy(labels[2:4]).long()}
+    torch.manual_seed(0)
+    model = init_from_scratch(TMANet(tiny_config, with_aux=True))  # what `tmanet train` starts from
+    head = model.decode_head
+    reads = []
+
+    def keep_read(*args, **kwargs):  # the attention read's output, kept for its gradient
+        read = real_read(*args, **kwargs)
+        read.retain_grad()
+        reads.append(read)
+        return read
+    real_read = tma_head.memory_read
+    monkeypatch.setattr(tma_head, "memory_read", keep_read)
+    before = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    trainer = Trainer(model, make_optimizer(model, lr=0.01), "cpu")
+    trainer.step(batch)
+
+    assert len(reads) == 1 and reads[0].grad.abs().sum() > 0
+    T = tiny_config.sequence_num
+    for conv in ("memory_key_conv", "memory_value_conv"):
+        for layer in (0, 1):
+            for slot in range(T):  # every slot's own weights
+                m = getattr(head, conv)[layer][slot].conv
+                assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0, (conv, layer, slot)
+                assert not torch.equal(m.weight.detach(), before[f"{conv}.{layer}.{slot}.conv.weight"])
+    for conv in ("query_key_conv", "query_value_conv"):
+        assert getattr(head, conv)[1].conv.weight.grad.abs().sum() > 0
+    # the bottleneck's input is cat([query_value, read]): the read's half of its weights learns too
+    cv = tiny_config.value_channels
+    assert head.bottleneck.conv.weight.grad[:, cv:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_training_slot_rule_is_the_runtime_rule(T):
+    for start in (0, 3):
+        for t in range(start, start + 7):
+            assert memory_frame_order(t, T, "oldest_first", start) == memory_frame_indices(t, start, T)
+            assert memory_frame_order(t, T, "newest_first", start) == memory_frame_indices(t, start, T)[::-1]
+            assert memory_frame_order(t, T, "current", start) == [t] * T
+    with pytest.raises(ValueError, match="precedes"):
+        memory_frame_order(1, T, "oldest_first", start=2)
+    assert np.array_equal(memory_frame_indices(5, 0, 2), [3, 4])  # slot T-1 is the frame just before t
