@@ -6,13 +6,18 @@ previous frame blanked, so the content of a blanked cell is visible in the frame
 neighbouring cells are independent: from the current frame alone a blanked cell's class is a guess (about
 1 / ``classes`` right); with the previous frame in memory it is known.
 
-The same small network is trained three ways and scored on the blanked pixels of held-out clips:
+The same small network is trained two ways and scored three ways on the blanked pixels of held-out clips:
 
 - ``memory``: T memory frames, oldest first (the official rule), scored with real memory,
 - ``memory, current at test``: the same weights with the current frame in every memory slot,
 - ``single-frame``: trained and scored with the current frame in every slot (same compute, no history).
 
-    python -m tmanet.training.memory_probe --out runs/memory_probe --iters 600   # ~7 min on one CPU core
+Training draws a fresh clip for every sample. On a fixed set of 64 clips the network instead learned each
+training clip's hidden cells by heart (training loss far below chance on them, held-out hidden cells barely
+above chance): memorising the data is easier than learning to read memory, and a small fixed training set
+hides whether the memory path works.
+
+    python -m tmanet.training.memory_probe --out runs/memory_probe --iters 1200   # ~10 min on one CPU core
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROBE_SEED_VAL = 1_000_000  # held-out clips use seeds disjoint from the training clips
+PROBE_SEED_VAL = 2 ** 40  # held-out clips use seeds disjoint from the training clips
 
 
 @dataclass(frozen=True)
@@ -77,36 +82,30 @@ def probe_config(spec: ProbeSpec, sequence_num: int = 2):
     return config
 
 
-class ProbeSamples:
-    """Training samples ``dict(image, memory, label)`` (torch tensors) of frames t >= T of the clips, memory
-    picked by ``order`` (:func:`tmanet.training.trainer.memory_frame_order`)."""
+def probe_batch(spec: ProbeSpec, seeds, sequence_num: int, order: str, rng: np.random.Generator) -> dict:
+    """A training batch ``dict(image, memory, label)`` (torch tensors): one random target frame t >= T of a
+    fresh clip per seed, memory picked by ``order`` (:func:`tmanet.training.trainer.memory_frame_order`)."""
+    import torch
 
-    def __init__(self, clips, sequence_num: int, order: str):
-        self.clips, self.T, self.order = clips, sequence_num, order
-        self.index = [(c, t) for c, (f, _, _) in enumerate(clips) for t in range(sequence_num, len(f))]
-
-    def __len__(self):
-        return len(self.index)
-
-    def batch(self, items) -> dict:
-        import torch
-
-        from .trainer import memory_frame_order
-        images, memories, labels = [], [], []
-        for k in items:
-            c, t = self.index[k]
-            frames, label, _ = self.clips[c]
-            images.append(frames[t])
-            memories.append(frames[memory_frame_order(t, self.T, self.order)])
-            labels.append(label[t])
-        return {"image": torch.from_numpy(np.stack(images)), "memory": torch.from_numpy(np.stack(memories)),
-                "label": torch.from_numpy(np.stack(labels).astype(np.int64))}
+    from .trainer import memory_frame_order
+    images, memories, labels = [], [], []
+    for seed in seeds:
+        frames, label, _ = probe_clip(spec, int(seed))
+        t = int(rng.integers(sequence_num, spec.frames))
+        images.append(frames[t])
+        memories.append(frames[memory_frame_order(t, sequence_num, order)])
+        labels.append(label[t])
+    return {"image": torch.from_numpy(np.stack(images)), "memory": torch.from_numpy(np.stack(memories)),
+            "label": torch.from_numpy(np.stack(labels).astype(np.int64))}
 
 
 def train_probe(spec: ProbeSpec, order: str, iters: int = 600, batch: int = 8, lr: float = 0.02,
-                train_clips: int = 64, sequence_num: int = 2, seed: int = 0, progress: bool = False):
-    """A from-scratch TMANet (the trainer's initialisation, SGD step and poly schedule) trained on mosaic
-    clips with memory ``order``. Returns (model in eval mode, final mean loss of the last 20 steps)."""
+                sequence_num: int = 2, seed: int = 0, progress: bool = False, config=None):
+    """A from-scratch TMANet (the trainer's initialisation, SGD step and poly schedule) trained with memory
+    ``order`` on mosaic clips, a fresh clip for every sample: with a fixed set of clips the network learns
+    each clip's hidden cells by heart (training loss far below chance on them, no gain on held-out clips)
+    instead of reading its memory. ``config`` (default :func:`probe_config`) must have ``spec.classes``
+    classes. Returns (model in eval mode, mean loss of the last 20 steps)."""
     import torch
     from tqdm import tqdm
 
@@ -114,14 +113,13 @@ def train_probe(spec: ProbeSpec, order: str, iters: int = 600, batch: int = 8, l
 
     from .trainer import Trainer, init_from_scratch, make_optimizer, poly_lr
     torch.manual_seed(seed)
-    model = init_from_scratch(TMANet(probe_config(spec, sequence_num)))
+    model = init_from_scratch(TMANet(config or probe_config(spec, sequence_num)))
     trainer = Trainer(model, make_optimizer(model, lr), "cpu")
-    samples = ProbeSamples([probe_clip(spec, seed * 10_000 + i) for i in range(train_clips)], sequence_num, order)
     rng = np.random.default_rng([seed, 0xBA7C4])
     losses = []
     for it in tqdm(range(iters), desc=f"train ({order})", unit="it", disable=not progress, leave=False):
-        losses.append(trainer.step(samples.batch(rng.choice(len(samples), batch, replace=False)),
-                                   poly_lr(it, iters, lr)).loss)
+        seeds = [seed * 2 ** 32 + it * batch + k for k in range(batch)]  # never a held-out seed
+        losses.append(trainer.step(probe_batch(spec, seeds, sequence_num, order, rng), poly_lr(it, iters, lr)).loss)
     return model.eval(), float(np.mean(losses[-20:]))
 
 
@@ -141,16 +139,17 @@ def score_probe(model, clips, order: str) -> dict:
 
 
 def run_probe(spec: ProbeSpec = ProbeSpec(), iters: int = 600, batch: int = 8, lr: float = 0.02,
-              train_clips: int = 64, eval_clips: int = 16, sequence_num: int = 2, seed: int = 0,
-              progress: bool = False) -> dict:
+              eval_clips: int = 16, sequence_num: int = 2, seed: int = 0, progress: bool = False,
+              config=None) -> dict:
     """Train the memory and the single-frame network and score them (see the module doc)."""
+    config = config or probe_config(spec, sequence_num)
     clips = [probe_clip(spec, PROBE_SEED_VAL + i) for i in range(eval_clips)]
-    result = {"spec": asdict(spec), "iters": iters, "batch": batch, "lr": lr, "train_clips": train_clips,
-              "eval_clips": eval_clips, "sequence_num": sequence_num, "seed": seed, "runs": {}}
+    result = {"spec": asdict(spec), "iters": iters, "batch": batch, "lr": lr, "eval_clips": eval_clips,
+              "sequence_num": sequence_num, "seed": seed, "config": config.to_dict(), "runs": {}}
     for name, train_order, test_orders in (("memory", "oldest_first", ("oldest_first", "current")),
                                            ("single-frame", "current", ("current",))):
         started = time.perf_counter()
-        model, loss = train_probe(spec, train_order, iters, batch, lr, train_clips, sequence_num, seed, progress)
+        model, loss = train_probe(spec, train_order, iters, batch, lr, sequence_num, seed, progress, config)
         seconds = time.perf_counter() - started
         for order in test_orders:
             result["runs"][f"{name}, {order.replace('_', '-')} at test"] = {
@@ -177,16 +176,31 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=600)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--train-clips", type=int, default=64)
     p.add_argument("--eval-clips", type=int, default=16)
     p.add_argument("--sequence-num", type=int, default=2, help="T of the memory network")
+    p.add_argument("--size", default="64,128", help="clip size H,W")
+    p.add_argument("--grid", default="2,4", help="mosaic cells: rows,columns")
+    p.add_argument("--frames", type=int, default=6, help="frames per clip")
+    p.add_argument("--config-override", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="change fields of the narrow ResNet-18 config (JSON values), e.g. base_channels=8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     import torch
+
+    from .trainer import InputError, parse_pair, resolve_config
     torch.set_num_threads(args.threads)
-    result = run_probe(iters=args.iters, batch=args.batch, lr=args.lr, train_clips=args.train_clips,
-                       eval_clips=args.eval_clips, sequence_num=args.sequence_num, seed=args.seed, progress=True)
+    try:
+        (h, w), grid = parse_pair(args.size, "--size"), parse_pair(args.grid, "--grid")
+        if args.frames <= args.sequence_num or h < grid[0] or w < grid[1]:
+            raise InputError(f"clips need more than T={args.sequence_num} frames and at least one pixel per cell")
+        spec = ProbeSpec(frames=args.frames, height=h, width=w, grid=grid)
+        config, _ = resolve_config(probe_config(spec, args.sequence_num), args.config_override)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run_probe(spec, iters=args.iters, batch=args.batch, lr=args.lr, eval_clips=args.eval_clips,
+                       sequence_num=args.sequence_num, seed=args.seed, progress=True, config=config)
     print(format_probe(result))
     if args.out:
         out = Path(args.out)
