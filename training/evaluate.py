@@ -242,7 +242,7 @@ class Predictor:
         seg = self.segmenter(*frames.shape[1:3])
         for frame in frames:
             if memory_source == "current":
-                seg.reset()
+                seg.reset(0)  # the one stream (every slide window of it) starts afresh; buffers stay
             yield seg.push(frame).mask
 
     def close(self):
