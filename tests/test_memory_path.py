@@ -79,7 +79,8 @@ def test_memory_solves_what_a_single_frame_cannot():
     """A tiny TMANet trained with the trainer's step on the probe task (600 SGD steps, ~45 s on one core) reads
     the hidden cell from its memory: far better on the hidden pixels than the same weights fed the current
     frame as memory and than the same network trained without history (both near chance, 1/4 accuracy)."""
-    from tmanet.training.memory_probe import PROBE_SEED_VAL, ProbeSpec, probe_clip, probe_config, score_probe, train_probe
+    from tmanet.training.memory_probe import (PROBE_SEED_VAL, ProbeSpec, probe_clip, probe_config, score_probe,
+                                              train_probe)
     spec = ProbeSpec(frames=5, height=32, width=64, grid=(2, 2), classes=4)
     config = probe_config(spec).replace(base_channels=8, key_channels=8, value_channels=16, channels=16,
                                         aux_channels=8)

@@ -103,7 +103,7 @@ def train_probe(spec: ProbeSpec, order: str, iters: int = 600, batch: int = 8, l
                 sequence_num: int = 2, seed: int = 0, progress: bool = False, config=None):
     """A from-scratch TMANet (the trainer's initialisation, SGD step and poly schedule) trained with memory
     ``order`` on mosaic clips, a fresh clip for every sample: with a fixed set of clips the network learns
-    each clip's hidden cells by heart (training loss far below chance on them, no gain on held-out clips)
+    each clip's hidden cells by heart (training loss far below chance on them, little gain on held-out clips)
     instead of reading its memory. ``config`` (default :func:`probe_config`) must have ``spec.classes``
     classes. Returns (model in eval mode, mean loss of the last 20 steps)."""
     import torch
@@ -118,7 +118,7 @@ def train_probe(spec: ProbeSpec, order: str, iters: int = 600, batch: int = 8, l
     rng = np.random.default_rng([seed, 0xBA7C4])
     losses = []
     for it in tqdm(range(iters), desc=f"train ({order})", unit="it", disable=not progress, leave=False):
-        seeds = [seed * 2 ** 32 + it * batch + k for k in range(batch)]  # never a held-out seed
+        seeds = [seed * 2 ** 32 + it * batch + k for k in range(batch)]  # below PROBE_SEED_VAL for seed < 256
         losses.append(trainer.step(probe_batch(spec, seeds, sequence_num, order, rng), poly_lr(it, iters, lr)).loss)
     return model.eval(), float(np.mean(losses[-20:]))
 
