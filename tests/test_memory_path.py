@@ -1,6 +1,9 @@
 """The memory path trains: gradients reach the per-slot memory encoders and the attention read in one training
-step, and the training slot rule is the runtime's."""
+step, the training slot rule is the runtime's, and on a task only memory can solve (the memory probe) a tiny
+network learns to read its memory."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -97,3 +100,19 @@ def test_memory_solves_what_a_single_frame_cannot():
     assert real["blanked"]["miou"] > baseline["blanked"]["miou"] + 0.15
     assert real["blanked"]["pixel_accuracy"] > 0.4 > max(taken_away["blanked"]["pixel_accuracy"],
                                                          baseline["blanked"]["pixel_accuracy"]) + 0.05
+
+
+def test_probe_cli_writes_its_result(tmp_path, capsys):
+    from tmanet.training.memory_probe import main
+    argv = ["--iters", "2", "--batch", "2", "--size", "16,32", "--grid", "2,2", "--eval-clips", "1", "--out",
+            str(tmp_path), "--config-override", "base_channels=8", "key_channels=8", "value_channels=8", "channels=8"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert list(result["runs"]) == ["memory, oldest-first at test", "memory, current at test",
+                                    "single-frame, current at test"]
+    assert result["config"]["base_channels"] == 8 and result["spec"]["grid"] == [2, 2]
+    run = result["runs"]["memory, oldest-first at test"]
+    assert run["blanked"]["pixels"] == 1 * 4 * 8 * 16  # frames 2..5 of one clip, one 8x16 cell each
+    out = capsys.readouterr().out
+    assert f"| {100 * run['blanked']['miou']:.1f} |" in out and "probe.json" in out
+    assert main(["--grid", "0,2"]) == 2 and "--grid" in capsys.readouterr().err
