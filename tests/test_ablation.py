@@ -191,6 +191,20 @@ def test_evaluate_variant_scores_and_spread():
     assert sp["mean"] == pytest.approx(np.mean(accs)) and sp["std"] == pytest.approx(np.std(accs, ddof=1))
     # pooled pixel accuracy from the confusion matrix = the pixel-count weighted clip accuracies (equal sizes)
     assert r["pixel_accuracy"] == pytest.approx(np.mean(accs))
+    # the destroyed pixels are the renderer's damage mask; their scores come from those pixels alone
+    from tmanet.training.ablation import predict_clip
+    from tmanet.metrics import confusion_matrix, region_scores
+    from tmanet.training.synthetic import make_street_clip_with_damage
+    from tmanet.training.data import SYNTHETIC_VAL_SEED
+    cm = np.zeros((19, 19), np.int64)
+    for i, (frames, labels, damage) in enumerate(clips):
+        rendered = make_street_clip_with_damage(ClipSpec(frames=5, height=32, width=64, degradation=0.8,
+                                                  seed=SYNTHETIC_VAL_SEED + i))
+        assert all(np.array_equal(a, b) for a, b in zip(rendered, (frames, labels, damage)))
+        masks = predict_clip(model, frames, "oldest_first", 1)
+        cm += confusion_matrix(masks[damage[1:]], labels[1:][damage[1:]], 19)
+    assert r["degraded"] == region_scores(cm) and r["degraded"]["pixels"] == r["corrupted_pixels"]
+    assert r["degraded"]["pixel_accuracy"] == pytest.approx(r["corrupted_accuracy"])
 
 
 # -- variants and the experiment -----------------------------------------------------------------------

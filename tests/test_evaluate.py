@@ -10,9 +10,9 @@ import torch
 
 from tmanet.checkpoints import load_model, save_checkpoint
 from tmanet.cli import main as cli_main
-from tmanet.metrics import confusion_matrix, scores_from_confusion
+from tmanet.metrics import confusion_matrix, region_scores, scores_from_confusion
 from tmanet.training.evaluate import Predictor, evaluate, feature_size, format_report
-from tmanet.training.synthetic import ClipSpec, make_street_clip, write_cityscapes_sequence
+from tmanet.training.synthetic import ClipSpec, make_street_clip, make_street_clip_with_damage, write_cityscapes_sequence
 from tmanet.training.config import InputError
 from tmanet.training.data import SYNTHETIC_VAL_SEED
 
@@ -169,6 +169,82 @@ def test_eval_cli(tiny_ckpt, tmp_path, capsys):
                           "degradation must lie in [0, 1]")):
         assert cli_main(["eval", *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_region_scores_hand_made():
+    # 6 pixels of class 0 (4 right) and 2 of class 1 (1 right), 1 class-1 pixel predicted 0 ... on 8 pixels:
+    # IoU(0) = 4 / (6 + 5 - 4) = 4/7, IoU(1) = 1 / (2 + 3 - 1) = 1/4, accuracy 5/8
+    gt = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    pred = np.array([0, 0, 0, 0, 1, 1, 1, 0])
+    r = region_scores(confusion_matrix(pred, gt, 3))
+    assert r == {"miou": pytest.approx((4 / 7 + 1 / 4) / 2), "pixel_accuracy": pytest.approx(5 / 8), "pixels": 8}
+    assert region_scores(np.zeros((3, 3), np.int64)) == {"miou": None, "pixel_accuracy": None, "pixels": 0}
+
+
+def test_evaluate_scores_degraded_pixels_apart(tiny_ckpt):
+    model = load_model(tiny_ckpt)
+    r = evaluate(tiny_ckpt, "synthetic:2", synthetic_size=(H, W), synthetic_frames=F, progress=False,
+                 synthetic_degradation=0.9)
+    bad = np.zeros((19, 19), np.int64)
+    good = np.zeros((19, 19), np.int64)
+    for i in range(2):  # pair counting on the renderer's damage masks, frames t >= T
+        frames, labels, damage = make_street_clip_with_damage(ClipSpec(frames=F, height=H, width=W, degradation=0.9,
+                                                                seed=SYNTHETIC_VAL_SEED + i))
+        masks = [m.mask for m in model.stream(frames, return_logits=False)]
+        for t in range(2, F):
+            for cm, where in ((bad, damage[t]), (good, ~damage[t])):
+                g, p = labels[t][where], masks[t][where]
+                for a in np.unique(g):
+                    for b in np.unique(p[g == a]):
+                        cm[a, b] += int(np.sum((g == a) & (p == b)))
+    assert r["degraded"]["pixels"] == bad.sum() > 0.05 * r["pixels"]
+    assert r["intact"]["pixels"] == good.sum() and bad.sum() + good.sum() == r["pixels"]
+    for key, cm in (("degraded", bad), ("intact", good)):
+        expected = scores_from_confusion(cm)
+        assert r[key]["miou"] == pytest.approx(expected["miou"])
+        assert r[key]["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
+    assert r["degraded"]["pixel_accuracy"] != pytest.approx(r["intact"]["pixel_accuracy"])
+    text = format_report(r)
+    assert f"{100 * r['degraded']['miou']:6.2f}" in text and f"on {bad.sum()} px" in text
+    clean = evaluate(tiny_ckpt, "synthetic:1", synthetic_size=(H, W), synthetic_frames=F, progress=False,
+                     synthetic_degradation=0.0)
+    assert clean["degraded"] == {"miou": None, "pixel_accuracy": None, "pixels": 0}
+
+
+def test_evaluate_with_the_current_frame_as_memory(tiny_ckpt, tiny_export):
+    model = load_model(tiny_ckpt)
+    cm = np.zeros((19, 19), np.int64)
+    for frames, labels in val_clips(2):
+        for t in range(2, F):  # a one-frame stream: every memory slot clamps to the frame itself
+            mask = next(iter(model.stream(frames[t:t + 1], return_logits=False))).mask
+            cm += confusion_matrix(mask, labels[t], 19)
+    current = evaluate(tiny_ckpt, "synthetic:2", synthetic_size=(H, W), synthetic_frames=F, progress=False,
+                       memory_source="current")
+    np.testing.assert_array_equal(np.array(current["confusion"]), cm)
+    real = evaluate(tiny_ckpt, "synthetic:2", synthetic_size=(H, W), synthetic_frames=F, progress=False)
+    assert current["memory_source"] == "current" and real["memory_source"] == "real"
+    assert real["confusion"] != current["confusion"]  # the memory does change the masks of this model
+    on_ort = evaluate(tiny_export, "synthetic:2", synthetic_frames=F, progress=False, memory_source="current")
+    assert np.abs(np.array(on_ort["confusion"]) - cm).sum() <= 2 * 0.001 * cm.sum()
+    assert "memory current" in format_report(current)
+    with pytest.raises(InputError, match="memory source"):
+        evaluate(tiny_ckpt, "synthetic:1", memory_source="previous", progress=False)
+
+
+def test_eval_cli_memory_source_and_degraded_json(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "current.json"
+    argv = ["eval", str(tiny_ckpt), "--data", "synthetic:1", "--synthetic-size", f"{H},{W}", "--synthetic-frames",
+            str(F), "--memory-source", "current", "--json", str(out), "--no-progress"]
+    assert cli_main(argv) == 0
+    saved = json.loads(out.read_text())
+    direct = evaluate(tiny_ckpt, "synthetic:1", synthetic_size=(H, W), synthetic_frames=F, progress=False,
+                      memory_source="current")
+    assert saved["memory_source"] == "current" and saved["confusion"] == direct["confusion"]
+    assert saved["degraded"] == direct["degraded"] and set(saved["degraded"]) == {"miou", "pixel_accuracy", "pixels"}
+    assert "degraded" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["eval", str(tiny_ckpt), "--data", "synthetic", "--memory-source", "past"])
+    assert stop.value.code == 2 and "invalid choice: 'past'" in capsys.readouterr().err
 
 
 def test_predictor_refuses_bad_mode(tiny_ckpt):

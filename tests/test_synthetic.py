@@ -9,7 +9,9 @@ from tmanet.training.synthetic import (
     SYNTHETIC_CLASSES,
     ClipSpec,
     degrade_frame,
+    degrade_frame_with_damage,
     make_street_clip,
+    make_street_clip_with_damage,
     render_clip,
     write_cityscapes_sequence,
 )
@@ -107,6 +109,65 @@ def test_degrade_frame_zero_strength_is_identity_and_seeded():
     a = degrade_frame(img, 0.8, np.random.default_rng(1))
     b = degrade_frame(img, 0.8, np.random.default_rng(1))
     assert np.array_equal(a, b) and a.dtype == np.uint8 and a.shape == img.shape
+
+
+class _Draws:
+    """A stand-in generator that hands out prescribed draws in the order degrade_frame asks for them."""
+
+    def __init__(self, *arrays):
+        self.arrays = list(arrays)
+
+    def random(self, shape=None, dtype=None):
+        return np.asarray(self.arrays.pop(0), np.float32)
+
+    standard_normal = random
+
+
+def _draws(H, W, glare=(), drops=()):
+    # u: no blur (u0 = 1), contrast 1 (u3 = 0), gain 1 (u4 = 0.45), no noise (u5 irrelevant: zero normals)
+    u = [1.0, 0, 0, 0.0, 0.45, 0, 0, 0]
+    glare = list(glare) + [[1.0, 0, 0, 0, 0]] * (4 - len(glare))   # active = 1: inactive
+    drops = list(drops) + [[1.0, 0, 0, 0, 0, 0, 0]] * (5 - len(drops))
+    return _Draws(u, glare, drops, np.zeros((H, W, 3)), np.zeros((H, W, 3)))
+
+
+def test_damage_of_a_dropped_rectangle_is_exactly_the_rectangle():
+    H, W = 20, 40
+    img = np.full((H, W, 3), 120, np.uint8)
+    # one black rectangle at strength 1: w = int(0.215 * 40) = 8, h = int(0.215 * 20) = 4,
+    # columns int(0.5 * 33) = 16.., rows int(0.5 * 17) = 8..
+    out, damage = degrade_frame_with_damage(img, 1.0, _draws(H, W, drops=[[0.0, 0.5, 0.5, 0.5, 0.5, 0.1, 0]]))
+    expected = np.zeros((H, W), bool)
+    expected[8:12, 16:24] = True
+    assert np.array_equal(damage, expected)
+    assert (out[expected] == 0).all() and (out[~expected] == 120).all()
+
+
+def test_damage_of_a_glare_blob_is_its_core():
+    H, W = 40, 40
+    img = np.full((H, W, 3), 60, np.uint8)
+    # a glare blob centred at (20, 20), rad 0.5 -> sigma = 0.11 * 40 = 4.4 px, intensity 1 -> peak alpha 1:
+    # alpha = exp(-r^2 / (2 sigma^2)) >= 0.5 where r^2 <= 2 sigma^2 ln 2
+    out, damage = degrade_frame_with_damage(img, 1.0, _draws(H, W, glare=[[0.0, 0.5, 0.5, 0.5, 1.0]]))
+    ys, xs = np.mgrid[0:H, 0:W]
+    inside = ((xs - 20.0) ** 2 + (ys - 20.0) ** 2) <= 2 * 4.4 ** 2 * np.log(2)
+    assert np.array_equal(damage, inside) and 80 <= damage.sum() <= 90  # disc area pi * 2 sigma^2 ln 2 = 84
+    assert out[damage].min() >= 60 + 195 * 0.5 + 30  # at least half-way to white, plus the over-exposure
+
+
+def test_clip_damage_marks_the_destroyed_pixels(clean):
+    for d in (0.0, 0.5, 1.0):
+        spec = dataclasses.replace(SPEC, degradation=d)
+        frames, labels, damage = make_street_clip_with_damage(spec)
+        plain = make_street_clip(spec)
+        assert np.array_equal(frames, plain[0]) and np.array_equal(labels, plain[1])
+        assert damage.shape == labels.shape and damage.dtype == bool
+        if d == 0.0:
+            assert not damage.any()
+            continue
+        err = np.abs(frames.astype(np.int16) - clean[0]).mean(-1)
+        assert 0.02 < damage.mean() < 0.5
+        assert err[damage].mean() > 2 * err[~damage].mean()  # far from the clean scene where marked
 
 
 def test_shorter_clip_is_a_prefix_of_a_longer_one(clip):

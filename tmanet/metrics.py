@@ -58,6 +58,12 @@ def scores_from_confusion(cm: np.ndarray, class_names=None) -> dict:
     }
 
 
+def region_scores(cm: np.ndarray) -> dict:
+    """The summary of a confusion matrix restricted to some pixels: ``{miou, pixel_accuracy, pixels}``."""
+    s = scores_from_confusion(cm)
+    return {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"], "pixels": s["pixels"]}
+
+
 @dataclass
 class FlipCounter:
     """Temporal consistency over consecutive frames of a clip: among the pixels whose ground-truth label

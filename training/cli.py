@@ -51,7 +51,8 @@ def register(sub):
     p.set_defaults(func=run_train)
 
     e = sub.add_parser(
-        "eval", help="score a checkpoint or export directory: IoU, mIoU, pixel accuracy, temporal consistency",
+        "eval", help="score a checkpoint or export directory: IoU, mIoU, pixel accuracy, temporal consistency "
+                    "(synthetic clips: also on the pixels the degradation destroyed)",
         description="Stream labelled clips through the runtime and score the masks. Synthetic clips are streamed "
                     "from frame 0 and frames t >= T scored (--all-frames: every frame); dataset samples are "
                     "streamed as their T memory frames then the labelled target.",
@@ -72,6 +73,9 @@ def register(sub):
                    help="synthetic clips: per-frame degradation strength 0..1")
     e.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory (default: "
                         "images_sequence/ in the official layout, the image folder in the SegNet layout)")
+    e.add_argument("--memory-source", choices=("real", "current"), default="real",
+                   help="frames in the memory slots: real (the previous frames, as deployed) or current (the "
+                        "current frame in every slot: how much the model relies on its memory)")
     e.add_argument("--limit", type=int, help="score at most this many clips / samples")
     e.add_argument("--json", metavar="FILE", help="write the full result (per-class, confusion matrix) here")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -137,7 +141,7 @@ def run_eval(args) -> int:
                           split=args.split, all_frames=args.all_frames, synthetic_size=args.synthetic_size,
                           synthetic_frames=args.synthetic_frames, frames_dir=args.frames_dir, limit=args.limit,
                           threads=args.threads, stride=stride, progress=not args.no_progress,
-                          synthetic_degradation=args.synthetic_degradation)
+                          synthetic_degradation=args.synthetic_degradation, memory_source=args.memory_source)
     except InputError as e:
         raise UserError(str(e)) from None
     print(format_report(result))

@@ -60,7 +60,8 @@ class SyntheticVideo:
     """Training samples (or whole clips for evaluation) from procedural street clips
     (:mod:`tmanet.training.synthetic`): target frame t, memory t-T..t-1 (oldest first) for t >= T, labels in
     Cityscapes trainIds. The clips are rendered once, deterministically: clip i of split "train" uses seed i,
-    of split "val" seed 1,000,000 + i, so the two never overlap. Targets are frames ``first_target``
+    of split "val" seed 1,000,000 + i, so the two never overlap; ``damage[i]`` marks where clip i's frames were
+    destroyed (:func:`~tmanet.training.synthetic.make_street_clip_with_damage`). Targets are frames ``first_target``
     (default T) to the end; a common ``first_target`` gives models of different T the same targets."""
 
     def __init__(self, count: int, sequence_num: int, size=(256, 512), frames: int = 12, split: str = "train",
@@ -68,7 +69,7 @@ class SyntheticVideo:
                  first_target: int | None = None):
         from tqdm import tqdm
 
-        from .synthetic import ClipSpec, make_street_clip
+        from .synthetic import ClipSpec, make_street_clip_with_damage
         if frames <= sequence_num:
             raise InputError(f"synthetic clips need more than T={sequence_num} frames, got {frames}")
         first = sequence_num if first_target is None else int(first_target)
@@ -83,8 +84,10 @@ class SyntheticVideo:
         h, w = size
         specs = [ClipSpec(frames=frames, height=h, width=w, degradation=degradation, seed=base + i)
                  for i in range(count)]
-        self.clips = [make_street_clip(s) for s in tqdm(specs, desc=f"rendering synthetic {split} clips",
-                                                        unit="clip", disable=not progress, leave=False)]
+        rendered = [make_street_clip_with_damage(s) for s in tqdm(specs, desc=f"rendering synthetic {split} clips",
+                                                                  unit="clip", disable=not progress, leave=False)]
+        self.clips = [r[:2] for r in rendered]
+        self.damage = [r[2] for r in rendered]  # per clip: where each frame was destroyed
         self.samples = [(c, t) for c in range(count) for t in range(first, frames)]
 
     def __len__(self):

@@ -17,7 +17,11 @@ from typing import Iterator
 import numpy as np
 
 from tmanet import safe_files
-from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
+from tmanet.metrics import FlipCounter, confusion_matrix, region_scores, scores_from_confusion
+
+# Which frames the memory slots see in evaluation: "real" (the clip's previous frames, the deployed rule) or
+# "current" (the current frame in every slot): the gap between the two is how much a model uses its memory.
+MEMORY_SOURCES = ("real", "current")
 
 
 # -- predictors ----------------------------------------------------------------------------------------
@@ -131,11 +135,15 @@ class Predictor:
         out = export_onnx(self.model, Path(self._tmp.name) / f"{h}x{w}", h, w, checkpoint=self.source, check=False)
         return StreamingSegmenter.open(out, backend="ort", mode=self.mode, stride=self.stride, max_gap=None, **opts)
 
-    def stream(self, frames) -> Iterator[np.ndarray]:
-        """Masks (H, W) uint8 of a clip's frames, from its first frame on (memory warm-up clamps to it)."""
+    def stream(self, frames, memory_source: str = "real") -> Iterator[np.ndarray]:
+        """Masks (H, W) uint8 of a clip's frames, from its first frame on (memory warm-up clamps to it).
+        ``memory_source="current"`` restarts the stream before every frame: by the warm-up rule every memory
+        slot then reads the current frame (under its own slot weights), as training with memory "current"."""
         frames = np.asarray(frames)
         seg = self.segmenter(*frames.shape[1:3])
         for frame in frames:
+            if memory_source == "current":
+                seg.reset(0)  # the one stream (every slide window of it) starts afresh; buffers stay
             yield seg.push(frame).mask
 
     def close(self):
@@ -151,7 +159,8 @@ class Predictor:
 def evaluate(source, data, mode: str = "whole", backend: str | None = None, device: str = "cpu",
              split: str = "val", all_frames: bool = False, synthetic_size=None, synthetic_frames: int = 12,
              synthetic_count: int = 8, frames_dir=None, limit: int | None = None, threads: int | None = None,
-             stride=None, progress: bool = True, synthetic_degradation: float = 0.5) -> dict:
+             stride=None, progress: bool = True, synthetic_degradation: float = 0.5,
+             memory_source: str = "real") -> dict:
     """Score ``source`` (a checkpoint ``.pth`` or an export directory) on ``data`` (``synthetic[:N]`` or a
     Cityscapes / CamVid layout root, its ``split``).
 
@@ -159,8 +168,10 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
     ``all_frames``) and consecutive scored frames give the temporal consistency. Dataset samples are
     streamed as their T memory frames then the labelled target, which is scored (one labelled frame per
     sample: no temporal figure). ``limit`` caps the number of clips / samples. ``synthetic_degradation``
-    (0..1) is the synthetic clips' per-frame degradation strength. Returns a dict (see the keys
-    below); :func:`format_report` renders it.
+    (0..1) is the synthetic clips' per-frame degradation strength; on synthetic clips the pixels the
+    degradation destroyed are also scored on their own (``degraded``) and so are the others (``intact``).
+    ``memory_source`` (:data:`MEMORY_SOURCES`): "current" feeds the current frame to every memory slot.
+    Returns a dict (see the keys below); :func:`format_report` renders it.
     """
     from tqdm import tqdm
 
@@ -169,11 +180,14 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
     spec = parse_data(data)
     if not 0.0 <= float(synthetic_degradation) <= 1.0:
         raise InputError(f"synthetic degradation must lie in [0, 1], got {synthetic_degradation}")
+    if memory_source not in MEMORY_SOURCES:
+        raise InputError(f"memory source must be one of {', '.join(MEMORY_SOURCES)}, got {memory_source!r}")
     predictor = Predictor(source, mode, backend, device, threads, stride)
     cfg = predictor.config
     T = cfg.sequence_num
     C = cfg.num_classes
     cm = np.zeros((C, C), np.int64)
+    cm_degraded = np.zeros((C, C), np.int64)
     flips = FlipCounter()
     scored = clips = 0
     started = time.perf_counter()
@@ -185,12 +199,14 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
             ds = open_dataset(DataSpec("synthetic", count=count if limit is None else min(count, limit)), cfg,
                               "val", None, 0, size, synthetic_frames, progress=progress,
                               synthetic_degradation=float(synthetic_degradation))
-            for frames, labels in tqdm(ds.clips, desc="evaluate", unit="clip", disable=not progress):
+            for (frames, labels), damage in tqdm(zip(ds.clips, ds.damage), total=len(ds.clips), desc="evaluate",
+                                                 unit="clip", disable=not progress):
                 flips.start_clip()
-                for t, mask in enumerate(_stream(predictor, frames)):
+                for t, mask in enumerate(_stream(predictor, frames, memory_source)):
                     if t < T and not all_frames:
                         continue
                     cm += confusion_matrix(mask, labels[t], C)
+                    cm_degraded += confusion_matrix(mask[damage[t]], labels[t][damage[t]], C)
                     flips.add(mask, labels[t])
                     scored += 1
                 clips += 1
@@ -201,7 +217,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
                 s = ds[i]
                 clip = np.concatenate([np.asarray(s["memory"]), np.asarray(s["image"])[None]])
                 mask = None
-                for mask in _stream(predictor, clip):
+                for mask in _stream(predictor, clip, memory_source):
                     pass
                 try:
                     cm += confusion_matrix(mask, s["label"], C)
@@ -220,6 +236,10 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
         "clips": clips, "frames_scored": scored, "scored_frames": "all" if all_frames else f"t >= T ({T})",
         **scores_from_confusion(cm, predictor.class_names),
         "temporal": flips.result() if spec.kind == "synthetic" else None,
+        "memory_source": memory_source,
+        # where the synthetic degradation destroyed the frame, and the rest (None for datasets: unknown there)
+        "degraded": region_scores(cm_degraded) if spec.kind == "synthetic" else None,
+        "intact": region_scores(cm - cm_degraded) if spec.kind == "synthetic" else None,
         "confusion": cm.tolist(), "class_names": predictor.class_names,
         "seconds": round(seconds, 3),
     }
@@ -229,10 +249,10 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
     return result
 
 
-def _stream(predictor: Predictor, frames) -> Iterator[np.ndarray]:
+def _stream(predictor: Predictor, frames, memory_source: str = "real") -> Iterator[np.ndarray]:
     from .config import InputError
     try:
-        yield from predictor.stream(frames)
+        yield from predictor.stream(frames, memory_source)
     except ValueError as e:  # the runtime's message for a frame size the export does not serve
         raise InputError(str(e)) from None
 
@@ -242,7 +262,8 @@ def format_report(result: dict) -> str:
     def pct(v):
         return "   -  " if v is None else f"{100 * v:6.2f}"
     width = max([len(n) for n in result["per_class"]] + [10])
-    lines = [f"{result['kind']} {result['source']}  backend {result['backend']}, mode {result['mode']}",
+    lines = [f"{result['kind']} {result['source']}  backend {result['backend']}, mode {result['mode']}, "
+             f"memory {result.get('memory_source', 'real')}",
              f"data {result['data']} ({result['split']}): {result['clips']} clip(s), {result['frames_scored']} "
              f"frame(s) scored ({result['scored_frames']}), {result['seconds']:.1f} s",
              "",
@@ -257,6 +278,11 @@ def format_report(result: dict) -> str:
                  f"or predictions)")
     lines.append(f"{'pixel acc':<{width}}  {pct(result['pixel_accuracy'])}")
     lines.append(f"{'mean acc':<{width}}  {pct(result['mean_accuracy'])}")
+    for name, what in (("degraded", "destroyed by the degradation"), ("intact", "the other pixels")):
+        r = result.get(name)
+        if r:
+            lines.append(f"{name:<{width}}  {pct(r['miou'])}   mIoU, pixel acc {pct(r['pixel_accuracy']).strip()} % "
+                         f"on {r['pixels']} px ({what})")
     tc = result.get("temporal")
     if tc and tc["flip_rate"] is not None:
         lines.append(f"{'flip rate':<{width}}  {pct(tc['flip_rate'])}   (predicted label changes where the GT "

@@ -594,12 +594,25 @@ def _motion_blur(img: np.ndarray, length: int, angle: float) -> np.ndarray:
     return acc / length
 
 
+GLARE_DAMAGE_ALPHA = 0.5  # a glare blob destroys a pixel where glare is at least half of its light
+BLUR_DAMAGE = 40.0        # ... motion blur where it moved the colour this far (mean |RGB|) from the sharp one
+
+
 def degrade_frame(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """:func:`degrade_frame_with_damage` without the damage mask."""
+    return degrade_frame_with_damage(image, strength, rng)[0]
+
+
+def degrade_frame_with_damage(image: np.ndarray, strength: float,
+                              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One frame's degradation: motion blur, exposure/contrast, glare blobs, noise, dropped rectangles.
+    Returns the degraded frame (uint8) and where it was destroyed (bool ``(H, W)``): dropped rectangles,
+    glare cores (glare alpha >= :data:`GLARE_DAMAGE_ALPHA`) and pixels the motion blur moved far from
+    their sharp colour (> :data:`BLUR_DAMAGE`); noise and exposure leave the scene readable.
 
     The same random numbers are drawn whatever ``strength`` is and only their effect is scaled, so
     for a given generator state a stronger setting corrupts the frame more (not just differently).
-    ``strength <= 0`` returns the frame unchanged.
+    ``strength <= 0`` returns the frame unchanged and no damage.
     """
     H, W = image.shape[:2]
     u = rng.random(8)
@@ -608,13 +621,15 @@ def degrade_frame(image: np.ndarray, strength: float, rng: np.random.Generator) 
     noise = rng.standard_normal((H, W, 3), dtype=np.float32)
     fill_noise = rng.random((H, W, 3), dtype=np.float32) * 255.0
     img = image.astype(np.float32)
+    damage = np.zeros((H, W), bool)
     s = float(strength)
     if s <= 0:
-        return np.clip(img + 0.5, 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image.copy()
+        return (np.clip(img + 0.5, 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image.copy()), damage
 
     if u[0] < min(1.0, 1.3 * s):
         length = 1 + int(round(s * (0.3 + 0.7 * u[1]) * max(2.0, 0.06 * W)))
-        img = _motion_blur(img, length, float(u[2] * np.pi))
+        sharp, img = img, _motion_blur(img, length, float(u[2] * np.pi))
+        damage |= np.abs(img - sharp).mean(-1) > BLUR_DAMAGE
     contrast = 1.0 - 0.5 * s * u[3]
     gain = 1.0 + s * (u[4] - 0.45)
     img = ((img - 128.0) * contrast + 128.0) * gain
@@ -625,7 +640,9 @@ def degrade_frame(image: np.ndarray, strength: float, rng: np.random.Generator) 
         if active < 0.55 * s:
             sigma = (0.04 + 0.14 * rad) * min(H, W) * (0.6 + 0.4 * s)
             w = np.exp(-((xs - cx * W) ** 2 + (ys - cy * H) ** 2) / (2 * sigma ** 2))
-            alpha = (min(1.0, s * (0.6 + 0.5 * inten)) * w)[..., None]
+            alpha = min(1.0, s * (0.6 + 0.5 * inten)) * w
+            damage |= alpha >= GLARE_DAMAGE_ALPHA
+            alpha = alpha[..., None]
             # Pull toward white and push past it so that the blob core clips (over-exposure).
             img = img + (np.float32(255.0) - img) * alpha + 60.0 * alpha
 
@@ -637,13 +654,14 @@ def degrade_frame(image: np.ndarray, strength: float, rng: np.random.Generator) 
             h = max(1, int((0.08 + 0.27 * dh) * H * (0.5 + 0.5 * s)))
             c0, r0 = int(x0 * (W - w + 1)), int(y0 * (H - h + 1))
             sl = (slice(r0, r0 + h), slice(c0, c0 + w))
+            damage[sl] = True
             if kind < 0.4:
                 img[sl] = 0.0
             elif kind < 0.7:
                 img[sl] = 50.0 + 160.0 * grey
             else:
                 img[sl] = fill_noise[sl]
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), damage
 
 
 def _frame_rng(seed: int, t: int) -> np.random.Generator:
@@ -653,11 +671,18 @@ def _frame_rng(seed: int, t: int) -> np.random.Generator:
 
 def make_street_clip(spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
     """Render and degrade a clip: frames uint8 (F, H, W, 3) RGB, labels uint8 (F, H, W) trainIds."""
+    return make_street_clip_with_damage(spec)[:2]
+
+
+def make_street_clip_with_damage(spec: ClipSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_street_clip` plus where each frame was destroyed: bool (F, H, W) (see
+    :func:`degrade_frame_with_damage`; all False for ``degradation=0``)."""
     frames, labels = render_clip(spec)
+    damage = np.zeros(labels.shape, bool)
     if spec.degradation > 0:
         for t in range(spec.frames):
-            frames[t] = degrade_frame(frames[t], spec.degradation, _frame_rng(spec.seed, t))
-    return frames, labels
+            frames[t], damage[t] = degrade_frame_with_damage(frames[t], spec.degradation, _frame_rng(spec.seed, t))
+    return frames, labels, damage
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,7 +763,8 @@ def write_cityscapes_sequence(
 
 
 __all__ = [
-    "SYNTHETIC_CLASSES", "IGNORE_INDEX", "ClipSpec", "make_street_clip", "render_clip", "degrade_frame",
+    "SYNTHETIC_CLASSES", "IGNORE_INDEX", "ClipSpec", "make_street_clip", "make_street_clip_with_damage",
+    "render_clip", "degrade_frame", "degrade_frame_with_damage",
     "write_cityscapes_sequence",
     "ROAD", "SIDEWALK", "BUILDING", "POLE", "TRAFFIC_SIGN", "VEGETATION", "SKY", "PERSON", "CAR",
 ]
