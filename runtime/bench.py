@@ -228,9 +228,10 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         timer.overall_peak = probe.peak()   # loading the engines counts too
         rss_loaded = probe.current()
         seg.timer = timer
-        gemm = _gemm_probe(seg.backend, backend, device, options, threads) if roofline else None
-        measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress,
-                                between=gemm.sample if gemm else None)
+        measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress)
+        # The GEMM probe runs after the timing loop, never between timed frames: its large matrices would
+        # evict the engines' weights from the caches and its thread pool would compete with the next frame.
+        gemm = _gemm_probe(seg.backend, backend, device, options, threads, frames) if roofline else None
         roof = _roofline(export_dir, gemm, streams, measured) if gemm else None
         described = seg.backend.describe()
     finally:
@@ -253,9 +254,9 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     return report
 
 
-def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress, between=None) -> Measured:
+def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress) -> Measured:
     """The timing loop: push every frame of ``clip``, time the frames after ``warmup``, interleave the
-    official protocol's frames and ``between()`` (untimed, after each timed frame), follow the memory peaks."""
+    official protocol's frames (untimed by the runtime's clock), follow the memory peaks."""
     from tqdm import tqdm
     m, timer = Measured(), seg.timer
     bar = tqdm(range(len(clip)), desc=f"bench {seg.backend.name}" + (" + official" if official else ""),
@@ -289,12 +290,6 @@ def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, p
             if i >= warmup:     # the frame before the timed ones warms the official model up
                 m.official_ms.append(ms)
                 m.agreement.append(float(np.mean(mask == res[0].mask)))
-        if between is not None and i >= warmup:
-            timer.overall_peak = max(timer.overall_peak, probe.peak())
-            between()
-            probe.reset_peak()  # the probe's matrices are not the runtime's memory
-            if gpu:
-                gpu.reset()
     m.peak_rss = max(timer.overall_peak, probe.peak())
     return m
 
@@ -330,13 +325,13 @@ def _official_report(m: Measured, streams, n_official, official, gpu) -> dict:
     return out
 
 
-def _gemm_probe(engine, backend, device, options, threads):
+def _gemm_probe(engine, backend, device, options, threads, samples: int):
     from .roofline import GemmProbe
     precision = options.get("precision", "fp32")
     metadata = getattr(engine, "metadata", None)   # TensorRT: the engines' build precisions
     if metadata:
         precision = "fp32" if all(v["precision"] == "fp32" for v in metadata.values()) else "fp16"
-    return GemmProbe(backend, device, precision, threads)
+    return GemmProbe(backend, device, precision, threads, min_samples=max(5, min(samples, 20)))
 
 
 def _roofline(export_dir, gemm, streams, m: Measured) -> dict:
@@ -383,7 +378,7 @@ def format_report(r: dict) -> str:
 
 def format_roofline(roof: dict) -> list[str]:
     lines = [f"roofline      peak {roof['peak_tflops'] * 1e3:.1f} GFLOP/s ({roof['probe']}, median of "
-             f"{roof['probe_samples']}, one after each timed frame; best {roof['probe_best_tflops'] * 1e3:.1f})",
+             f"{roof['probe_samples']}, after the timed frames; best {roof['probe_best_tflops'] * 1e3:.1f})",
              f"{'engine':<14}{'GFLOP/frame':>12}{'GFLOP/s':>10}{'of peak':>9}"]
     for name in ENGINE_GRAPHS:
         e = roof[name]

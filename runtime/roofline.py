@@ -7,8 +7,9 @@ per query chunk, each on its slice of the queries, so counting every MatMul node
 Graphs with loops (``Loop``/``Scan``) are refused: their bodies run a number of times the graph does not
 state. Everything else (activations, softmax, resize, Q/DQ) is memory traffic, not counted.
 
-Peak: the median TFLOP/s of square GEMMs on the backend's own engine, device and precision, one after each
-timed frame (same machine load as the engines): ONNX Runtime's MatMul with the same thread count for ``ort``,
+Peak: the median TFLOP/s of square GEMMs on the backend's own engine, device and precision, sampled in the
+same run right after the timed frames (never between them, where the probe's matrices and threads would
+disturb the frames that follow): ONNX Runtime's MatMul with the same thread count for ``ort``,
 torch ``matmul`` for ``torch`` and ``trt`` (on a CUDA device in fp16 when the engines are not fp32, the
 tensor-core peak TensorRT's FP16/INT8 kernels are measured against; INT8 has no probe of its own).
 """
@@ -89,8 +90,8 @@ def gflop(macs: int) -> float:
 # -- peak probes ----------------------------------------------------------------------------------------------
 class GemmProbe:
     """Square GEMMs on the backend's own engine, device and precision, one per :meth:`sample`: the bench
-    samples once after each timed frame, so the peak and the engines see the same machine load, and the
-    peak is the median of those samples (at least ``min_samples``). The matrices exist only during a sample,
+    samples right after its timed frames, in the same run, and the peak is the median of those samples (at
+    least ``min_samples``). The matrices exist only during a sample,
     so the runtime's memory figures do not include them."""
 
     def __init__(self, backend: str, device: str, precision: str = "fp32", threads: int | None = None,
