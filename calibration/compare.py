@@ -45,8 +45,9 @@ def check_compatible(ma, mb):
     for key, what in (("input_size", "input size"), ("num_classes", "classes"),
                       ("sequence_num", "memory frames T"), ("feature_size", "feature size")):
         a, b = getattr(ma, key), getattr(mb, key)
-        if a != b:
-            problems.append(f"{what} {a} vs {b}")
+        if a != b:  # sizes shown as the manifest writes them, [h, w]
+            problems.append(f"{what} {list(a) if isinstance(a, tuple) else a} vs "
+                            f"{list(b) if isinstance(b, tuple) else b}")
     if problems:
         raise CompareError(f"the exports differ: {'; '.join(problems)} ({ma.directory} vs {mb.directory}); "
                            "compare exports of the same model at the same size")
