@@ -111,16 +111,16 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     precisions = resolve_precisions(precision, frame_precision, head_precision)
     num, data_max = _checked_options(method, int8_high_precision, num, reference_batches, data_max)
     src, out = Path(src_dir), Path(out_dir)
-    manifest = _fp32_manifest(src)
+    spec = _fp32_spec(src)
     _check_out(src, out, overwrite, (frames, gate_frames))
     require_modelopt()
     conversion = _Conversion(precisions, keep_attention_fp32, method, int8_high_precision, quantize_residual,
                              _check_int8_keep(src, precisions, tuple(int8_keep)), data_max, reference_batches,
-                             engine_batch(manifest))
-    streams = frame_streams(frames, manifest["input_size"], manifest, num)
+                             engine_batch(spec))
+    streams = frame_streams(frames, spec.input_size, spec, num)
     with atomic_directory(out) as stage:  # the previous out_dir stays whole until the new one is complete
-        engines = _convert_engines(src, stage, manifest, streams, conversion, progress)
-        new = _calibrated_manifest(manifest, src, stage, precisions, streams, engines)
+        engines = _convert_engines(src, stage, spec, streams, conversion, progress)
+        new = _calibrated_manifest(spec, src, stage, precisions, streams, engines)
         write_manifest(stage, new)
         if gate:
             new["calibration"]["gate"] = _gate(src, stage, out, streams, gate_frames, gate_num, threads, progress)
@@ -144,17 +144,16 @@ def _checked_options(method, int8_high_precision, num, reference_batches, data_m
     return num, AUTOCAST_DATA_MAX if data_max is None else float(data_max)
 
 
-def _fp32_manifest(src: Path) -> dict:
+def _fp32_spec(src: Path):
     from tmanet.export.manifest import load_manifest
-    manifest = load_manifest(src)
-    source_precision = manifest.get("precision", {})
-    if any(p != "fp32" for p in source_precision.values()):
-        raise CalibrationError(f"{src} is not a float32 export (precision {source_precision}): calibrate from "
+    spec = load_manifest(src)
+    if any(p != "fp32" for p in spec.precision.values()):
+        raise CalibrationError(f"{src} is not a float32 export (precision {spec.precision}): calibrate from "
                                "the fp32 export that `tmanet export` wrote")
-    return manifest
+    return spec
 
 
-def _convert_engines(src: Path, stage: Path, manifest: dict, streams, conversion: _Conversion,
+def _convert_engines(src: Path, stage: Path, spec, streams, conversion: _Conversion,
                      progress: bool) -> dict:
     """Each engine's graph at its precision into ``stage``; returns what was done per engine."""
     from .quantize import build_samples
@@ -163,7 +162,7 @@ def _convert_engines(src: Path, stage: Path, manifest: dict, streams, conversion
     need_head = conversion.precisions["memory_head"] != "fp32"
     log.info("calibration data: %d frames x %d stream(s) from %s%s", streams.frames, len(streams.streams),
              streams.source, ", streamed through the fp32 frame graph" if need_head else "")
-    samples = build_samples(src, manifest, streams, work, with_head=need_head, progress=progress)
+    samples = build_samples(src, spec, streams, work, with_head=need_head, progress=progress)
     engines = {engine: _convert_engine(engine, src, stage, work, samples, conversion) for engine in ENGINES}
     del samples  # its arrays may map files under work/
     shutil.rmtree(work)
@@ -195,18 +194,18 @@ def _convert_engine(engine: str, src: Path, stage: Path, work: Path, samples, co
                          keep_modules=conversion.int8_keep[engine], workdir=work)
 
 
-def _calibrated_manifest(manifest: dict, src: Path, stage: Path, precisions: dict, streams, engines: dict) -> dict:
+def _calibrated_manifest(spec, src: Path, stage: Path, precisions: dict, streams, engines: dict) -> dict:
     """The source manifest with the new precisions and files, and how they were made (gate: not yet)."""
     from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, file_entries
 
     from .precision import modelopt_version
-    new = {k: v for k, v in manifest.items() if k not in ("directory", "check", "calibration")}
+    new = {k: v for k, v in spec.to_dict().items() if k not in ("check", "calibration")}
     new["precision"] = precisions
     new["files"] = file_entries(stage, [FRAME_ENCODER, MEMORY_HEAD])
     new["calibration"] = {
         "source_export": str(src.resolve()),
-        "source_files": manifest.get("files", {}),
-        "source_check": manifest.get("check"),
+        "source_files": spec.files,
+        "source_check": spec.check,
         "frames": streams.describe(),
         "precision": precisions,
         "io_types": "unchanged: uint8 frames, float32 encodings and logits, uint8 mask",

@@ -39,15 +39,17 @@ def precision_label(precision: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in precision.items())
 
 
-def check_compatible(ma: dict, mb: dict):
+def check_compatible(ma, mb):
+    """``ma``, ``mb``: the :class:`~tmanet.export.manifest.ExportSpec` of the two exports."""
     problems = []
     for key, what in (("input_size", "input size"), ("num_classes", "classes"),
                       ("sequence_num", "memory frames T"), ("feature_size", "feature size")):
-        a, b = ma.get(key), mb.get(key)
-        if a != b:
-            problems.append(f"{what} {a} vs {b}")
+        a, b = getattr(ma, key), getattr(mb, key)
+        if a != b:  # sizes shown as the manifest writes them, [h, w]
+            problems.append(f"{what} {list(a) if isinstance(a, tuple) else a} vs "
+                            f"{list(b) if isinstance(b, tuple) else b}")
     if problems:
-        raise CompareError(f"the exports differ: {'; '.join(problems)} ({ma['directory']} vs {mb['directory']}); "
+        raise CompareError(f"the exports differ: {'; '.join(problems)} ({ma.directory} vs {mb.directory}); "
                            "compare exports of the same model at the same size")
 
 
@@ -143,8 +145,8 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
     if num is not None and num < 1:
         raise CompareError(f"the number of frames must be >= 1, got {num}")
     count, frame_iter, source = _frame_iter(frames, num)
-    C = int(ma["num_classes"])
-    H, W = (int(s) for s in ma["input_size"])
+    C = ma.num_classes
+    H, W = ma.input_size
     label_get = None
     if labels is not None:
         label_count, label_get = open_labels(labels)
@@ -202,11 +204,11 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
     mean = s1 / n_logits
     std = float(np.sqrt(max(s2 / n_logits - mean * mean, 0.0)))
     scale = max(std, 1e-12)
-    target = target_agreement(mb.get("precision", {}))
+    target = target_agreement(mb.precision)
     agreement = equal / total
     result = {
-        "a": {"directory": str(dir_a), "precision": ma.get("precision", {})},
-        "b": {"directory": str(dir_b), "precision": mb.get("precision", {})},
+        "a": {"directory": str(dir_a), "precision": ma.precision},
+        "b": {"directory": str(dir_b), "precision": mb.precision},
         "frames": len(per_frame), "source": source, "mode": mode,
         "pixel_agreement": agreement,
         "worst_frame_agreement": min(per_frame), "worst_frame": int(np.argmin(per_frame)),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.export.manifest import FRAME_ENCODER, head_input_names
+from tmanet.export.manifest import FRAME_ENCODER, ExportSpec, head_input_names
 from tmanet.memory import MemoryStepper
 from tmanet.onnx_session import cpu_session
 
@@ -83,9 +83,10 @@ def read_clip(source, num: int | None = None) -> tuple[np.ndarray, str]:
     return clip, kind
 
 
-def frame_streams(source, input_size, manifest: dict | None = None, num: int | None = None) -> FrameStreams:
+def frame_streams(source, input_size, spec: ExportSpec | None = None, num: int | None = None) -> FrameStreams:
     """Calibration streams for an export of ``input_size`` (H, W): whole frames at the export size, slide
-    windows (the runtime's default stride) for larger frames; smaller frames are an error."""
+    windows (the runtime's default stride, from ``spec``'s slide crop and stride) for larger frames; smaller
+    frames are an error."""
     from tmanet.model.slide import slide_windows
     from tmanet.runtime.segmenter import default_stride
     clip, kind = read_clip(source, num)
@@ -97,8 +98,8 @@ def frame_streams(source, input_size, manifest: dict | None = None, num: int | N
     if (fh, fw) == (H, W):
         windows = [(0, H, 0, W)]
     else:
-        m = manifest or {}
-        stride = default_stride((H, W), m.get("slide_crop", (H, W)), m.get("slide_stride", (H, W)))
+        crop, stride = (spec.slide_crop, spec.slide_stride) if spec else (None, None)
+        stride = default_stride((H, W), crop or (H, W), stride or (H, W))
         windows = slide_windows(fh, fw, (H, W), stride)
     streams = [clip[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows]
     name = "<array>" if isinstance(source, np.ndarray) else str(Path(source).resolve())
@@ -123,13 +124,12 @@ class CalibrationSamples:
         return {"frames": self.frames} if graph == "frame_encoder" else self.head
 
 
-def engine_batch(manifest: dict) -> int:
+def engine_batch(spec: ExportSpec) -> int:
     """Batch the graphs are run with: the fixed export batch, or 1 for a dynamic-batch export."""
-    b = manifest.get("batch", 1)
-    return 1 if b == "dynamic" else int(b)
+    return 1 if spec.dynamic_batch else spec.batch
 
 
-def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=None, with_head: bool = True,
+def build_samples(export_dir, spec: ExportSpec, streams: FrameStreams, workdir=None, with_head: bool = True,
                   progress: bool = True) -> CalibrationSamples:
     """Stream every calibration stream in order through the float32 frame graph of ``export_dir``; record
     each frame and, with ``with_head``, the memory head's inputs for it (the ring's slots: frame t-T+i for
@@ -139,10 +139,10 @@ def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=Non
     a real stream and are dropped), like the runtime."""
     from tqdm import tqdm
 
-    T = int(manifest["sequence_num"])
-    H, W = (int(s) for s in manifest["input_size"])
-    h, w = (int(s) for s in manifest["feature_size"])
-    ck, cv = int(manifest["key_channels"]), int(manifest["value_channels"])
+    T = spec.sequence_num
+    H, W = spec.input_size
+    h, w = spec.feature_size
+    ck, cv = spec.key_channels, spec.value_channels
     nstreams, F = len(streams.streams), streams.frames
     S = nstreams * F
     workdir = Path(workdir) if workdir is not None else None
@@ -160,7 +160,7 @@ def build_samples(export_dir, manifest: dict, streams: FrameStreams, workdir=Non
         shapes.update({f"memory_value_{i}": (cv, h, w) for i in range(T)})
         head = {n: array(n, (S, *shapes[n]), np.float32) for n in head_input_names(T)}
     index = [(s, t) for s in range(nstreams) for t in range(F)]
-    B = engine_batch(manifest)
+    B = engine_batch(spec)
     session = cpu_session(Path(export_dir) / FRAME_ENCODER) if with_head else None
     bar = tqdm(total=S, desc="calibration samples", unit="sample", disable=not progress or not with_head)
     encode = None if session is None else (

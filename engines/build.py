@@ -165,7 +165,7 @@ def load_calibration_frames(frames, input_size) -> np.ndarray:
     return frames
 
 
-def calibration_feeds(onnx_dir, manifest: dict, frames: np.ndarray, batch: int, workdir=None):
+def calibration_feeds(onnx_dir, spec, frames: np.ndarray, batch: int, workdir=None):
     """(frame-encoder feeds, memory-head feed generator) for INT8 calibration from a clip.
 
     The clip is cut into ``batch`` consecutive streams, one per batch row. The head's inputs are what it sees
@@ -181,7 +181,7 @@ def calibration_feeds(onnx_dir, manifest: dict, frames: np.ndarray, batch: int, 
     H, W = frames.shape[1:3]
     streams = FrameStreams([frames[s * n:(s + 1) * n] for s in range(batch)], [(0, H, 0, W)] * batch, frames,
                            "<array>", "array", (H, W))
-    samples = build_samples(onnx_dir, manifest, streams, workdir=workdir, progress=False)
+    samples = build_samples(onnx_dir, spec, streams, workdir=workdir, progress=False)
     rows = [[s * n + t for s in range(batch)] for t in range(n)]  # sample k = stream * frames + t
     # float32, although the engine's input is uint8: TensorRT calibrates non-index inputs in float32 only, and
     # Polygraphy (>= 0.49.10) declares them float32 and rejects any other batch (then: no scaling factors).
@@ -252,7 +252,7 @@ def _describe_network(network, shapes: dict) -> dict:
     return io
 
 
-def _load_onnx_manifest(onnx_dir) -> dict:
+def _load_onnx_manifest(onnx_dir):
     from tmanet.export.manifest import ManifestError, load_manifest
     try:
         return load_manifest(onnx_dir)
@@ -275,9 +275,9 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
     require_polygraphy()
     onnx_dir = Path(onnx_dir)
     out = Path(out_dir) if out_dir is not None else onnx_dir
-    manifest = _load_onnx_manifest(onnx_dir)
-    batch = resolve_batch(manifest["batch"], batch, manifest.get("max_batch"))
-    precisions = manifest.get("precision", {})
+    spec = _load_onnx_manifest(onnx_dir)
+    batch = resolve_batch(spec.batch_setting, batch, spec.max_batch)
+    precisions = spec.precision
     plans = {name: build_plan(trt.__version__, precisions.get(name, "fp32"), weak_precision)
              for name in ENGINE_NAMES}
     calibration = work = None
@@ -285,9 +285,9 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
         if calib_frames is None:
             raise UserError("--weak-int8 calibrates INT8 ranges on real frames: pass --calib-frames CLIP.npy "
                             "(uint8 F x H x W x 3 at the export size)")
-        frames = load_calibration_frames(calib_frames, manifest["input_size"])
+        frames = load_calibration_frames(calib_frames, spec.input_size)
         work = tempfile.TemporaryDirectory(prefix="tmanet-calibration-")
-        calibration = calibration_feeds(onnx_dir, manifest, frames, batch[1], workdir=work.name)
+        calibration = calibration_feeds(onnx_dir, spec, frames, batch[1], workdir=work.name)
     gpu_name, cc = current_gpu()
     options = {"workspace_gb": workspace_gb, "timing_cache": str(timing_cache) if timing_cache else None,
                "tf32": False, "calibration_frames": None, "calibration_sha256": None}
@@ -304,7 +304,7 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
             for name in bar:
                 bar.set_description(f"building {name}")
                 onnx_file = onnx_dir / f"{name}.onnx"
-                entry = manifest["files"].get(onnx_file.name)
+                entry = spec.files.get(onnx_file.name)
                 if entry is None:
                     raise UserError(f"{onnx_dir}/manifest.json lists no {onnx_file.name}")
                 shapes = profile_shapes(onnx_input_shapes(onnx_file), batch)
@@ -329,7 +329,7 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
             pending.discard()
         if work is not None:
             work.cleanup()
-    engines_manifest = make_engines_manifest(metas, manifest, onnx_dir)
+    engines_manifest = make_engines_manifest(metas, spec.to_dict(), onnx_dir)
     path = write_engines_manifest(out, engines_manifest)
     for name, meta in metas.items():
         log.info("%s: %s, %.1f MB, TensorRT %s on %s (%s)", name, meta["precision"], meta["engine_bytes"] / 1e6,

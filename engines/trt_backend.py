@@ -223,12 +223,12 @@ class TrtBackend(Backend):
     export directory) on a CUDA device, buffers in torch CUDA memory, optional CUDA graphs."""
     name = "trt"
 
-    def __init__(self, export_dir, manifest, device="cuda", engine_dir=None, cuda_graphs: bool = True,
+    def __init__(self, export_dir, spec, device="cuda", engine_dir=None, cuda_graphs: bool = True,
                  profile: bool = False, threads: int | None = None):
         # ``threads`` (CPU threads of the ort/torch backends) is accepted so that one option set opens any
         # backend; the work here is on the GPU.
         trt = _require_tensorrt_for_backend()
-        super().__init__(export_dir, manifest, _cuda_device_name(device))
+        super().__init__(export_dir, spec, _cuda_device_name(device))
         try:
             import torch
         except ImportError:
@@ -242,7 +242,7 @@ class TrtBackend(Backend):
         self.cuda_graphs = bool(cuda_graphs)
         self.profile = bool(profile)
         self.warnings = []
-        self.metadata = self._checked_metadata(manifest)
+        self.metadata = self._checked_metadata(spec)
         self.stream = torch.cuda.Stream(device=self.device_obj)
         self.encoder = TrtEngine(trt, torch, self.engine_paths["frame_encoder"], "frame_encoder", self.device_obj,
                                  self.stream)
@@ -259,7 +259,7 @@ class TrtBackend(Backend):
         self._marks, self._enqueue_s = {}, {}
 
     # -- loading ------------------------------------------------------------------------------------------
-    def _checked_metadata(self, manifest) -> dict:
+    def _checked_metadata(self, spec) -> dict:
         """Sidecars of both engines, checked (file SHA256, TensorRT, GPU, source ONNX) before deserialising."""
         read_engines_manifest(self.engine_dir)
         gpu_name, cc = current_gpu(self.device_obj.index or 0)
@@ -267,7 +267,7 @@ class TrtBackend(Backend):
         for name in ENGINE_NAMES:
             path, meta = load_engine_metadata(self.engine_dir, name)
             self.warnings += check_compatible(meta, self.trt.__version__, gpu_name, cc)
-            onnx_entry = manifest.get("files", {}).get(f"{name}.onnx")
+            onnx_entry = spec.files.get(f"{name}.onnx")
             if onnx_entry and onnx_entry.get("sha256") != meta["source_onnx"]["sha256"]:
                 raise EngineIntegrityError(f"{path} was built from another {name}.onnx than the one in "
                                            f"{self.export_dir}: rebuild with `tmanet build {self.export_dir}`")

@@ -10,7 +10,7 @@ import hashlib
 import json
 import platform
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tmanet.safe_files import PARTIAL_MARK, OutputError, write_json
@@ -102,6 +102,31 @@ class ExportSpec:
     max_batch: int
     precision: dict
     files: dict                  # name -> {"sha256": hex, "bytes": int}
+    class_names: tuple = ()
+    palette: tuple = ()          # (r, g, b) per class
+    slide_crop: object = None    # int or (h, w); None: the input size
+    slide_stride: object = None
+    query_chunk: int | None = None
+    align_corners: bool = False
+    config: dict | None = None   # ModelConfig.to_dict() of the exported model
+    checkpoint: str | None = None
+    preset: str | None = None
+    check: dict | None = None    # export's comparison with torch (onnx_export.check_against_torch)
+    directory: Path | None = None  # where it was loaded from
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # the manifest as written
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.batch is None
+
+    @property
+    def batch_setting(self):
+        """The manifest's ``batch``: the fixed batch, or "dynamic"."""
+        return "dynamic" if self.batch is None else self.batch
+
+    def to_dict(self) -> dict:
+        """The manifest as written (a copy), e.g. to record it or write a derived manifest."""
+        return json.loads(json.dumps(self.raw))
 
     @classmethod
     def from_dict(cls, m, where: str = MANIFEST) -> "ExportSpec":
@@ -136,9 +161,19 @@ class ExportSpec:
         for name, entry in files.items():
             if not _is_file_entry(name, entry):
                 raise f.bad("files", f'plain file names with {{"sha256": 64 hex digits, "bytes": n}} ({name!r} is not)')
+        f.optional("checkpoint", lambda v: isinstance(v, str), "a path")
+        f.optional("preset", lambda v: isinstance(v, str), "a preset name")
+        f.optional("check", lambda v: isinstance(v, dict), "an object")
         return cls(f.integer("sequence_num"), f.integer("key_channels"), f.integer("value_channels"),
                    f.integer("num_classes", 1, MAX_CLASSES), size, feature, None if batch == "dynamic" else batch,
-                   max_batch, dict(precision), dict(files))
+                   max_batch, dict(precision), dict(files), tuple(m.get("class_names") or ()),
+                   tuple(tuple(c) for c in m.get("palette") or ()), _pair_or_none(m.get("slide_crop")),
+                   _pair_or_none(m.get("slide_stride")), m.get("query_chunk"), bool(m.get("align_corners", False)),
+                   m.get("config"), m.get("checkpoint"), m.get("preset"), m.get("check"), raw=m)
+
+
+def _pair_or_none(v):
+    return tuple(v) if isinstance(v, list) else v
 
 
 # What an export directory may hold and still be replaced: its own files, tmanet build's, and the hidden
@@ -194,8 +229,9 @@ def write_manifest(directory, manifest: dict) -> Path:
     return write_json(Path(directory) / MANIFEST, manifest)
 
 
-def load_manifest(directory, verify: bool = True) -> dict:
-    """The manifest of an export directory; with ``verify`` every listed file must exist with its SHA256."""
+def load_manifest(directory, verify: bool = True) -> ExportSpec:
+    """The validated manifest of an export directory; with ``verify`` every listed file must exist with its
+    SHA256."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -208,10 +244,10 @@ def load_manifest(directory, verify: bool = True) -> dict:
         raise ManifestError(f"{path}: the manifest must be a JSON object, got a {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    ExportSpec.from_dict(manifest, str(path))
+    spec = ExportSpec.from_dict(manifest, str(path))
     if verify:
         problems = []
-        for name, entry in manifest["files"].items():
+        for name, entry in spec.files.items():
             f = directory / name
             if not f.is_file():
                 problems.append(f"{name}: missing")
@@ -219,8 +255,7 @@ def load_manifest(directory, verify: bool = True) -> dict:
                 problems.append(f"{name}: SHA256 differs from the manifest (modified or corrupted)")
         if problems:
             raise ManifestError(f"{directory}: " + "; ".join(problems))
-    manifest["directory"] = str(directory)
-    return manifest
+    return replace(spec, directory=directory)
 
 
 def _refuse_constant(name):

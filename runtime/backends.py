@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
+from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, ExportSpec, head_input_names
 from tmanet.onnx_session import cpu_session
 
 from .address_cache import AddressKeyedCache
@@ -41,20 +41,18 @@ class Backend:
     when the export's batch is dynamic (any batch up to ``max_batch``)."""
     name = "base"
 
-    def __init__(self, export_dir, manifest: dict, device: str = "cpu"):
+    def __init__(self, export_dir, spec: ExportSpec, device: str = "cpu"):
         self.export_dir = Path(export_dir)
-        self.manifest = manifest
+        self.spec = spec
         self.device = device
-        self.sequence_num = int(manifest["sequence_num"])
-        self.input_size = tuple(int(s) for s in manifest["input_size"])
-        self.feature_size = tuple(int(s) for s in manifest["feature_size"])
-        self.num_classes = int(manifest["num_classes"])
-        self.key_channels = int(manifest["key_channels"])
-        self.value_channels = int(manifest["value_channels"])
-        b = manifest.get("batch", 1)
-        self.batch = None if b == "dynamic" else int(b)
-        # Exports before "max_batch" was recorded allowed 1..64 (the export's MAX_DYNAMIC_BATCH then).
-        self.max_batch = int(manifest.get("max_batch", 64)) if self.batch is None else self.batch
+        self.sequence_num = spec.sequence_num
+        self.input_size = spec.input_size
+        self.feature_size = spec.feature_size
+        self.num_classes = spec.num_classes
+        self.key_channels = spec.key_channels
+        self.value_channels = spec.value_channels
+        self.batch = spec.batch
+        self.max_batch = spec.max_batch
 
     def zeros(self, shape):
         raise NotImplementedError
@@ -82,7 +80,7 @@ LAZY_BACKENDS = {"trt": ("tmanet.engines.trt_backend", "TensorRT")}
 
 
 def register_backend(name: str, factory: Callable[..., Backend]):
-    """Make ``factory(export_dir, manifest, device, **options) -> Backend`` available as ``name``."""
+    """Make ``factory(export_dir, spec, device, **options) -> Backend`` available as ``name``."""
     BACKENDS[name] = factory
     return factory
 
@@ -121,9 +119,9 @@ class OrtBackend(Backend):
     after T+1 frames every head call reuses a ready binding."""
     name = "ort"
 
-    def __init__(self, export_dir, manifest, device="cpu", threads: int | None = None,
+    def __init__(self, export_dir, spec, device="cpu", threads: int | None = None,
                  inter_threads: int | None = None):
-        super().__init__(export_dir, manifest, device)
+        super().__init__(export_dir, spec, device)
         if device != "cpu":
             raise BackendUnavailable(f"the ort backend runs on the CPU only (got device {device!r}); "
                                      "use backend 'torch' or 'trt' on a GPU")
@@ -203,8 +201,8 @@ class OrtBackend(Backend):
 
 
 # -- PyTorch (reference) ----------------------------------------------------------------------------------
-def resolve_checkpoint(export_dir: Path, manifest: dict) -> Path:
-    path = manifest.get("checkpoint")
+def resolve_checkpoint(export_dir: Path, spec: ExportSpec) -> Path:
+    path = spec.checkpoint
     if not path:
         raise BackendUnavailable(f"the torch backend rebuilds the model from the checkpoint, but "
                                  f"{export_dir}/manifest.json records none (export with a checkpoint path)")
@@ -247,10 +245,10 @@ class TorchBackend(Backend):
     """
     name = "torch"
 
-    def __init__(self, export_dir, manifest, device="cpu", model=None, threads: int | None = None,
+    def __init__(self, export_dir, spec, device="cpu", model=None, threads: int | None = None,
                  precision: str = "fp32", cuda_graphs: bool = False, fused_attention: bool | None = None,
                  channels_last: bool = False, cudnn_benchmark: bool = False, compile: bool = False):
-        super().__init__(export_dir, manifest, device)
+        super().__init__(export_dir, spec, device)
         on_cuda = str(device).startswith("cuda")
         self._check_options(precision, on_cuda, cuda_graphs=cuda_graphs, fused_attention=fused_attention,
                             cudnn_benchmark=cudnn_benchmark)
@@ -266,12 +264,11 @@ class TorchBackend(Backend):
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         if model is None:
-            model = load_model(resolve_checkpoint(self.export_dir, manifest),
-                               ModelConfig.from_dict(manifest["config"]))
+            model = load_model(resolve_checkpoint(self.export_dir, spec), ModelConfig.from_dict(spec.config))
         self.device_obj = torch.device(device)
         self.precision, self.dtype = precision, {"fp32": torch.float32, "fp16": torch.float16}[precision]
         self.cuda_graphs, self.channels_last, self.compiled = bool(cuda_graphs), bool(channels_last), bool(compile)
-        encoder, head = model.eval().split(self.input_size, query_chunk=manifest.get("query_chunk"))
+        encoder, head = model.eval().split(self.input_size, query_chunk=spec.query_chunk)
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.encoder = encoder.to(self.device_obj, self.dtype, memory_format=memory_format)
         self.memory_head = head.to(self.device_obj, self.dtype, memory_format=memory_format)

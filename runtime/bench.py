@@ -139,7 +139,7 @@ class OfficialProtocol:
     unfolded), the backbone on the frame and on each of its T memory frames ``t-T..t-1`` (clamped to frame 0),
     plus normalisation and argmax. ``frame(t)`` returns stream 0's mask and the latency in ms."""
 
-    def __init__(self, manifest: dict, clip: np.ndarray, streams: int, device: str = "cpu",
+    def __init__(self, spec, clip: np.ndarray, streams: int, device: str = "cpu",
                  threads: int | None = None):
         import torch
 
@@ -149,8 +149,8 @@ class OfficialProtocol:
         if threads:
             torch.set_num_threads(int(threads))
         self.torch = torch
-        path = resolve_checkpoint(Path(manifest["directory"]), manifest)
-        self.model = load_model(path, ModelConfig.from_dict(manifest["config"])).to(device).eval()
+        path = resolve_checkpoint(spec.directory, spec)
+        self.model = load_model(path, ModelConfig.from_dict(spec.config)).to(device).eval()
         self.clip, self.streams, self.device = clip, streams, device
         self.T = self.model.config.sequence_num
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -205,9 +205,9 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     from .segmenter import StreamingSegmenter
     if frames < 1 or warmup < 0:
         raise ValueError(f"frames must be >= 1 and warmup >= 0, got {frames} and {warmup}")
-    manifest = load_manifest(export_dir)
-    H, W = manifest["input_size"]
-    streams = 1 if manifest["batch"] == "dynamic" else int(manifest["batch"])
+    spec = load_manifest(export_dir)
+    H, W = spec.input_size
+    streams = spec.batch or 1  # a dynamic-batch export: one stream
     clip = bench_frames(warmup + frames, H, W, seed)
     options = dict(backend_options or {})
     if threads:
@@ -215,7 +215,7 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     if backend == "trt":
         options.setdefault("profile", True)
     n_official = min(official_frames or frames, frames) if compare_official else 0
-    official = OfficialProtocol(manifest, clip, streams, device, threads) if n_official else None
+    official = OfficialProtocol(spec, clip, streams, device, threads) if n_official else None
 
     gpu = CudaMemoryProbe(device) if backend == "torch" and device.startswith("cuda") else None
     gpu_before = gpu.reset() if gpu else 0
@@ -238,9 +238,9 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         seg.close()
     report = {
         "export": str(Path(export_dir).resolve()), "backend": backend, "backend_detail": described,
-        "device": device, "preset": manifest.get("preset"), "input_size": [H, W],
-        "sequence_num": manifest["sequence_num"], "batch": manifest["batch"], "streams": streams,
-        "precision": manifest.get("precision"), "backend_options": dict(backend_options or {}),
+        "device": device, "preset": spec.preset, "input_size": [H, W],
+        "sequence_num": spec.sequence_num, "batch": spec.batch_setting, "streams": streams,
+        "precision": spec.precision, "backend_options": dict(backend_options or {}),
         "frames": frames, "warmup": warmup,
         **_memory_report(measured, timer, probe, rss_before, rss_loaded, gpu_before if gpu else None),
         "machine": {"python": platform.python_version(), "platform": platform.platform(),

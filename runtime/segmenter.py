@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tmanet.export.manifest import ExportSpec
 from tmanet.model.slide import pair, slide_windows
 from tmanet.memory import MemoryRing, MemoryStepper
 from tmanet.model.tmanet import FrameResult
@@ -99,7 +100,7 @@ def rescale_logits(logits: np.ndarray, size, align_corners: bool) -> np.ndarray:
 
 
 class StreamingSegmenter:
-    def __init__(self, backend: Backend, manifest: dict, mode: str = "whole", stride=None,
+    def __init__(self, backend: Backend, spec: ExportSpec, mode: str = "whole", stride=None,
                  return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP,
                  num_streams: int | None = None, resize: bool = False):
         if mode not in ("whole", "slide"):
@@ -111,21 +112,21 @@ class StreamingSegmenter:
         if num_streams is not None and not (_is_int(num_streams) and num_streams > 0):
             raise ValueError(f"num_streams must be a positive int or None, got {num_streams!r}")
         self.backend = backend
-        self.manifest = manifest
+        self.spec = spec
         self.mode = mode
         self.return_logits = bool(return_logits)
         self.max_gap = max_gap
         self.num_streams = None if num_streams is None else int(num_streams)
         self.resize = bool(resize)
-        self.align_corners = bool(manifest.get("align_corners", False))
-        self.sequence_num = int(manifest["sequence_num"])
-        self.input_size = tuple(int(s) for s in manifest["input_size"])
-        self.num_classes = int(manifest["num_classes"])
-        self.class_names = list(manifest.get("class_names") or [])
-        self.palette = [tuple(c) for c in manifest.get("palette") or []]
+        self.align_corners = spec.align_corners
+        self.sequence_num = spec.sequence_num
+        self.input_size = spec.input_size
+        self.num_classes = spec.num_classes
+        self.class_names = list(spec.class_names)
+        self.palette = list(spec.palette)
         if stride is None:
-            stride = default_stride(self.input_size, manifest.get("slide_crop", self.input_size),
-                                    manifest.get("slide_stride", self.input_size))
+            stride = default_stride(self.input_size, spec.slide_crop or self.input_size,
+                                    spec.slide_stride or self.input_size)
         self.stride = pair(stride)
         if mode == "slide" and not all(0 < s <= c for s, c in zip(self.stride, self.input_size)):
             raise ValueError(f"slide stride {self.stride} must be positive and at most the crop (the export "
@@ -145,9 +146,9 @@ class StreamingSegmenter:
         ``resize``: whole mode takes frames of any size (see :func:`resize_frames`, :func:`rescale_logits`).
         ``backend_options`` go to the backend (e.g. ``threads=`` for ort)."""
         from tmanet.export.manifest import load_manifest
-        manifest = load_manifest(directory, verify=verify)
-        engine = get_backend(backend)(Path(directory), manifest, device, **backend_options)
-        return cls(engine, manifest, mode=mode, stride=stride, return_logits=return_logits, max_gap=max_gap,
+        spec = load_manifest(directory, verify=verify)
+        engine = get_backend(backend)(Path(directory), spec, device, **backend_options)
+        return cls(engine, spec, mode=mode, stride=stride, return_logits=return_logits, max_gap=max_gap,
                    num_streams=num_streams, resize=resize)
 
     # -- state --------------------------------------------------------------------------------------------
@@ -298,9 +299,9 @@ class StreamingSegmenter:
         lanes = n * len(windows)
         b = self.backend.batch
         idle = b - 1 if b else 0  # a fixed batch pads a partial call with rows of no stream
-        h, w = (int(s) for s in self.manifest["feature_size"])
-        ring = MemoryRing(self.sequence_num, lanes + idle, (int(self.manifest["key_channels"]), h, w),
-                          (int(self.manifest["value_channels"]), h, w), self.backend.zeros)
+        h, w = self.spec.feature_size
+        ring = MemoryRing(self.sequence_num, lanes + idle, (self.spec.key_channels, h, w),
+                          (self.spec.value_channels, h, w), self.backend.zeros)
         self.stepper = MemoryStepper(self.backend.encode, self._head, ring)
         self.streams, self.frame_size, self.windows = n, (H, W), windows
         self._inputs = np.zeros((b or min(lanes, self.backend.max_batch), eh, ew, 3), np.uint8)

@@ -82,7 +82,7 @@ def bench_triton(url: str, model: str, clips, warmup: int, first_id: int = 1) ->
 def bench_serving(export_dir, url: str, model: str, streams: int, frames: int, warmup: int,
                   threads=None, rounds: int = 3) -> dict:
     from tmanet.export.manifest import load_manifest
-    H, W = (int(s) for s in load_manifest(export_dir)["input_size"])
+    H, W = load_manifest(export_dir).input_size
     per_round = max(1, frames // rounds)
     measured = {"triton": [0.0, []], "in_process": [0.0, []]}
     for r in range(rounds):

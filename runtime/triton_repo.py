@@ -36,11 +36,11 @@ def default_site_packages() -> str:
     return sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else ""
 
 
-def config_pbtxt(name: str, manifest: dict, max_sequences: int, idle_timeout_ms: int, instances: int,
+def config_pbtxt(name: str, spec, max_sequences: int, idle_timeout_ms: int, instances: int,
                  parameters: dict, sequence_id_type: str = "uint64", device: str = "cpu",
                  queue_delay_us: int = 0) -> str:
-    H, W = (int(s) for s in manifest["input_size"])
-    C = int(manifest["num_classes"])
+    H, W = spec.input_size
+    C = spec.num_classes
     kind = "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
     params = "\n".join(f'  {{ key: "{k}" value: {{ string_value: {json.dumps(str(v))} }} }},'
                        for k, v in parameters.items()).rstrip(",")
@@ -78,7 +78,7 @@ parameters [
 """
 
 
-def _copy_export(export_dir: Path, dest: Path, manifest: dict, backend: str):
+def _copy_export(export_dir: Path, dest: Path, spec, backend: str):
     """The export's top-level files (graphs, manifest, engines and their metadata); the torch backend's
     checkpoint too, renamed into the copy's manifest."""
     dest.mkdir(parents=True)
@@ -87,9 +87,9 @@ def _copy_export(export_dir: Path, dest: Path, manifest: dict, backend: str):
             shutil.copy2(f, dest / f.name)
     if backend == "torch":
         from .backends import resolve_checkpoint
-        ckpt = resolve_checkpoint(export_dir, manifest)
+        ckpt = resolve_checkpoint(export_dir, spec)
         shutil.copy2(ckpt, dest / ckpt.name)
-        copied = json.loads((dest / "manifest.json").read_text())
+        copied = spec.to_dict()
         copied["checkpoint"] = ckpt.name
         (dest / "manifest.json").write_text(json.dumps(copied, indent=1) + "\n")
 
@@ -115,7 +115,7 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
         raise UserError(f"--sequence-id-type must be one of {SEQUENCE_ID_TYPES}, got {sequence_id_type!r}")
     if not model_name or not all(c.isalnum() or c in "_-" for c in model_name):
         raise UserError(f"--model-name must be letters, digits, '_' or '-', got {model_name!r}")
-    manifest = load_manifest(export_dir)  # refuse a damaged export before writing anything
+    spec = load_manifest(export_dir)  # refuse a damaged export before writing anything
     final = out / model_name
     if final.exists():
         raise UserError(f"{final} exists: choose another --model-name or --out (nothing was changed)")
@@ -125,11 +125,11 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
     # Built under a temporary name in the repository, renamed into place when complete.
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=out))
     try:
-        _copy_export(export_dir, tmp / "1" / "export", manifest, backend)
+        _copy_export(export_dir, tmp / "1" / "export", spec, backend)
         shutil.copy2(MODEL_FILE, tmp / "1" / "model.py")
         parameters = {"backend": backend, "device": device, "threads": threads or 0,
                       "site_packages": default_site_packages() if site_packages is None else site_packages}
-        (tmp / "config.pbtxt").write_text(config_pbtxt(model_name, manifest, max_sequences, idle_timeout_ms,
+        (tmp / "config.pbtxt").write_text(config_pbtxt(model_name, spec, max_sequences, idle_timeout_ms,
                                                        instances, parameters, sequence_id_type, device,
                                                        queue_delay_us))
         os.chmod(tmp, 0o755)

@@ -82,7 +82,7 @@ def test_head_samples_are_the_fp32_frame_graph_streamed_in_order(tiny_export):
     """Slot i of frame t holds frame t-T+i's encoding under slot i's weights, oldest first, clamped to the
     stream's first frame; every slide window is its own stream."""
     manifest = load_manifest(tiny_export)
-    T = manifest["sequence_num"]
+    T = manifest.sequence_num
     clip = make_noise_clip(5, 80, 160, seed=4)  # larger than the export: slide windows, several streams
     streams = frame_streams(clip, (H, W), manifest)
     assert len(streams.streams) > 1 and streams.frames == 5
@@ -181,8 +181,8 @@ def test_fp16_graphs_keep_io_and_attention_fp32(modelopt, tiny_export, clip_file
     manifest = calibrate(tiny_export, out, clip_file, precision="fp16", gate=False, progress=False)
     assert manifest["precision"] == {"frame_encoder": "fp16", "memory_head": "fp16"}
     reloaded = load_manifest(out)  # verifies the new SHA256s
-    assert reloaded["files"]["memory_head.onnx"]["sha256"] == sha256_file(out / "memory_head.onnx")
-    cal = reloaded["calibration"]
+    assert reloaded.files["memory_head.onnx"]["sha256"] == sha256_file(out / "memory_head.onnx")
+    cal = reloaded.to_dict()["calibration"]
     assert cal["frames"]["frames"] == 6 and cal["frames"]["source"] == str(clip_file.resolve())
     assert cal["source_export"] == str(tiny_export.resolve()) and cal["modelopt"]
     for name in ("frame_encoder.onnx", "memory_head.onnx"):
@@ -199,7 +199,7 @@ def test_fp16_graphs_keep_io_and_attention_fp32(modelopt, tiny_export, clip_file
     assert set(node_compute_types(head, attention).values()) == {FLOAT}
     assert cal["engines"]["memory_head"]["fp32_nodes"] == sorted(attention)
     assert _load(tiny_export / "frame_encoder.onnx").graph.node  # the source is untouched
-    assert load_manifest(tiny_export)["precision"] == {"frame_encoder": "fp32", "memory_head": "fp32"}
+    assert load_manifest(tiny_export).precision == {"frame_encoder": "fp32", "memory_head": "fp32"}
 
 
 def test_fp16_attention_in_fp16_when_switched_off(modelopt, tiny_export, tmp_path):
@@ -222,7 +222,7 @@ def test_mixed_precision_int8_frame_fp16_head(modelopt, tiny_export, clip_file, 
     out = tmp_path / "mixed"
     manifest = calibrate(tiny_export, out, clip_file, frame_precision="int8", head_precision="fp16",
                          gate=False, progress=False)
-    assert load_manifest(out)["precision"] == {"frame_encoder": "int8", "memory_head": "fp16"}
+    assert load_manifest(out).precision == {"frame_encoder": "int8", "memory_head": "fp16"}
     enc, head = _load(out / "frame_encoder.onnx"), _load(out / "memory_head.onnx")
     ops = [n.op_type for n in enc.graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
@@ -335,7 +335,7 @@ def test_r50_fp16_gate(modelopt, r50_export, r50_clips, tmp_path):
     gate = manifest["calibration"]["gate"]
     assert gate["target"] == 0.999 and gate["passed"] and gate["pixel_agreement"] >= 0.999, format_table(gate)
     assert 0 < gate["logits_max_rel"] < 0.05  # really float16 (not bit-identical), and close
-    assert load_manifest(out)["calibration"]["gate"]["pixel_agreement"] == gate["pixel_agreement"]
+    assert load_manifest(out).to_dict()["calibration"]["gate"]["pixel_agreement"] == gate["pixel_agreement"]
 
 
 def test_r50_int8_head_gate(modelopt, r50_export, r50_clips, tmp_path):
@@ -488,4 +488,4 @@ def test_cli_calibrate_int8_gate_failure_says_what_to_try(modelopt, tiny_export,
                  str(out), "--no-progress"]) == 1
     printed = capsys.readouterr().out
     assert "FAIL: target >= 99 %" in printed and "try --int8-high-precision fp32, --int8-keep MODULE" in printed
-    assert load_manifest(out)["calibration"]["gate"]["passed"] is False  # the result is still written
+    assert load_manifest(out).to_dict()["calibration"]["gate"]["passed"] is False  # the result is still written

@@ -272,13 +272,13 @@ def test_export_profiles(tiny_export):
     """The real export's inputs give the profile shapes the build would use."""
     from tmanet.export import load_manifest
     m = load_manifest(tiny_export)
-    h, w = m["feature_size"]
-    enc = profile_shapes(onnx_input_shapes(tiny_export / "frame_encoder.onnx"), resolve_batch(m["batch"]))
+    h, w = m.feature_size
+    enc = profile_shapes(onnx_input_shapes(tiny_export / "frame_encoder.onnx"), resolve_batch(m.batch_setting))
     assert enc == {"frames": ((1, H, W, 3),) * 3}
     head = profile_shapes(onnx_input_shapes(tiny_export / "memory_head.onnx"), (1, 1, 1))
     assert list(head) == ["query_key", "query_value", "memory_key_0", "memory_key_1", "memory_value_0",
                           "memory_value_1"]
-    assert head["memory_value_1"][0] == (1, m["value_channels"], h, w)
+    assert head["memory_value_1"][0] == (1, m.value_channels, h, w)
 
 
 def test_calibration_feeds_follow_the_streaming_memory_rule(tiny_export, small_clip):

@@ -58,8 +58,12 @@ def test_graph_contract(static_export, tiny):
 
 
 def test_manifest(static_export, tiny):
-    m = load_manifest(static_export)
+    spec = load_manifest(static_export)
+    m = spec.to_dict()  # as written
     cfg = tiny.config
+    assert spec.input_size == (H, W) and spec.batch == spec.max_batch == 2 and not spec.dynamic_batch
+    assert spec.palette == tuple(tuple(c) for c in cfg.palette) and spec.slide_crop == tuple(cfg.slide_crop)
+    assert spec.directory == static_export and type(cfg).from_dict(spec.config) == cfg
     assert m["sequence_num"] == cfg.sequence_num and m["num_classes"] == cfg.num_classes
     assert m["input_size"] == [H, W] and m["feature_size"] == [H // 8, W // 8] and m["batch"] == 2
     assert m["max_batch"] == 2

@@ -139,7 +139,7 @@ def test_failed_reexport_keeps_the_old_export(make_tiny_model, export_b1, tmp_pa
     assert snapshot(tmp_path) == before
     export_onnx(make_tiny_model(1), out, H, W, check=False)  # a complete export replaces it, leaving nothing else
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]
-    assert load_manifest(out)["files"] != load_manifest(export_b1)["files"]
+    assert load_manifest(out).files != load_manifest(export_b1).files
 
 
 # -- wrong results without an error ---------------------------------------------------------------------------

@@ -425,7 +425,7 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
 def test_ort_bindings_are_made_once_per_ring_phase(export_b1, clips):
     """The head's IOBindings are keyed by the slot addresses: T+1 ring phases, then only reuse."""
     seg = StreamingSegmenter.open(export_b1)
-    T = seg.manifest["sequence_num"]
+    T = seg.spec.sequence_num
     frames = np.concatenate(clips)
     made = []
     for f in frames[:T + 1]:

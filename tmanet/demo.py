@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     from tmanet.checkpoints import load_model
-    from tmanet.export import export_onnx
+    from tmanet.export import export_onnx, load_manifest
     from tmanet.runtime import StreamingSegmenter
     from tmanet.safe_files import atomic_file, write_json
     from tmanet.runtime.bench import format_report, run_bench
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     export_dir = export_onnx(model, out / "export", a.height, a.width, checkpoint=ckpt,
                              preset=None, check_frames=frames[:T + 2])
-    check = json.loads((export_dir / "manifest.json").read_text())["check"]
+    check = load_manifest(export_dir).check
     say(f"      ONNX Runtime vs torch: logits max |d| {check['logits_max_abs']:.2e}, masks "
         f"{100 * check['mask_agreement']:.2f}% equal ({time.perf_counter() - started:.1f} s)")
     report["export_check"] = check

@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from tmanet import safe_files
+from tmanet.export.manifest import ExportSpec
 from tmanet.metrics import FlipCounter, confusion_matrix, region_scores, scores_from_confusion
 
 # Which frames the memory slots see in evaluation: "real" (the clip's previous frames, the deployed rule) or
@@ -34,16 +35,17 @@ def feature_size(config, height: int, width: int) -> tuple[int, int]:
     return h, w
 
 
-def manifest_for_model(model, height: int, width: int, checkpoint=None) -> dict:
-    """The manifest fields the runtime reads, for a model that was not exported (the torch backend on a
-    checkpoint): the same keys ``export_onnx`` writes."""
+def spec_for_model(model, height: int, width: int, checkpoint=None) -> ExportSpec:
+    """The :class:`ExportSpec` the runtime reads, for a model that was not exported (the torch backend on a
+    checkpoint): what ``export_onnx`` would record at this size, batch 1, with no graph files."""
     cfg = model.config
-    return {"config": cfg.to_dict(), "sequence_num": cfg.sequence_num, "key_channels": cfg.key_channels,
-            "value_channels": cfg.value_channels, "num_classes": cfg.num_classes,
-            "class_names": list(cfg.class_names), "palette": [list(c) for c in cfg.palette],
-            "input_size": [height, width], "feature_size": list(feature_size(cfg, height, width)), "batch": 1,
-            "align_corners": cfg.align_corners, "slide_crop": list(cfg.slide_crop),
-            "slide_stride": list(cfg.slide_stride), "checkpoint": str(checkpoint) if checkpoint else None}
+    return ExportSpec(cfg.sequence_num, cfg.key_channels, cfg.value_channels, cfg.num_classes, (height, width),
+                      feature_size(cfg, height, width), batch=1, max_batch=1,
+                      precision={"frame_encoder": "fp32", "memory_head": "fp32"}, files={},
+                      class_names=tuple(cfg.class_names), palette=tuple(tuple(c) for c in cfg.palette),
+                      slide_crop=tuple(cfg.slide_crop), slide_stride=tuple(cfg.slide_stride),
+                      align_corners=cfg.align_corners, config=cfg.to_dict(),
+                      checkpoint=str(checkpoint) if checkpoint else None)
 
 
 class Predictor:
@@ -63,19 +65,19 @@ class Predictor:
         if self.source.is_dir():
             from tmanet.export.manifest import ManifestError, load_manifest
             try:
-                self.manifest = load_manifest(self.source)
+                self.spec = load_manifest(self.source)
             except ManifestError as e:
                 raise InputError(str(e)) from None
             self.kind, self.backend = "export", backend or "ort"
             self.model = None
             from tmanet.presets import ModelConfig
-            self.config = ModelConfig.from_dict(self.manifest["config"])
+            self.config = ModelConfig.from_dict(self.spec.config)
         elif self.source.is_file():
             from tmanet.checkpoints import load_model
             self.kind, self.backend = "checkpoint", backend or "torch"
             self.model = load_model(self.source)
             self.config = self.model.config
-            self.manifest = None
+            self.spec = None
         else:
             raise InputError(f"{source} is neither a checkpoint file nor an export directory")
         if self.backend not in ("torch", "ort", "trt"):
@@ -94,7 +96,7 @@ class Predictor:
 
     def default_size(self) -> tuple[int, int] | None:
         """The frame size an export serves (None for a checkpoint: any size)."""
-        return tuple(self.manifest["input_size"]) if self.manifest else None
+        return self.spec.input_size if self.spec else None
 
     def _window(self, H: int, W: int) -> tuple[int, int]:
         if self.mode == "whole":
@@ -126,9 +128,9 @@ class Predictor:
         h, w = self._window(H, W)
         if self.backend == "torch":  # the model itself behind the runtime: no export needed
             from tmanet.runtime.backends import TorchBackend
-            manifest = manifest_for_model(self.model, h, w, self.source)
-            engine = TorchBackend(self.source.parent, manifest, self.device, model=self.model, threads=self.threads)
-            return StreamingSegmenter(engine, manifest, mode=self.mode, stride=self.stride, max_gap=None)
+            spec = spec_for_model(self.model, h, w, self.source)
+            engine = TorchBackend(self.source.parent, spec, self.device, model=self.model, threads=self.threads)
+            return StreamingSegmenter(engine, spec, mode=self.mode, stride=self.stride, max_gap=None)
         from tmanet.export import export_onnx  # ort on a checkpoint: a temporary export per window size
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tmanet-eval-")
