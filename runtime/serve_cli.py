@@ -2,11 +2,11 @@
 ``tmanet serve-bench`` (serving vs in-process throughput and latency)."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import tempfile
+
+from tmanet.safe_files import write_json
 
 log = logging.getLogger("tmanet")
 
@@ -134,8 +134,5 @@ def serve_bench_command(args) -> int:
                                        args.frames, args.warmup, args.threads, args.rounds)
     print(format_report(report))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, report)
     return 0

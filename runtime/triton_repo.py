@@ -14,14 +14,13 @@ END frees its stream, and an idle sequence's stream is reclaimed once Triton has
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 from tmanet.errors import UserError
+from tmanet.safe_files import atomic_directory
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 SEQUENCE_ID_TYPES = ("uint64", "string")
@@ -121,10 +120,7 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
         raise UserError(f"{final} exists: choose another --model-name or --out (nothing was changed)")
     if export_dir.resolve() in (out.resolve(), *out.resolve().parents):
         raise UserError(f"--out {out} must not be inside the export directory {export_dir}")
-    out.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name in the repository, renamed into place when complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=out))
-    try:
+    with atomic_directory(final) as tmp:  # built under a temporary name, renamed into place when complete
         _copy_export(export_dir, tmp / "1" / "export", spec, backend)
         shutil.copy2(MODEL_FILE, tmp / "1" / "model.py")
         parameters = {"backend": backend, "device": device, "threads": threads or 0,
@@ -132,9 +128,4 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
         (tmp / "config.pbtxt").write_text(config_pbtxt(model_name, spec, max_sequences, idle_timeout_ms,
                                                        instances, parameters, sequence_id_type, device,
                                                        queue_delay_us))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

@@ -8,12 +8,12 @@ Every unreadable input (not an MCAP, truncated, a corrupt chunk) is a ValueError
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from .ros_images import IMAGE, IMAGE_TYPES, MSGDEFS
+from .safe_files import atomic_file
 
 
 @contextmanager
@@ -90,19 +90,10 @@ def read_images(path, topics) -> Iterator[tuple[str, int, int, object]]:
 
 
 @contextmanager
-def atomic_output(path):
-    """An open binary file under a temporary name in ``path``'s folder, renamed to ``path`` when the block
-    completes and removed when it fails: a reader never sees a partial output, an older file stays intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _binary_output(path):
+    """An open binary file that appears at ``path`` only when the block completes (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 class McapImageWriter:
@@ -116,7 +107,7 @@ class McapImageWriter:
 
     def __enter__(self):
         from mcap_ros2.writer import Writer
-        self._output = atomic_output(self.path)
+        self._output = _binary_output(self.path)
         self._writer = Writer(self._output.__enter__())
         self._schema = self._writer.register_msgdef(IMAGE, MSGDEFS[IMAGE])
         return self
