@@ -107,6 +107,31 @@ def test_training_samples_follow_the_memory_order():
         SyntheticVideo(1, 2, size=(32, 64), frames=5, first_target=1)
 
 
+def test_the_damage_map_moves_with_the_label():
+    """The target frame's damage map goes through the crop/flip/resize of its label, nearest, padding intact."""
+    from tmanet.training.datasets import TrainTransform
+    cfg = small_config().replace(sequence_num=2)
+    raw = SyntheticVideo(2, 2, size=(32, 64), frames=5, degradation=1.0, first_target=3)
+    plain = raw[1]
+    np.testing.assert_array_equal(plain["damage"], raw.damage[0][4])  # sample 1: clip 0, target frame 4
+    assert plain["damage"].any() and not plain["damage"].all()
+    transform = TrainTransform((40, 48), ratio_range=(0.5, 2.0), seed=0)
+    ds = SyntheticVideo(2, 2, size=(32, 64), frames=5, degradation=1.0, transform=transform, first_target=3)
+    for index in range(len(ds)):
+        s = ds[index]
+        c, t = ds.samples[index]
+        # the same geometry applied to the damage map as a label: equal wherever the label is not padding
+        rng = np.random.default_rng([ds.seed, ds.epoch, index, 1])
+        frames, _ = ds.clips[c]
+        _, _, moved = transform(frames[t], frames[t - 2:t], ds.damage[c][t].astype(np.uint8), rng=rng)
+        inside = moved != 255
+        np.testing.assert_array_equal(s["damage"][inside], moved[inside].astype(bool))
+        assert not s["damage"][~inside].any()
+        assert s["damage"].shape == s["label"].shape == (40, 48)
+    sample = TrainSamples(ds, cfg.num_classes, "current")[(0, 1)]
+    assert sample["damage"].dtype == torch.bool and torch.equal(sample["damage"], torch.from_numpy(ds[1]["damage"]))
+
+
 def test_train_rejects_a_bad_memory_order_before_writing(tmp_path):
     with pytest.raises(InputError, match="memory order"):
         train("cityscapes-r18", "synthetic:1", tmp_path / "run", iters=1, batch=1, memory_order="sideways")
@@ -121,13 +146,15 @@ def test_memory_order_cli_flag_and_resume_keeps_the_order(tmp_path, capsys):
     argv = ["train", "--preset", "cityscapes-r18", "--config-override", *[f"{k}={v}" for k, v in TINY.items()],
             "--data", "synthetic:1", "--iters", "2", "--stop-after", "1", "--batch", "1", "--crop", "32,32",
             "--workers", "0", "--out", str(out), "--synthetic-size", "32,64", "--synthetic-frames", "4",
-            "--synthetic-degradation", "0.9", "--memory-order", "current", "--no-progress"]
+            "--synthetic-degradation", "0.9", "--memory-order", "current", "--damage-weight", "3", "--no-progress"]
     assert cli_main(argv) == 0
     meta = read_checkpoint(out / "latest.pth")["meta"]
     assert meta["memory_order"] == "current" and meta["synthetic_degradation"] == 0.9
+    assert meta["damage_weight"] == 3.0
     summary = train(None, "synthetic:1", out, iters=2, batch=1, resume=True, workers=0, synthetic_size=(32, 64),
                     synthetic_frames=4, progress=False)  # no order given: the run's own
     assert summary["memory_order"] == "current" and summary["end_iter"] == 2
+    assert read_checkpoint(out / "latest.pth")["meta"]["damage_weight"] == 3.0  # the run's own weight
     assert read_checkpoint(out / "model.pth")["meta"]["memory_order"] == "current"
     with pytest.raises(SystemExit):  # argparse refuses an unknown order before anything runs
         cli_main(argv[:-3] + ["--memory-order", "sideways"])
@@ -266,6 +293,42 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path):
     assert [v["eval"]["miou"] for v in again["variants"]] == [v["eval"]["miou"] for v in res["variants"]]
     with pytest.raises(InputError, match=r"other settings \(synthetic_degradation\)"):
         run_ablation(out, ["single-frame"], **{**kw, "degradation": 0.5})
+
+
+def test_ablation_over_seeds_reports_mean_and_spread(tmp_path, capsys):
+    """--seeds: one resumable ablation per seed, then per variant the mean and sd over seeds of the overall and
+    destroyed-pixel scores, the gain over the baseline and the cost of current-frame memory, seed by seed."""
+    out = tmp_path / "abl"
+    argv = ["--out", str(out), "--variants", "single-frame", "T=2 oldest-first", "--iters", "2", "--batch", "1",
+            "--crop", "32,32", "--clip-size", "32,64", "--frames", "4", "--train-clips", "1", "--eval-clips", "2",
+            "--workers", "0", "--seeds", "0", "1", "--damage-weight", "3", "--no-progress",
+            "--config-override", *[f"{k}={v}" for k, v in TINY.items()]]
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    runs = {s: json.loads((out / f"seed-{s}" / "ablation.json").read_text()) for s in (0, 1)}
+    assert [runs[s]["settings"]["seed"] for s in (0, 1)] == [0, 1]
+    assert read_checkpoint(out / "seed-1" / "T2-oldest-first" / "model.pth")["meta"]["damage_weight"] == 3.0
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and [r["name"] for r in summary["variants"]] == ["single-frame",
+                                                                                         "T=2 oldest-first"]
+    t2 = summary["variants"][1]
+    by_seed = {s: {v["name"]: v for v in runs[s]["variants"]} for s in (0, 1)}
+    destroyed = [by_seed[s]["T=2 oldest-first"]["eval"]["degraded"]["miou"] for s in (0, 1)]
+    assert t2["spread"]["destroyed_miou"]["mean"] == pytest.approx(np.mean(destroyed))
+    assert t2["spread"]["destroyed_miou"]["std"] == pytest.approx(np.std(destroyed, ddof=1))
+    gain = [by_seed[s]["T=2 oldest-first"]["eval"]["degraded"]["miou"] -
+            by_seed[s]["single-frame"]["eval"]["degraded"]["miou"] for s in (0, 1)]
+    assert t2["spread"]["destroyed_miou_minus_baseline"]["mean"] == pytest.approx(np.mean(gain))
+    cost = [by_seed[s]["T=2 oldest-first"]["eval"]["degraded"]["miou"] -
+            by_seed[s]["T=2 oldest-first"]["cross_eval"]["current"]["degraded"]["miou"] for s in (0, 1)]
+    assert t2["spread"]["destroyed_miou_minus_current_memory"]["mean"] == pytest.approx(np.mean(cost))
+    assert summary["variants"][0]["spread"]["destroyed_miou_current_memory"]["n"] == 0  # no current cross-eval
+    md = (out / "seeds.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| T=2 oldest-first |"))
+    assert f"{100 * np.mean(destroyed):.1f} ± {100 * np.std(destroyed, ddof=1):.1f}" in row
+    assert "(baseline)" in next(line for line in md.splitlines() if line.startswith("| single-frame |"))
+    assert main([*argv[:-6], "--seeds", "1", "1"]) == 2
+    assert "distinct seeds" in capsys.readouterr().err
 
 
 def test_ablation_input_errors(tmp_path, capsys):

@@ -23,7 +23,8 @@ from tmanet.model import TMANet
 from tmanet.training.synthetic import ClipSpec, make_street_clip
 from tmanet.training.config import InputError, TrainConfig, parse_overrides, resolve_config
 from tmanet.training.data import EpochSampler, parse_data
-from tmanet.training.recipe import Trainer, init_from_scratch, make_optimizer, poly_lr, segmentation_loss
+from tmanet.training.recipe import (Trainer, damage_weights, init_from_scratch, make_optimizer, poly_lr,
+                                   segmentation_loss)
 from tmanet.training.trainer import train
 
 TINY = dict(base_channels=16, key_channels=16, value_channels=32, channels=32, aux_channels=16)
@@ -63,6 +64,47 @@ def test_segmentation_loss_ignores_255_and_averages_over_all_pixels():
     expected = (per_pixel[0] + per_pixel[1]) / 4  # mmseg 0.x: ignored pixels count as zero loss
     assert segmentation_loss(logits, label).item() == pytest.approx(expected.item())
     assert segmentation_loss(logits, torch.full((1, 1, 4), 255)).item() == 0.0  # no NaN for an ignored batch
+
+
+def test_damage_weight_is_a_weighted_mean_over_all_pixels():
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 5, 3, 4), torch.randint(0, 5, (2, 3, 4))
+    label[0, 0, :2] = 255
+    damage = torch.rand(2, 3, 4) < 0.4
+    per_pixel = torch.nn.functional.cross_entropy(logits, label, ignore_index=255, reduction="none")
+    w = damage_weights(damage, 4.0)
+    assert torch.equal(w, torch.where(damage, 4.0, 1.0))
+    expected = (per_pixel * w).sum() / w.sum()
+    assert segmentation_loss(logits, label, w).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() != pytest.approx(per_pixel.mean().item(), rel=1e-3)  # the weight changes the loss
+    assert damage_weights(damage, 1.0) is None and damage_weights(None, 4.0) is None  # the plain loss
+    assert segmentation_loss(logits, label, torch.ones(2, 3, 4)).item() == pytest.approx(
+        segmentation_loss(logits, label).item(), rel=1e-6)
+
+
+def test_trainer_weights_the_destroyed_pixels(tiny_config):
+    """A batch with ``damage`` trains on the weighted loss; without it (or with weight 1) on the plain one."""
+    torch.manual_seed(0)
+    model = init_from_scratch(TMANet(tiny_config, with_aux=True))
+    with torch.no_grad():  # favour one class: pixel losses then differ, so the weighting shows
+        model.decode_head.conv_seg.bias[0] = 4.0
+    frames, labels = make_street_clip(ClipSpec(frames=3, height=64, width=64, seed=2))
+    batch = {"image": torch.from_numpy(frames[2:3]), "memory": torch.from_numpy(frames[None, :2]),
+             "label": torch.from_numpy(labels[2:3].astype(np.int64))}
+    damage = torch.zeros(1, 64, 64, dtype=torch.bool)
+    damage[:, 10:40, 5:30] = True
+    weighted = Trainer(model, make_optimizer(model), "cpu", damage_weight=3.0)
+    model.eval()  # the same forward for every call
+    with torch.no_grad():
+        plain = Trainer(model, make_optimizer(model), "cpu").losses(batch)
+        same = weighted.losses(batch)  # no damage in the batch: plain
+        both = weighted.losses({**batch, "damage": damage})
+        out = model(model.normalize(batch["image"]), model.normalize(batch["memory"]))
+        logits = out[0] if isinstance(out, tuple) else out
+    assert same[0].item() == pytest.approx(plain[0].item())
+    w = damage_weights(damage, 3.0)
+    assert both[1].item() == pytest.approx(segmentation_loss(logits, batch["label"], w).item(), rel=1e-5)
+    assert both[1].item() != pytest.approx(plain[1].item(), rel=1e-3)
 
 
 def test_init_from_scratch_zeroes_residual_branches(tiny_config):
@@ -240,6 +282,11 @@ def test_train_config_resumes_by_comparing_configs(caplog):
     new = TrainConfig(synthetic_size=(64, 128)).completed(tiny_cfg(), synthetic=True)  # crop: the slide window,
     assert new.crop == (64, 128)                                                       # clipped to the clips
     assert "synthetic_degradation" not in run.meta(synthetic=False)
+    assert new.damage_weight == 1.0 and "damage_weight" not in run.meta(synthetic=False)
+    with pytest.raises(InputError, match="damage weight needs synthetic data"):
+        TrainConfig(damage_weight=4).completed(tiny_cfg(), synthetic=False)
+    with pytest.raises(InputError, match="damage weight must be positive"):
+        TrainConfig(damage_weight=0)
     with pytest.raises(InputError, match="memory order"):
         TrainConfig(memory_order="sideways")
     with pytest.raises(InputError, match="iters and batch must be positive"):

@@ -202,7 +202,7 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
                  degradation: float = 0.8, eval_clip_count: int = 24, train_clips: int = 48,
                  clip_size=(128, 256), clip_frames: int = 12, config=None, lr: float = 0.01, seed: int = 0,
                  workers: int = 1, score_from: int | None = None, train_from: int | None = None,
-                 eval_batch: int = 4,
+                 eval_batch: int = 4, damage_weight: float = 1.0,
                  baseline: str | None = None, cross: bool = True, progress: bool = True) -> dict:
     """Train and score every variant (see the module doc) into ``out_dir``: one training folder per variant
     (``out_dir/<slug>/``: a stopped run resumes from its ``latest.pth``, a finished one is reused),
@@ -211,6 +211,7 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
     first variant) is what the per-clip differences compare against. ``cross`` also scores every trained
     variant under the memory orders of :func:`cross_orders`. ``train_from`` is the first training target
     frame (default: the largest T; give the same value to compare runs with other variant sets).
+    ``damage_weight`` weights the destroyed pixels in the training loss (:func:`~.recipe.damage_weights`).
     Returns the ablation.json dict."""
     from tmanet.checkpoints import load_model
 
@@ -252,6 +253,7 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
                 "train_clips": train_clips, "eval_clips": eval_clip_count, "clip_size": list(clip_size),
                 "clip_frames": clip_frames, "train_targets_from": train_from, "score_from": score_from, "lr": lr,
                 "seed": seed, "workers": workers, "baseline": baseline, "config": config.to_dict(),
+                "damage_weight": float(damage_weight),
                 "corrupted": "the renderer's damage mask"}
     started = time.perf_counter()
     log.info("rendering %d held-out evaluation clips", eval_clip_count)
@@ -265,7 +267,7 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
         wanted = {"data": f"synthetic:{train_clips}", "iters": iters, "batch": batch, "lr": lr, "crop": list(crop),
                   "seed": seed, "synthetic_size": list(clip_size), "synthetic_frames": clip_frames,
                   "memory_order": v.memory_order, "synthetic_degradation": degradation,
-                  "synthetic_first_target": train_from}
+                  "synthetic_first_target": train_from, "damage_weight": float(damage_weight)}
         summary = _finished_run(run_dir, vconfig, wanted)
         if summary is None:
             summary = train(vconfig, wanted["data"], run_dir, iters=iters, batch=batch, lr=lr,
@@ -273,7 +275,7 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
                             log_every=10, checkpoint_every=max(iters // 4, 1), keep_every=None,
                             synthetic_size=clip_size, synthetic_frames=clip_frames, progress=progress,
                             memory_order=v.memory_order, synthetic_degradation=degradation,
-                            synthetic_first_target=train_from)
+                            synthetic_first_target=train_from, damage_weight=damage_weight)
         else:
             log.info("%s: reusing the finished run in %s", v.name, run_dir)
         model = load_model(run_dir / MODEL)
@@ -311,7 +313,8 @@ def _finished_run(run_dir: Path, config, wanted: dict) -> dict | None:
         return None
     ckpt = read_checkpoint(path)
     meta = ckpt.get("meta", {})
-    diff = [k for k, v in wanted.items() if k != "iters" and meta.get(k) != v]
+    defaults = {"damage_weight": 1.0}  # runs from before the setting existed
+    diff = [k for k, v in wanted.items() if k != "iters" and meta.get(k, defaults.get(k)) != v]
     if ModelConfig.from_dict(ckpt["config"]) != config:
         diff.append("config")
     if diff:
@@ -372,9 +375,11 @@ def format_table(result: dict) -> str:
     """The Markdown table of an ablation result (scores in %)."""
     s = result["settings"]
     base = s["baseline"]
+    weight = s.get("damage_weight", 1.0)
+    weighting = "" if weight == 1.0 else f", destroyed pixels weighted {weight:g}x in the loss"
     lines = [
         f"Trained {s['iters']} iterations each (batch {s['batch']}, crop {s['crop'][0]}x{s['crop'][1]}, seed "
-        f"{s['seed']}, {s['train_clips']} training clips, targets t >= {s['train_targets_from']}); scored on "
+        f"{s['seed']}, {s['train_clips']} training clips, targets t >= {s['train_targets_from']}{weighting}); scored on "
         f"{s['eval_clips']} held-out clips of {s['clip_frames']} frames at {s['clip_size'][0]}x{s['clip_size'][1]}, "
         f"degradation {s['degradation']}, frames t >= {s['score_from']}. Scores in %; ± is the standard deviation "
         f"over clips, Δ the mean per-clip difference to {base} ± its standard error (clips better / all).",
@@ -419,6 +424,82 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# -- several seeds -------------------------------------------------------------------------------------
+SEEDS_JSON, SEEDS_MD = "seeds.json", "seeds.md"
+
+
+def run_ablation_seeds(out_dir, seeds, **kwargs) -> dict:
+    """:func:`run_ablation` once per seed into ``out_dir/seed-<s>/`` (each resumable on its own), then the
+    spread over seeds (:func:`summarise_seeds`) in ``seeds.json`` and ``seeds.md``. Returns the summary."""
+    from .config import InputError
+    seeds = [int(x) for x in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InputError(f"give distinct seeds, got {seeds}")
+    out = Path(out_dir)
+    runs = {seed: run_ablation(out / f"seed-{seed}", seed=seed, **kwargs) for seed in seeds}
+    summary = summarise_seeds(runs)
+    write_json(out / SEEDS_JSON, summary)
+    write_text(out / SEEDS_MD, format_seed_table(summary) + "\n")
+    return summary
+
+
+def summarise_seeds(runs: dict) -> dict:
+    """Per variant, the spread over seeds (:func:`_spread`: mean, sd, min, max, n) of overall mIoU, mIoU and
+    accuracy on the destroyed pixels, the destroyed-pixel mIoU with the current frame as memory, and the
+    per-seed differences to the baseline (same seed) and to current-frame memory (same weights)."""
+    first = next(iter(runs.values()))
+    baseline = first["settings"]["baseline"]
+    names = [r["name"] for r in first["variants"]]
+    rows = []
+    for name in names:
+        per_seed = {}
+        for seed, result in runs.items():
+            r = next((v for v in result["variants"] if v["name"] == name), None)
+            base = next((v for v in result["variants"] if v["name"] == baseline), None)
+            if r is None:
+                continue
+            e, cur = r["eval"], r.get("cross_eval", {}).get("current")
+            per_seed[seed] = {
+                "miou": e["miou"], "destroyed_miou": e["degraded"]["miou"],
+                "destroyed_accuracy": e["degraded"]["pixel_accuracy"],
+                "destroyed_miou_current_memory": None if cur is None else cur["degraded"]["miou"],
+                "destroyed_miou_minus_baseline": None if base is None else
+                e["degraded"]["miou"] - base["eval"]["degraded"]["miou"],
+                "destroyed_miou_minus_current_memory": None if cur is None else
+                e["degraded"]["miou"] - cur["degraded"]["miou"]}
+        keys = next(iter(per_seed.values())).keys() if per_seed else ()
+        rows.append({"name": name, "per_seed": per_seed,
+                     "spread": {k: _spread(v[k] for v in per_seed.values()) for k in keys}})
+    return {"seeds": list(runs), "baseline": baseline, "settings": {k: v for k, v in first["settings"].items()
+                                                                    if k != "seed"}, "variants": rows}
+
+
+def _mean_sd(sp: dict, signed: bool = False) -> str:
+    if sp is None or sp["mean"] is None:
+        return "–"
+    sign = "+" if signed else ""
+    return f"{100 * sp['mean']:{sign}.1f} ± {100 * sp['std']:.1f}"
+
+
+def format_seed_table(summary: dict) -> str:
+    """The Markdown table of :func:`summarise_seeds` (scores in %, mean ± sd over seeds)."""
+    seeds = ", ".join(str(x) for x in summary["seeds"])
+    lines = [f"Mean ± standard deviation over seeds {seeds} (scores in %; destroyed: the pixels the degradation "
+             f"destroyed; Δ per seed, then averaged).", "",
+             "| variant | mIoU | mIoU destroyed | acc. destroyed | Δ mIoU destroyed vs " f"{summary['baseline']} "
+             "| mIoU destroyed, current frame as memory | Δ real − current memory (destroyed) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary["variants"]:
+        sp = r["spread"]
+        base = "(baseline)" if r["name"] == summary["baseline"] else \
+            _mean_sd(sp.get("destroyed_miou_minus_baseline"), True)
+        lines.append(f"| {r['name']} | {_mean_sd(sp.get('miou'))} | {_mean_sd(sp.get('destroyed_miou'))} "
+                     f"| {_mean_sd(sp.get('destroyed_accuracy'))} | {base} "
+                     f"| {_mean_sd(sp.get('destroyed_miou_current_memory'))} "
+                     f"| {_mean_sd(sp.get('destroyed_miou_minus_current_memory'), True)} |")
+    return "\n".join(lines)
+
+
 # -- command line --------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
@@ -442,6 +523,10 @@ def main(argv=None) -> int:
     p.add_argument("--train-from", type=int, help="first training target frame (default: the largest T)")
     p.add_argument("--eval-batch", type=int, default=4, help="frames per forward pass in evaluation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="several seeds: one ablation per seed in OUT/seed-<s>/, their spread in OUT/seeds.md")
+    p.add_argument("--damage-weight", type=float, default=1.0,
+                   help="loss weight of the pixels the degradation destroyed (1: plain cross-entropy)")
     p.add_argument("--workers", type=int, default=1, help="data loader processes")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--config-override", nargs="+", metavar="KEY=VALUE", default=[],
@@ -459,13 +544,18 @@ def main(argv=None) -> int:
             import torch
             torch.set_num_threads(args.threads)
         config, _ = resolve_config(small_config(), args.config_override)
-        result = run_ablation(args.out, args.variants, iters=args.iters, batch=args.batch, crop=args.crop,
-                              degradation=args.degradation, eval_clip_count=args.eval_clips,
-                              train_clips=args.train_clips, clip_size=args.clip_size, clip_frames=args.frames,
-                              config=config, lr=args.lr, seed=args.seed, workers=args.workers,
-                              score_from=args.score_from, train_from=args.train_from,
-                              eval_batch=args.eval_batch,
-                              cross=not args.no_cross, progress=not args.no_progress)
+        settings = dict(variants=args.variants, iters=args.iters, batch=args.batch, crop=args.crop,
+                        degradation=args.degradation, eval_clip_count=args.eval_clips,
+                        train_clips=args.train_clips, clip_size=args.clip_size, clip_frames=args.frames,
+                        config=config, lr=args.lr, workers=args.workers, score_from=args.score_from,
+                        train_from=args.train_from, eval_batch=args.eval_batch, damage_weight=args.damage_weight,
+                        cross=not args.no_cross, progress=not args.no_progress)
+        if args.seeds:
+            summary = run_ablation_seeds(args.out, args.seeds, **settings)
+            print(format_seed_table(summary))
+            print(f"wrote {Path(args.out) / SEEDS_JSON} and {Path(args.out) / SEEDS_MD}")
+            return 0
+        result = run_ablation(args.out, seed=args.seed, **settings)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

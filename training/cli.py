@@ -41,6 +41,9 @@ def register(sub):
     p.add_argument("--synthetic-frames", type=int, default=12, help="frames per synthetic clip")
     p.add_argument("--synthetic-degradation", type=float,
                    help="synthetic clips: per-frame degradation strength 0..1 (default 0.5)")
+    p.add_argument("--damage-weight", type=float,
+                   help="synthetic clips: loss weight of the pixels the degradation destroyed, where only the "
+                        "memory shows the scene (default 1: plain cross-entropy)")
     p.add_argument("--frames-dir", help="CamVid: folder with the full-rate frames for the memory (default: "
                         "images_sequence/ in the official layout, the image folder in the SegNet layout)")
     p.add_argument("--memory-order", choices=("oldest_first", "newest_first", "current"),
@@ -109,7 +112,8 @@ def run_train(args) -> int:
                         keep_every=args.keep_every or None, stop_after=args.stop_after,
                         synthetic_size=args.synthetic_size, synthetic_frames=args.synthetic_frames,
                         frames_dir=args.frames_dir, progress=not args.no_progress,
-                        memory_order=args.memory_order, synthetic_degradation=args.synthetic_degradation)
+                        memory_order=args.memory_order, synthetic_degradation=args.synthetic_degradation,
+                        damage_weight=args.damage_weight)
     except InputError as e:
         raise UserError(str(e)) from None
     import os

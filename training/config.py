@@ -127,6 +127,7 @@ class TrainConfig:
     memory_order: str | None = None               # default "oldest_first"
     synthetic_degradation: float | None = None    # default 0.5
     synthetic_first_target: int | None = None     # None: frame T
+    damage_weight: float | None = None            # loss weight of destroyed synthetic pixels; default 1
 
     def __post_init__(self):
         if self.iters <= 0 or self.batch <= 0:
@@ -135,6 +136,8 @@ class TrainConfig:
             object.__setattr__(self, "memory_order", check_memory_order(self.memory_order))
         if self.synthetic_degradation is not None and not 0.0 <= float(self.synthetic_degradation) <= 1.0:
             raise InputError(f"synthetic degradation must lie in [0, 1], got {self.synthetic_degradation}")
+        if self.damage_weight is not None and not float(self.damage_weight) > 0:
+            raise InputError(f"the damage weight must be positive, got {self.damage_weight}")
         object.__setattr__(self, "data", str(self.data))
         for name, what in (("crop", "crop"), ("synthetic_size", "synthetic size")):
             object.__setattr__(self, name, parse_pair(getattr(self, name), what))
@@ -166,15 +169,19 @@ class TrainConfig:
             crop = config.slide_crop
             if synthetic:
                 crop = tuple(min(c, s) for c, s in zip(crop, self.synthetic_size))
+        if not synthetic and self.damage_weight not in (None, 1.0):
+            raise InputError("a damage weight needs synthetic data (only the renderer knows which pixels it "
+                             "destroyed)")
         return dataclasses.replace(
             self, crop=crop, memory_order=self.memory_order or "oldest_first",
-            synthetic_degradation=0.5 if self.synthetic_degradation is None else float(self.synthetic_degradation))
+            synthetic_degradation=0.5 if self.synthetic_degradation is None else float(self.synthetic_degradation),
+            damage_weight=1.0 if self.damage_weight is None else float(self.damage_weight))
 
     def meta(self, synthetic: bool) -> dict:
         """The checkpoint meta entries (lists for pairs; the synthetic clip shaping only for synthetic data)."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
         if not synthetic:
-            del d["synthetic_degradation"], d["synthetic_first_target"]
+            del d["synthetic_degradation"], d["synthetic_first_target"], d["damage_weight"]
         return d
 
 

@@ -97,13 +97,14 @@ class SyntheticVideo:
         self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> dict:
+        """``dict(image, memory, label, damage)``: ``damage`` marks the target frame's destroyed pixels."""
         c, t = self.samples[index]
         frames, labels = self.clips[c]
-        image, memory, label = frames[t], frames[t - self.sequence_num:t], labels[t]
+        image, memory, label, damage = frames[t], frames[t - self.sequence_num:t], labels[t], self.damage[c][t]
         if self.transform is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-            image, memory, label = self.transform(image, memory, label, rng=rng)
-        return dict(image=image, memory=memory, label=label)
+            image, memory, label, damage = self.transform(image, memory, label, rng=rng, damage=damage)
+        return dict(image=image, memory=memory, label=label, damage=damage)
 
 
 
@@ -138,7 +139,8 @@ def open_dataset(data, config: ModelConfig, split: str = "train", transform=None
 
 class TrainSamples(torch.utils.data.Dataset):
     """Dataset samples as tensors for the training step: ``image`` uint8 [H,W,3], ``memory`` uint8
-    [T,H,W,3], ``label`` int64 [H,W]. Items are addressed by ``(epoch, index)`` (what
+    [T,H,W,3], ``label`` int64 [H,W] (and ``damage`` bool [H,W] where the dataset knows it). Items are
+    addressed by ``(epoch, index)`` (what
     :class:`EpochSampler` yields) so that a sample depends only on the seed, the epoch and the index.
 
     Frames stay uint8 until they reach the device, where :meth:`TMANet.normalize` (the model's own mean/std)
@@ -165,9 +167,12 @@ class TrainSamples(torch.utils.data.Dataset):
             raise ValueError(f"{where}: label values {np.unique(label[bad])[:8].tolist()} are not class ids "
                              f"0..{self.num_classes - 1} (nor the ignore index {IGNORE_INDEX})")
         memory = order_memory(np.asarray(s["image"]), np.asarray(s["memory"]), self.memory_order)
-        return {"image": torch.from_numpy(np.ascontiguousarray(s["image"])),
-                "memory": torch.from_numpy(np.ascontiguousarray(memory)),
-                "label": torch.from_numpy(label.astype(np.int64))}
+        sample = {"image": torch.from_numpy(np.ascontiguousarray(s["image"])),
+                  "memory": torch.from_numpy(np.ascontiguousarray(memory)),
+                  "label": torch.from_numpy(label.astype(np.int64))}
+        if s.get("damage") is not None:  # synthetic clips: the loss can weight the destroyed pixels
+            sample["damage"] = torch.from_numpy(np.ascontiguousarray(s["damage"], dtype=bool))
+        return sample
 
 
 

@@ -364,7 +364,9 @@ class TrainTransform:
         return np.ascontiguousarray(img)
 
     def __call__(self, image: np.ndarray, memory: np.ndarray, label: np.ndarray,
-                 rng: np.random.Generator | None = None):
+                 rng: np.random.Generator | None = None, damage: np.ndarray | None = None):
+        """(image, memory, label) with one random geometry; with a bool ``damage`` map of the target frame
+        (where it was destroyed) also that map, moved like the label (padding counts as intact)."""
         rng = self._rng if rng is None else rng
         p = self.sample_params(image.shape[0], image.shape[1], rng)
         bil, near = Image.Resampling.BILINEAR, Image.Resampling.NEAREST
@@ -372,13 +374,15 @@ class TrainTransform:
         out_mem = np.stack([self._geometry(m, p, bil, self.pad_value) for m in memory]) if len(memory) else \
             np.empty((0,) + out_img.shape, np.uint8)
         out_lab = self._geometry(label, p, near, self.ignore_index)
+        out_damage = None if damage is None else \
+            self._geometry(np.asarray(damage, np.uint8), p, near, 0).astype(bool)
         if self.photometric:
             # Distort only the un-padded area: mmseg pads after the distortion.
             h, w = p["crop"][1] - p["crop"][0], p["crop"][3] - p["crop"][2]
             out_img[:h, :w] = self._photometric(out_img[:h, :w], rng)
             for k in range(len(out_mem)):
                 out_mem[k, :h, :w] = self._photometric(out_mem[k, :h, :w], rng)
-        return out_img, out_mem, out_lab
+        return (out_img, out_mem, out_lab) if damage is None else (out_img, out_mem, out_lab, out_damage)
 
 
 __all__ = ["IGNORE_INDEX", "CityscapesVideo", "CamVidVideo", "TrainTransform", "read_rgb", "read_label"]

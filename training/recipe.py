@@ -29,10 +29,22 @@ def poly_lr(iteration: int, max_iters: int, base_lr: float, power: float = 0.9, 
 
 
 
-def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Pixel cross-entropy with ignore index 255, averaged over *all* pixels as mmseg 0.x does (ignored
-    pixels count as zero loss), so a batch that is entirely ignored gives 0, not NaN."""
-    return F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="none").mean()
+    pixels count as zero loss), so a batch that is entirely ignored gives 0, not NaN. A per-pixel ``weight``
+    ``[N,H,W]`` makes it the weighted mean (weights all 1: the plain mean)."""
+    loss = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="none")
+    if weight is None:
+        return loss.mean()
+    return (loss * weight).sum() / weight.sum()
+
+
+def damage_weights(damage: torch.Tensor | None, damage_weight: float) -> torch.Tensor | None:
+    """Per-pixel loss weights: ``damage_weight`` where a frame was destroyed, 1 elsewhere (None when the
+    weight is 1 or the damage unknown: the plain loss)."""
+    if damage is None or damage_weight == 1.0:
+        return None
+    return 1.0 + (float(damage_weight) - 1.0) * damage.float()
 
 
 
@@ -102,14 +114,17 @@ class StepResult:
 
 
 class Trainer:
-    """One optimisation step of the recipe on a batch (``image``/``memory`` uint8 HWC, ``label`` int64)."""
+    """One optimisation step of the recipe on a batch (``image``/``memory`` uint8 HWC, ``label`` int64,
+    optionally ``damage`` bool: the destroyed pixels, weighted ``damage_weight`` in the loss)."""
 
-    def __init__(self, model, optimizer, device, aux_weight: float = 0.4, amp: bool = False):
+    def __init__(self, model, optimizer, device, aux_weight: float = 0.4, amp: bool = False,
+                 damage_weight: float = 1.0):
         self.model = model
         self.optimizer = optimizer
         self.device = torch.device(device)
         self.aux_weight = aux_weight
         self.amp = amp
+        self.damage_weight = float(damage_weight)  # loss weight of destroyed pixels (batches with "damage")
 
     def losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         core = unwrap(self.model)
@@ -117,11 +132,13 @@ class Trainer:
         image = core.normalize(batch["image"].to(dev, non_blocking=True))
         memory = core.normalize(batch["memory"].to(dev, non_blocking=True))
         label = batch["label"].to(dev, non_blocking=True)
+        damage = batch.get("damage")
+        weight = damage_weights(None if damage is None else damage.to(dev, non_blocking=True), self.damage_weight)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(image, memory)
         logits, aux = out if isinstance(out, tuple) else (out, None)
-        decode = segmentation_loss(logits.float(), label)
-        aux_loss = segmentation_loss(aux.float(), label) if aux is not None else torch.zeros((), device=dev)
+        decode = segmentation_loss(logits.float(), label, weight)
+        aux_loss = segmentation_loss(aux.float(), label, weight) if aux is not None else torch.zeros((), device=dev)
         return decode + self.aux_weight * aux_loss, decode, aux_loss
 
     def step(self, batch, lr: float | None = None) -> StepResult:

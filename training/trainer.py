@@ -196,7 +196,8 @@ def train(preset_or_config=None, data="synthetic", out_dir="runs/train", iters: 
           log_every: int = 10, checkpoint_every: int = 1000, keep_every: int | None = 8000,
           stop_after: int | None = None, synthetic_size=(256, 512), synthetic_frames: int = 12,
           frames_dir=None, amp: bool = False, progress: bool = True, memory_order: str | None = None,
-          synthetic_degradation: float | None = None, synthetic_first_target: int | None = None) -> dict:
+          synthetic_degradation: float | None = None, synthetic_first_target: int | None = None,
+          damage_weight: float | None = None) -> dict:
     """Train TMANet (with the auxiliary head) and write ``out_dir``: ``latest.pth`` (every
     ``checkpoint_every`` iterations and at the end), ``iter_{k}.pth`` (every ``keep_every``), ``final.pth``
     (with optimizer and auxiliary head, to resume or fine-tune), ``model.pth`` (inference weights only),
@@ -210,13 +211,14 @@ def train(preset_or_config=None, data="synthetic", out_dir="runs/train", iters: 
     of a checkpoint instead of the from-scratch initialisation. ``memory_order`` (default "oldest_first",
     the official rule; a resumed run keeps its own) picks the frames the memory slots see
     (:data:`~.config.MEMORY_ORDERS`). ``synthetic_degradation`` (default 0.5) and ``synthetic_first_target``
-    (default T) shape synthetic training clips. Returns the summary written to log.json.
+    (default T) shape synthetic training clips; ``damage_weight`` (default 1) weights the pixels their
+    degradation destroyed in the loss, where only the memory can tell the scene. Returns the summary written to log.json.
     """
     recipe = TrainConfig(data=str(data), iters=iters, batch=batch, lr=lr, crop=crop, seed=seed, momentum=momentum,
                          weight_decay=weight_decay, power=power, min_lr=min_lr, aux_weight=aux_weight,
                          ratio_range=ratio_range, synthetic_size=synthetic_size, synthetic_frames=synthetic_frames,
                          memory_order=memory_order, synthetic_degradation=synthetic_degradation,
-                         synthetic_first_target=synthetic_first_target)
+                         synthetic_first_target=synthetic_first_target, damage_weight=damage_weight)
     run = RunOptions(Path(out_dir), workers, init, log_every, checkpoint_every, keep_every, stop_after, frames_dir,
                      amp, progress)
     return train_run(preset_or_config, recipe, run, overrides=overrides, resume=resume, device=device)
@@ -287,7 +289,7 @@ def _train(config: ModelConfig, preset, spec: DataSpec, recipe: TrainConfig, run
     torch.manual_seed(recipe.seed)  # identical initial weights on every rank
     model, notes, start = _initial_model(config, run, ckpt)
     model, optimizer = _placed(model, recipe, ckpt, device, d)
-    trainer = Trainer(model, optimizer, device, recipe.aux_weight, run.amp)
+    trainer = Trainer(model, optimizer, device, recipe.aux_weight, run.amp, recipe.damage_weight)
     end = recipe.iters if run.stop_after is None else min(recipe.iters, start + run.stop_after)
     meta = {"preset": preset, "world_size": d.world_size, **recipe.meta(spec.kind == "synthetic")}
     log_csv = _CsvLog(run.out, resumed_at=start if ckpt is not None else None) if d.main else None
