@@ -116,3 +116,71 @@ def test_probe_cli_writes_its_result(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"| {100 * run['blanked']['miou']:.1f} |" in out and "probe.json" in out
     assert main(["--grid", "0,2"]) == 2 and "--grid" in capsys.readouterr().err
+
+
+# -- where the read looks ------------------------------------------------------------------------------
+def test_read_weights_are_what_the_read_averages_the_values_with(tiny_config):
+    torch.manual_seed(0)
+    qk, mks = torch.randn(2, 16, 4, 6), [torch.randn(2, 16, 4, 6) for _ in range(3)]
+    mvs = [torch.randn(2, 8, 4, 6) for _ in range(3)]
+    weights = tma_head.read_weights(qk, mks)
+    assert weights.shape == (2, 24, 72) and torch.allclose(weights.sum(-1), torch.ones(2, 24))
+    values = torch.cat([v.flatten(2) for v in mvs], 2).transpose(1, 2)  # B, T*h*w, Cv
+    read = tma_head.memory_read(qk, mks, mvs, query_chunk=5)
+    torch.testing.assert_close((weights @ values).transpose(1, 2).reshape(2, 8, 4, 6), read)
+
+
+def _clip_with_a_destroyed_half(T=2, size=(64, 128)):
+    frames, labels = make_street_clip(ClipSpec(frames=T + 2, height=size[0], width=size[1], seed=5))
+    damage = np.zeros(labels.shape, bool)
+    damage[:, :, : size[1] // 2] = True  # the left half of every frame: whole feature cells at stride 8
+    return frames, labels, damage
+
+
+def test_read_locality_tells_a_positional_read_from_a_uniform_one(tiny_config):
+    """A read whose keys are one-hot positions looks only at its own place (lift = 1 / uniform share); one whose
+    keys are all equal is uniform (lift 1, entropy log(T*h*w))."""
+    from tmanet.training.read_locality import read_locality, window_mass
+    model = TMANet(tiny_config).eval()
+    clip = _clip_with_a_destroyed_half()
+    h, w = 8, 16
+    T = tiny_config.sequence_num
+
+    code = 40.0 * torch.eye(h * w).reshape(1, h * w, h, w)  # key channel c is 40 at cell c, 0 elsewhere
+    head = model.decode_head
+    head.encode_query = lambda feat: (code, None)
+    head.encode_memory = lambda feats: ([code] * len(feats), None)
+    local = read_locality(model, [clip], radius=0)
+    for region in ("destroyed", "intact"):
+        r = local[region]
+        assert r["queries"] == 2 * h * w // 2  # frames T..T+1, half the cells each
+        assert r["window_mass"] == pytest.approx(1.0, abs=1e-6)
+        assert r["uniform_mass"] == pytest.approx(1 / (h * w)) and r["lift"] == pytest.approx(h * w, rel=1e-6)
+    head.encode_query = lambda feat: (torch.ones(1, 4, h, w), None)
+    head.encode_memory = lambda feats: ([torch.ones(1, 4, h, w) for _ in feats], None)
+    flat = read_locality(model, [clip], radius=1)
+    for region in ("destroyed", "intact"):
+        r = flat[region]
+        assert r["lift"] == pytest.approx(1.0) and r["entropy"] == pytest.approx(np.log(T * h * w), rel=1e-5)
+    assert flat["max_entropy"] == pytest.approx(np.log(T * h * w))
+    # the window at a corner holds 4 of the 9 cells: its uniform share counts only the cells inside
+    mass, uniform = window_mass(torch.full((h * w, T, h, w), 1 / (T * h * w)), radius=1)
+    assert uniform[0] == pytest.approx(4 / (h * w)) and uniform[w + 1] == pytest.approx(9 / (h * w))
+    torch.testing.assert_close(mass, uniform)
+
+
+def test_read_locality_cli(tmp_path, tiny_config, capsys):
+    from tmanet.checkpoints import save_checkpoint
+    from tmanet.training.read_locality import main
+    ckpt = tmp_path / "tiny.pth"
+    torch.manual_seed(0)
+    save_checkpoint(TMANet(tiny_config), ckpt)
+    out = tmp_path / "loc.json"
+    assert main([str(ckpt), "--clips", "1", "--frames", "3", "--size", "64,128", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["memory_positions"] == 2 * 8 * 16 and result["destroyed"]["queries"] + result["intact"]["queries"] > 0
+    assert f"{result['intact']['lift']:.2f}" in printed.splitlines()[3]
+    assert main([str(ckpt), "--json", str(ckpt)]) == 2  # never over its input
+    assert "error:" in capsys.readouterr().err
+    assert main([str(tmp_path / "none.pth")]) == 2

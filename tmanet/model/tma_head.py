@@ -65,6 +65,14 @@ def memory_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
     return read.transpose(1, 2).reshape(b, values.shape[2], h, w)
 
 
+def read_weights(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The read's attention weights ``[B, h*w, T*h*w]`` (rows: query positions; columns: memory positions
+    flattened like :func:`memory_read`'s), whole and unchunked: what the values are averaged with, for
+    analysis (``training/read_locality.py``)."""
+    keys = torch.cat([k.flatten(2) for k in memory_keys], dim=2)
+    return _softmax(torch.bmm(query_key.flatten(2).transpose(1, 2), keys))
+
+
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the memory positions, in float32 for half inputs (a sum over T*h*w terms)."""
     if scores.dtype == torch.float32:
