@@ -98,8 +98,7 @@ def frame_streams(source, input_size, spec: ExportSpec | None = None, num: int |
     if (fh, fw) == (H, W):
         windows = [(0, H, 0, W)]
     else:
-        crop, stride = (spec.slide_crop, spec.slide_stride) if spec else (None, None)
-        stride = default_stride((H, W), crop or (H, W), stride or (H, W))
+        stride = default_stride((H, W), *((spec.slide_crop, spec.slide_stride) if spec else ()))
         windows = slide_windows(fh, fw, (H, W), stride)
     streams = [clip[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows]
     name = "<array>" if isinstance(source, np.ndarray) else str(Path(source).resolve())

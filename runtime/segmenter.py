@@ -71,11 +71,12 @@ class StageTimer:
             self.last[stage] += time.perf_counter() - start
 
 
-def default_stride(input_size, slide_crop, slide_stride) -> tuple[int, int]:
+def default_stride(input_size, slide_crop=None, slide_stride=None) -> tuple[int, int]:
     """Slide stride for crops of the export size: the preset's stride where the export size is the preset's
-    crop (the official protocol), else the same overlap ratio (e.g. 513/769 of the crop), rounded."""
+    crop (the official protocol), else the same overlap ratio (e.g. 513/769 of the crop), rounded. A crop or
+    stride not recorded (None) is the export size: windows that do not overlap."""
     out = []
-    for size, crop, stride in zip(input_size, pair(slide_crop), pair(slide_stride)):
+    for size, crop, stride in zip(input_size, pair(slide_crop or input_size), pair(slide_stride or input_size)):
         out.append(stride if size == crop else max(1, min(size, round(size * stride / crop))))
     return out[0], out[1]
 
@@ -125,8 +126,7 @@ class StreamingSegmenter:
         self.class_names = list(spec.class_names)
         self.palette = list(spec.palette)
         if stride is None:
-            stride = default_stride(self.input_size, spec.slide_crop or self.input_size,
-                                    spec.slide_stride or self.input_size)
+            stride = default_stride(self.input_size, spec.slide_crop, spec.slide_stride)
         self.stride = pair(stride)
         if mode == "slide" and not all(0 < s <= c for s, c in zip(self.stride, self.input_size)):
             raise ValueError(f"slide stride {self.stride} must be positive and at most the crop (the export "
