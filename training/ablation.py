@@ -449,13 +449,12 @@ def summarise_seeds(runs: dict) -> dict:
     per-seed differences to the baseline (same seed) and to current-frame memory (same weights)."""
     first = next(iter(runs.values()))
     baseline = first["settings"]["baseline"]
-    names = [r["name"] for r in first["variants"]]
+    by_name = {seed: {v["name"]: v for v in result["variants"]} for seed, result in runs.items()}
     rows = []
-    for name in names:
+    for name in (v["name"] for v in first["variants"]):
         per_seed = {}
-        for seed, result in runs.items():
-            r = next((v for v in result["variants"] if v["name"] == name), None)
-            base = next((v for v in result["variants"] if v["name"] == baseline), None)
+        for seed, variants in by_name.items():
+            r, base = variants.get(name), variants.get(baseline)
             if r is None:
                 continue
             e, cur = r["eval"], r.get("cross_eval", {}).get("current")

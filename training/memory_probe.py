@@ -22,13 +22,14 @@ hides whether the memory path works.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tmanet.safe_files import write_json
 
 PROBE_SEED_VAL = 2 ** 40  # held-out clips use seeds disjoint from the training clips
 
@@ -203,12 +204,7 @@ def main(argv=None) -> int:
                        sequence_num=args.sequence_num, seed=args.seed, progress=True, config=config)
     print(format_probe(result))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "probe.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out / "probe.json")
-        print(f"wrote {out / 'probe.json'}")
+        print(f"wrote {write_json(Path(args.out) / 'probe.json', result)}")
     return 0
 
 
