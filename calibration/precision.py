@@ -80,7 +80,9 @@ def name_unnamed_nodes(model) -> int:
 
 def attention_nodes(model) -> list[str]:
     """Names of the memory read's nodes: each Softmax, the MatMul feeding it (the q.k logits) and the MatMul
-    consuming it (softmax . values). Found by structure: the export unrolls one such triple per query chunk."""
+    consuming it (softmax . values). Found by structure: the export unrolls one such triple per query chunk.
+    The ``place_read`` extension's Softmax comes with its own nodes (:func:`place_read_nodes`): its logits are
+    the same unscaled q . k sums."""
     producer = {out: n for n in model.graph.node for out in n.output}
     consumers: dict[str, list] = {}
     for n in model.graph.node:
@@ -95,6 +97,27 @@ def attention_nodes(model) -> list[str]:
         if src is not None and src.op_type == "MatMul":
             names.append(src.name)
         names += [c.name for c in consumers.get(n.output[0], []) if c.op_type == "MatMul"]
+        names += place_read_nodes(n, producer, consumers)
+    return names
+
+
+def place_read_nodes(softmax, producer, consumers) -> list[str]:
+    """The place read around its Softmax: the ReduceSum(Mul(q, k)) feeding it (the per-slot logits) and the
+    Unsqueeze -> Mul -> ReduceSum applying it to the values; [] around any other Softmax."""
+    src = producer.get(softmax.input[0])
+    if src is None or src.op_type != "ReduceSum":
+        return []
+    names = [src.name]
+    mul = producer.get(src.input[0])
+    if mul is not None and mul.op_type == "Mul":
+        names.append(mul.name)
+    node = softmax
+    for op in ("Unsqueeze", "Mul", "ReduceSum"):
+        nxt = [c for c in consumers.get(node.output[0], []) if c.op_type == op]
+        if len(nxt) != 1:
+            break
+        node = nxt[0]
+        names.append(node.name)
     return names
 
 

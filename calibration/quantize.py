@@ -307,10 +307,12 @@ def _int8_plan(source, name: str, high_precision: str, keep_attention_fp32: bool
         # exports are the attention read's only MatMul/Softmax nodes.
         exclude += [f"^{re.escape(n)}$" for n in attention]  # ModelOpt reads them as regular expressions
         if high_precision == "fp16":
-            keep_fp32_ops = ["MatMul", "Softmax"]
+            keep_fp32_ops = ["MatMul", "Softmax"] + (["ReduceSum"] if any(
+                n.op_type == "ReduceSum" and n.name in attention for n in source.graph.node) else [])
             other = [n.name for n in source.graph.node if n.op_type in keep_fp32_ops and n.name not in attention]
             if other:
-                log.warning("%s: MatMul/Softmax outside the attention read also stay float32: %s", name, other)
+                log.warning("%s: %s outside the attention read also stay float32: %s", name, "/".join(keep_fp32_ops),
+                            other)
     return {"exclude": exclude, "keep_fp32_ops": keep_fp32_ops, "attention": attention, "shortcuts": shortcuts,
             "kept": kept}
 

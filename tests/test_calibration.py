@@ -202,6 +202,21 @@ def test_fp16_graphs_keep_io_and_attention_fp32(modelopt, tiny_export, clip_file
     assert load_manifest(tiny_export).precision == {"frame_encoder": "fp32", "memory_head": "fp32"}
 
 
+def test_fp16_keeps_the_place_read_fp32(modelopt, make_tiny_model, clip_file, tmp_path):
+    """The ``place_read`` extension's logits are unscaled q . k sums like the official read's: its Mul ->
+    ReduceSum -> Softmax and the weighted sum of the values stay float32 next to the official read."""
+    export = export_onnx(make_tiny_model(seed=3, place_read=True), tmp_path / "fp32", H, W, check=False)
+    manifest = calibrate(export, tmp_path / "fp16", clip_file, precision="fp16", gate=False, progress=False)
+    head = _load(tmp_path / "fp16" / "memory_head.onnx")
+    attention = attention_nodes(head)
+    assert sorted(n.op_type for n in head.graph.node if n.name in attention) == [
+        "MatMul", "MatMul", "Mul", "Mul", "ReduceSum", "ReduceSum", "Softmax", "Softmax", "Unsqueeze"]
+    assert set(node_compute_types(head, attention).values()) == {FLOAT}
+    assert manifest["calibration"]["engines"]["memory_head"]["fp32_nodes"] == sorted(attention)
+    convs = node_compute_types(head, [n.name for n in head.graph.node if n.op_type == "Conv"])
+    assert len(convs) == 3 and set(convs.values()) == {FLOAT16}  # bottleneck, place_proj, conv_seg
+
+
 def test_fp16_attention_in_fp16_when_switched_off(modelopt, tiny_export, tmp_path):
     manifest = load_manifest(tiny_export)
     streams = frame_streams(make_noise_clip(4, H, W, seed=1), (H, W), manifest)

@@ -170,6 +170,20 @@ def test_bare_state_dict_round_trip(tiny, tiny_config, tiny_clip, tmp_path):
     np.testing.assert_array_equal(inferred.predict_clip(tiny_clip), expected)
 
 
+def test_place_read_round_trips_and_is_inferred(make_tiny_model, tiny_clip, tmp_path):
+    placed = make_tiny_model(seed=4, place_read=True)
+    expected = placed.predict_clip(tiny_clip)
+    save_checkpoint(placed, tmp_path / "native.pth")
+    torch.save(placed.state_dict(), tmp_path / "bare.pth")
+    for name in ("native.pth", "bare.pth"):
+        model = load_model(tmp_path / name)
+        assert model.config.place_read, name
+        np.testing.assert_array_equal(model.predict_clip(tiny_clip), expected)
+    # an official-layout file (no place read) infers none
+    torch.save(make_tiny_model(seed=4).state_dict(), tmp_path / "plain.pth")
+    assert load_model(tmp_path / "plain.pth").config.place_read is False
+
+
 @pytest.mark.parametrize("wrapper", ["bare", "mmcv"])
 def test_ddp_module_prefix_is_accepted(tiny, tiny_config, tiny_clip, tmp_path, wrapper):
     sd = OrderedDict((f"module.{k}", v) for k, v in tiny.state_dict().items())

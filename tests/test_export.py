@@ -102,6 +102,21 @@ def test_dynamic_batch_runs_any_batch(dynamic_export, tiny, small_clip):
         np.testing.assert_allclose(g, r.numpy(), atol=1e-4)
 
 
+def test_place_read_exports_and_onnx_runtime_agrees(make_tiny_model, small_clip, tmp_path):
+    """The ``place_read`` extension is carried by the memory head graph and ONNX Runtime computes what torch
+    does; the check would see a head without it (its projection carries weight here)."""
+    placed = make_tiny_model(seed=3, place_read=True)
+    out = export_onnx(placed, tmp_path / "placed", H, W, check_frames=small_clip)
+    check = load_manifest(out).check
+    assert check["relative"] < 1e-4 and check["mask_agreement"] > 0.999
+    head = onnx.load(out / "memory_head.onnx")
+    assert {"place_proj.weight", "place_proj.bias"} <= {i.name for i in head.graph.initializer}
+    assert sum(n.op_type == "Softmax" for n in head.graph.node) == 2  # the official read and the place read
+    plain = make_tiny_model(seed=3)
+    with pytest.raises(ExportCheckError, match="ONNX Runtime disagrees with torch"):
+        check_against_torch(out, *plain.split((H, W)), 2, small_clip, 1, 1e-4)
+
+
 def test_check_fails_loudly_when_ort_disagrees(static_export, make_tiny_model, small_clip):
     # The ONNX files hold seed-3 weights; a torch model with other weights must be caught.
     other = make_tiny_model(seed=4)

@@ -78,17 +78,29 @@ def test_probe_clips_hide_a_cell_the_previous_frame_shows():
     assert np.array_equal(probe_clip(spec, 7)[0], frames) and not np.array_equal(probe_clip(spec, 8)[0], frames)
 
 
-def test_memory_solves_what_a_single_frame_cannot():
-    """A tiny TMANet trained with the trainer's step on the probe task (600 SGD steps, ~45 s on one core) reads
-    the hidden cell from its memory: far better on the hidden pixels than the same weights fed the current
-    frame as memory and than the same network trained without history (both near chance, 1/4 accuracy)."""
-    from tmanet.training.memory_probe import (PROBE_SEED_VAL, ProbeSpec, probe_clip, probe_config, score_probe,
-                                              train_probe)
+@pytest.fixture(scope="module")
+def probe_task():
+    """The test probe: (spec, width-8 config, 16 held-out clips, the official-read network trained on it)."""
+    from tmanet.training.memory_probe import PROBE_SEED_VAL, ProbeSpec, probe_clip, probe_config, train_probe
     spec = ProbeSpec(frames=5, height=32, width=64, grid=(2, 2), classes=4)
     config = probe_config(spec).replace(base_channels=8, key_channels=8, value_channels=16, channels=16,
                                         aux_channels=8)
     clips = [probe_clip(spec, PROBE_SEED_VAL + i) for i in range(16)]
-    memory, _ = train_probe(spec, "oldest_first", iters=600, seed=1, config=config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture is set up before the per-test one_thread fixture
+    try:
+        memory, _ = train_probe(spec, "oldest_first", iters=600, seed=1, config=config)
+    finally:
+        torch.set_num_threads(threads)
+    return spec, config, clips, memory
+
+
+def test_memory_solves_what_a_single_frame_cannot(probe_task):
+    """A tiny TMANet trained with the trainer's step on the probe task (600 SGD steps, ~45 s on one core) reads
+    the hidden cell from its memory: far better on the hidden pixels than the same weights fed the current
+    frame as memory and than the same network trained without history (both near chance, 1/4 accuracy)."""
+    from tmanet.training.memory_probe import score_probe, train_probe
+    spec, config, clips, memory = probe_task
     single, _ = train_probe(spec, "current", iters=600, seed=1, config=config)
     real = score_probe(memory, clips, "oldest_first")
     taken_away = score_probe(memory, clips, "current")
@@ -100,6 +112,20 @@ def test_memory_solves_what_a_single_frame_cannot():
     assert real["blanked"]["miou"] > baseline["blanked"]["miou"] + 0.15
     assert real["blanked"]["pixel_accuracy"] > 0.4 > max(taken_away["blanked"]["pixel_accuracy"],
                                                          baseline["blanked"]["pixel_accuracy"]) + 0.05
+
+
+def test_place_read_finds_what_the_current_frame_lost(probe_task):
+    """The official read ranks memory positions by content only, so a blanked cell, whose query says nothing
+    about its content, reads a blend of the whole memory (47 % IoU on the hidden cells). The same network with
+    the ``place_read`` extension, same steps and seed, reads its own place and knows the cell (~90 %)."""
+    from tmanet.training.memory_probe import score_probe, train_probe
+    spec, config, clips, official = probe_task
+    placed, _ = train_probe(spec, "oldest_first", iters=600, seed=1, config=config.replace(place_read=True))
+    real = score_probe(placed, clips, "oldest_first")["blanked"]
+    taken_away = score_probe(placed, clips, "current")["blanked"]
+    assert real["miou"] > 0.8 and real["pixel_accuracy"] > 0.9
+    assert real["miou"] > score_probe(official, clips, "oldest_first")["blanked"]["miou"] + 0.2
+    assert taken_away["pixel_accuracy"] < 0.4  # without memory it is back to guessing
 
 
 def test_probe_cli_writes_its_result(tmp_path, capsys):

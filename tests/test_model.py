@@ -25,9 +25,12 @@ def assert_close(actual, expected, rel=1e-4, what=""):
 
 
 # -- the split (BN folded, FrameEncoder / MemoryHead) equals the official protocol ----------------------
-@pytest.mark.parametrize("aggregation, query_chunk", [("concat", 0), ("concat", 7), ("sum", None)])
-def test_split_equals_official_forward(make_tiny_model, aggregation, query_chunk):
-    model = make_tiny_model(seed=3, aggregation=aggregation)
+@pytest.mark.parametrize("aggregation, query_chunk, place", [("concat", 0, False), ("concat", 7, False),
+                                                            ("sum", None, False), ("concat", 5, True)])
+def test_split_equals_official_forward(make_tiny_model, aggregation, query_chunk, place):
+    model = make_tiny_model(seed=3, aggregation=aggregation, place_read=place)
+    if place:  # the projection carries weight, so the place read is part of what the split must reproduce
+        assert model.decode_head.place_proj.weight.abs().min() > 0
     T = model.config.sequence_num
     H, W = 64, 96
     clip = make_noise_clip(T + 2, H, W, seed=11)
@@ -75,6 +78,42 @@ def test_sum_aggregation_builds_and_runs(make_tiny_model):
     assert out.shape == (1, model.config.num_classes, 32, 64) and np.isfinite(out).all()
     streamed = list(model.stream(clip))
     assert_close(streamed[2].logits, out[0], what="sum aggregation stream vs predict_clip")
+
+
+# -- the place read (extension) -------------------------------------------------------------------------
+def test_place_read_is_a_softmax_over_the_slots_at_each_place():
+    g = torch.Generator().manual_seed(4)
+    qk = torch.randn(2, 5, 3, 4, generator=g)
+    keys = [torch.randn(2, 5, 3, 4, generator=g) for _ in range(3)]
+    values = [torch.randn(2, 6, 3, 4, generator=g) for _ in range(3)]
+    read = tma_head.place_read(qk, keys, values)
+    for b, y, x in [(0, 0, 0), (1, 2, 3), (0, 1, 2)]:
+        w = torch.softmax(torch.stack([qk[b, :, y, x] @ k[b, :, y, x] for k in keys]), 0)
+        expected = sum(w[i] * values[i][b, :, y, x] for i in range(3))
+        assert_close(read[b, :, y, x], expected, rel=1e-5, what=f"place read at {(b, y, x)}")
+    # Only the own place is read: changing memory elsewhere leaves this position's read as it is.
+    moved = [v.clone() for v in values]
+    moved[1][:, :, 0, 0] += 100.0
+    changed = (tma_head.place_read(qk, keys, moved) - read).abs().amax(1)
+    assert changed[:, 0, 0].min() > 1e-3 and changed.flatten(1)[:, 1:].max() == 0
+
+
+def test_place_read_starts_as_the_model_without_it(make_tiny_model):
+    """A model given the extension computes, before any training, exactly the model without it."""
+    from tmanet.training.recipe import init_from_scratch
+    plain = make_tiny_model(seed=6)
+    placed = TMANet(plain.config.replace(place_read=True)).eval()
+    init_from_scratch(placed)
+    assert placed.decode_head.place_proj.weight.abs().max() == 0
+    missing, unexpected = placed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["decode_head.place_proj.weight", "decode_head.place_proj.bias"] and not unexpected
+    clip = make_noise_clip(4, 32, 64, seed=2)
+    np.testing.assert_array_equal(placed.predict_clip(clip), plain.predict_clip(clip))
+
+
+def test_place_read_config_is_a_bool(tiny_config):
+    with pytest.raises(ValueError, match="place_read must be true or false"):
+        tiny_config.replace(place_read="yes")
 
 
 # -- chunked memory read --------------------------------------------------------------------------------

@@ -312,6 +312,25 @@ def test_init_from_a_checkpoint_without_aux_head(tmp_path, make_tiny_model):
         torch.testing.assert_close(got[k], source.state_dict()[k], rtol=0, atol=1e-6)
 
 
+def test_init_gives_a_place_read_to_a_checkpoint_without_one(tmp_path, make_tiny_model):
+    from tmanet.checkpoints import CheckpointError, save_checkpoint
+    from tmanet.training.trainer import init_weights
+    source = make_tiny_model(seed=5)
+    save_checkpoint(source, tmp_path / "src.pth")
+    summary = train("cityscapes-r18", "synthetic:1", tmp_path / "run", iters=1, batch=1, lr=1e-12,
+                    overrides={**TINY, "place_read": True}, init=tmp_path / "src.pth", **SMALL)
+    assert any("no place read" in n for n in summary["notes"])
+    model = load_model(tmp_path / "run" / "final.pth")
+    assert model.config.place_read
+    # the projection started at zero and one step at lr ~0 kept it there: the loaded model is the source's
+    assert model.decode_head.place_proj.weight.abs().max() < 1e-9
+    torch.testing.assert_close(model.decode_head.query_key_conv[1].conv.weight,
+                               source.decode_head.query_key_conv[1].conv.weight, rtol=0, atol=1e-6)
+    # the other way round is a disagreement: a place read's weights have nowhere to go in a model without one
+    with pytest.raises(CheckpointError, match="place_read"):
+        init_weights(TMANet(tiny_cfg()), tmp_path / "run" / "final.pth")
+
+
 def test_train_on_a_cityscapes_layout(tmp_path):
     from tmanet.training.synthetic import ClipSpec, write_cityscapes_sequence
     root = tmp_path / "cityscapes"

@@ -123,6 +123,8 @@ def infer_shape_fields(sd) -> dict:
         found["num_classes"], found["channels"] = s[0], s[1]
     if (s := shape("decode_head.bottleneck.conv.weight")) and "value_channels" in found:
         found["aggregation"] = "concat" if s[1] == 2 * found["value_channels"] else "sum"
+    if "decode_head.conv_seg.weight" in sd:
+        found["place_read"] = "decode_head.place_proj.weight" in sd
     if (s := shape("auxiliary_head.convs.0.conv.weight")):
         found["aux_channels"] = s[0]
     return found
@@ -243,7 +245,7 @@ def load_state(model: TMANet, sd, source="checkpoint"):
 
 def describe(cfg: ModelConfig) -> str:
     return (f"(ResNet-{cfg.depth} width {cfg.base_channels}, T={cfg.sequence_num}, Ck={cfg.key_channels}, "
-            f"Cv={cfg.value_channels}, {cfg.num_classes} classes)")
+            f"Cv={cfg.value_channels}, {cfg.num_classes} classes{', place read' if cfg.place_read else ''})")
 
 
 def save_checkpoint(model: TMANet, path, meta: dict | None = None, extra: dict | None = None):

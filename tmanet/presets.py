@@ -45,6 +45,7 @@ class ModelConfig:
     channels: int = 512                # bottleneck width
     num_classes: int = 19
     aggregation: str = "concat"        # official: cat([query_value, memory_read]); "sum" adds them
+    place_read: bool = False           # extension: also read the memory at each position's own place
     dropout: float = 0.1
     align_corners: bool = True
     aux_channels: int = 256            # auxiliary FCN head on layer3 (training only)
@@ -63,6 +64,8 @@ class ModelConfig:
             problems.append(f"output_stride {self.output_stride} not in {sorted(OUTPUT_STRIDE_LAYOUT)}")
         if self.aggregation not in ("concat", "sum"):
             problems.append(f"aggregation {self.aggregation!r} is not 'concat' or 'sum'")
+        if not isinstance(self.place_read, bool):
+            problems.append(f"place_read must be true or false, got {self.place_read!r}")
         if self.sequence_num < 1:
             problems.append(f"sequence_num must be >= 1, got {self.sequence_num}")
         if len(self.class_names) != self.num_classes or len(self.palette) != self.num_classes:

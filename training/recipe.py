@@ -13,6 +13,7 @@ from torch import nn
 from tmanet.metrics import IGNORE_INDEX
 from tmanet.model import TMANet
 from tmanet.model.resnet import BasicBlock, Bottleneck
+from tmanet.model.tma_head import zero_place_proj
 from tmanet.slots import memory_frame_indices
 
 from .config import check_memory_order
@@ -69,6 +70,8 @@ def init_from_scratch(model: TMANet) -> TMANet:
     for head in heads:
         nn.init.normal_(head.conv_seg.weight, 0.0, 0.01)
         nn.init.zeros_(head.conv_seg.bias)
+    if model.decode_head.place_proj is not None:
+        zero_place_proj(model.decode_head)
     return model
 
 

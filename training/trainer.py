@@ -33,6 +33,7 @@ from torch import nn
 
 from tmanet.checkpoints import config_from_checkpoint, load_state, read_checkpoint, save_checkpoint, split_state_dict
 from tmanet.model import TMANet
+from tmanet.model.tma_head import zero_place_proj
 from tmanet.presets import ModelConfig
 from tmanet.safe_files import atomic_file, write_json
 
@@ -90,22 +91,30 @@ def _all_mean(values: list[float], d: Dist, device) -> list[float]:
 
 def init_weights(model: TMANet, path) -> list[str]:
     """Load weights from any checkpoint ``load_model`` reads (official, bare, native) into the training
-    model; the auxiliary head keeps its fresh weights when the file has none. Returns notes."""
+    model. Parts the file lacks start fresh: the auxiliary head with its new weights, the ``place_read``
+    projection at zero (so the model starts as exactly the file's model). Returns notes."""
     sd, native, _ = split_state_dict(read_checkpoint(path))
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    config_from_checkpoint(sd, model.config, None)  # names every architecture disagreement
-    has_aux = any(k.startswith("auxiliary_head.") for k in sd)
-    aux = model.auxiliary_head
-    if aux is not None and not has_aux:
-        model.auxiliary_head = None  # compare against the model without it, then put it back
-        try:
-            load_state(model, sd, source=str(path))
-        finally:
-            model.auxiliary_head = aux
-        return [f"{path} has no auxiliary head: it starts from scratch"]
-    load_state(model, sd, source=str(path))
-    return []
-
+    head = model.decode_head
+    detached, notes = {}, []
+    if model.auxiliary_head is not None and not any(k.startswith("auxiliary_head.") for k in sd):
+        detached["auxiliary_head"] = (model, model.auxiliary_head)
+        notes.append(f"{path} has no auxiliary head: it starts from scratch")
+    if head.place_proj is not None and "decode_head.place_proj.weight" not in sd:
+        detached["place_proj"] = (head, head.place_proj)
+        notes.append(f"{path} has no place read: its projection starts at zero (the file's model exactly)")
+    config = model.config.replace(place_read=False) if "place_proj" in detached else model.config
+    config_from_checkpoint(sd, config, None)  # names every architecture disagreement
+    for name, (owner, _) in detached.items():  # compare against the model without them, then put them back
+        setattr(owner, name, None)
+    try:
+        load_state(model, sd, source=str(path))
+    finally:
+        for name, (owner, part) in detached.items():
+            setattr(owner, name, part)
+    if "place_proj" in detached:
+        zero_place_proj(head)
+    return notes
 
 
 def save_model(model: TMANet, path, meta: dict | None = None):

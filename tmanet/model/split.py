@@ -5,8 +5,8 @@ under every slot's weights. The 1+T key and value encoders all read the same bac
 first 1x1 convs are fused into one conv and their 3x3 convs into two grouped convs (same arithmetic, one
 kernel launch instead of 2(1+T)).
 
-MemoryHead (once per frame): query + T memory slots -> memory read -> aggregation -> bottleneck -> conv_seg
--> bilinear resize to the input size -> argmax.
+MemoryHead (once per frame): query + T memory slots -> memory read -> aggregation -> bottleneck (+ the
+place read's projection, where the model has one) -> conv_seg -> bilinear resize to the input size -> argmax.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tma_head import DEFAULT_QUERY_CHUNK, ConvModule, memory_read
+from .tma_head import DEFAULT_QUERY_CHUNK, ConvModule, memory_read, place_read
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -112,6 +112,7 @@ class MemoryHead(nn.Module):
         # graph keeps the portable chunked matmul/softmax.
         self.fused_attention = False
         self.bottleneck = _folded(head.bottleneck)
+        self.place_proj = None if head.place_proj is None else copy.deepcopy(head.place_proj)
         self.conv_seg = copy.deepcopy(head.conv_seg)
         self.eval()
 
@@ -124,7 +125,10 @@ class MemoryHead(nn.Module):
         fused = self.fused_attention and not torch.onnx.is_in_onnx_export()
         read = memory_read(query_key, memory[:T], memory[T:], self.query_chunk, fused=fused)
         x = torch.cat([query_value, read], 1) if self.aggregation == "concat" else query_value + read
-        logits = self.conv_seg(F.relu(self.bottleneck(x)))
+        x = self.bottleneck(x)
+        if self.place_proj is not None:
+            x = x + self.place_proj(place_read(query_key, memory[:T], memory[T:]))
+        logits = self.conv_seg(F.relu(x))
         logits = F.interpolate(logits, size=self.out_size, mode="bilinear", align_corners=self.align_corners)
         # argmax -> float -> uint8: TensorRT parses ArgMax as TopK with int64 indices, and its uint8 converts
         # only to and from float32/float16, so the mask takes the documented path (exact: class ids < 256).

@@ -73,11 +73,25 @@ def read_weights(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor]) -
     return _softmax(torch.bmm(query_key.flatten(2).transpose(1, 2), keys))
 
 
-def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the memory positions, in float32 for half inputs (a sum over T*h*w terms)."""
+def place_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
+               memory_values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The ``place_read`` extension (not in the paper): each query position reads the T memory slots at its
+    own place only, mixed by a softmax over the slots of q . k there. The official read ranks all T*h*w
+    positions by content, so a position whose current view was destroyed (a dropped region, glare) has no
+    way to ask for what was at its place; this read is that way. ``[B,Ck,h,w]`` query key, T keys and T
+    values -> ``[B,Cv,h,w]``; cost O(T*h*w*(Ck+Cv)), nothing next to the official read."""
+    # Slots stacked before the product, so the export's logits are one Mul -> ReduceSum -> Softmax chain (the
+    # calibration keeps it float32 by structure, as it keeps the official read's).
+    scores = (query_key[:, None] * torch.stack(list(memory_keys), 1)).sum(2)       # B, T, h, w
+    weights = _softmax(scores, dim=1)
+    return (weights[:, :, None] * torch.stack(list(memory_values), 1)).sum(1)     # B, Cv, h, w
+
+
+def _softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over memory positions, in float32 for half inputs (the official read sums T*h*w terms)."""
     if scores.dtype == torch.float32:
-        return torch.softmax(scores, dim=-1)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        return torch.softmax(scores, dim=dim)
+    return torch.softmax(scores, dim=dim, dtype=torch.float32).to(scores.dtype)
 
 
 def fused_read(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
@@ -111,7 +125,7 @@ def fused_read(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) 
 
 class TMAHead(nn.Module):
     def __init__(self, in_channels, sequence_num, key_channels, value_channels, channels, num_classes,
-                 aggregation="concat", dropout=0.1, query_chunk=None):
+                 aggregation="concat", dropout=0.1, query_chunk=None, place_read=False):
         super().__init__()
         self.sequence_num = sequence_num
         self.aggregation = aggregation
@@ -125,6 +139,11 @@ class TMAHead(nn.Module):
         agg_channels = value_channels * 2 if aggregation == "concat" else value_channels
         self.bottleneck = ConvModule(agg_channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
+        # place_read: the own-place read enters the bottleneck before its ReLU through a 1x1 conv that starts
+        # at zero, so a model given the extension computes exactly what it computed without it.
+        self.place_proj = nn.Conv2d(value_channels, channels, 1) if place_read else None
+        if self.place_proj is not None:
+            zero_place_proj(self)
 
     def encode_query(self, feat):
         return self.query_key_conv(feat), self.query_value_conv(feat)
@@ -147,12 +166,23 @@ class TMAHead(nn.Module):
             x = torch.cat([query_value, read], dim=1)  # query first, as in the official head
         else:
             x = query_value + read
-        return self.conv_seg(self.dropout(self.bottleneck(x)))
+        if self.place_proj is None:
+            x = self.bottleneck(x)
+        else:
+            place = self.place_proj(place_read(query_key, memory_keys, memory_values))
+            x = F.relu(self.bottleneck.bn(self.bottleneck.conv(x)) + place)
+        return self.conv_seg(self.dropout(x))
 
     def forward(self, feat, memory_feats):
         qk, qv = self.encode_query(feat)
         mk, mv = self.encode_memory(memory_feats)
         return self.decode(qk, qv, mk, mv)
+
+
+def zero_place_proj(head: TMAHead) -> None:
+    """Start the place read's projection at zero: the head then computes exactly the official TMA head."""
+    nn.init.zeros_(head.place_proj.weight)
+    nn.init.zeros_(head.place_proj.bias)
 
 
 class FCNHead(nn.Module):

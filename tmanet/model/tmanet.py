@@ -40,7 +40,7 @@ class TMANet(nn.Module):
         c = config
         self.backbone = ResNetV1c(c.depth, c.base_channels, c.output_stride)
         self.decode_head = TMAHead(c.in_channels, c.sequence_num, c.key_channels, c.value_channels, c.channels,
-                                   c.num_classes, c.aggregation, c.dropout)
+                                   c.num_classes, c.aggregation, c.dropout, place_read=c.place_read)
         self.auxiliary_head = (FCNHead(c.aux_in_channels, c.aux_channels, c.num_classes, c.dropout)
                                if with_aux else None)
         self.register_buffer("mean", torch.tensor(c.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
