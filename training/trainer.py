@@ -247,12 +247,20 @@ def train_run(preset_or_config, recipe: TrainConfig, run: RunOptions, overrides=
     recipe = recipe.completed(config, spec.kind == "synthetic")
     dev_req = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     dist_state = setup_distributed(torch.device(dev_req).type)
+    finished = False
     try:
-        return _train(config, preset, spec, recipe, run, ckpt, _pick_device(device, dist_state.local_rank),
-                      dist_state)
+        summary = _train(config, preset, spec, recipe, run, ckpt, _pick_device(device, dist_state.local_rank),
+                         dist_state)
+        finished = True
+        return summary
     finally:
         if dist_state.initialized_here:
             import torch.distributed as dist
+            if finished and dist_state.world_size > 1:
+                # Rank 0 is still writing the final checkpoints: a rank that tears its gloo group down while
+                # the other still holds the connection can abort the process ("terminate called without an
+                # active exception"). Leave together; after an error, leave at once (a barrier could hang).
+                dist.barrier()
             dist.destroy_process_group()
 
 
