@@ -17,7 +17,8 @@ def register(sub):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--check-frames", help="frames for the ORT-vs-torch check (.npy clip, video or image folder; "
                                           "default: a synthetic clip)")
-    p.add_argument("--query-chunk", type=int, help="queries per attention chunk in the head (default 1024)")
+    p.add_argument("--query-chunk", type=int, help="queries per attention chunk in the head (default 1024; 0: all "
+                                                           "queries in one chunk)")
     p.add_argument("--tolerance", type=float, help="allowed ORT-vs-torch logits error, as a fraction of the "
                                                    "logits' standard deviation (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="skip the ORT-vs-torch check")
@@ -35,6 +36,8 @@ def run(args) -> int:
         raise UserError(f"--height/--width must be at least 32, got {args.height}x{args.width}")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if args.query_chunk is not None and args.query_chunk < 0:
+        raise UserError(f"--query-chunk must be >= 0 (0: all queries in one chunk), got {args.query_chunk}")
     check_output(args.out, "dir", "--out")
     refuse_overwriting_inputs([args.out], [args.checkpoint, args.check_frames])
     check_replaceable(args.out)

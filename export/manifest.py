@@ -147,7 +147,7 @@ class ExportSpec:
         f.optional("palette", _is_palette, "a list of [r, g, b] colours in 0..255")
         for field in ("slide_crop", "slide_stride"):
             f.optional(field, _is_pair_or_int, "an integer >= 1 or a list of two")
-        f.optional("query_chunk", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        f.optional("query_chunk", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: one chunk)")
         f.optional("align_corners", lambda v: isinstance(v, bool), "true or false")
         f.optional("config", lambda v: isinstance(v, dict), "an object")
         precision = m.get("precision", {"frame_encoder": "fp32", "memory_head": "fp32"})

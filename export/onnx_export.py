@@ -74,6 +74,8 @@ def export_onnx(model, out_dir, height: int, width: int, batch: int = 1, dynamic
         raise ValueError(f"input size {height}x{width} is too small (at least 32x32)")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if query_chunk is not None and query_chunk < 0:
+        raise ValueError(f"query_chunk must be >= 0 (0: all queries in one chunk), got {query_chunk}")
     out = Path(out_dir)
     check_replaceable(out)
     with atomic_directory(out) as stage:

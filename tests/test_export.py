@@ -146,3 +146,15 @@ def test_cli_export_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope.pth"), "--height", "16", "--width", "128",
                  "--out", str(tmp_path / "o")]) == 2
     assert "at least 32" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nope.pth"), "--height", "64", "--width", "128", "--query-chunk", "-3",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--query-chunk must be >= 0" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_unchunked_export_loads_and_reads_in_one_chunk(tiny, tmp_path):
+    """``query_chunk=0`` (one chunk: the whole score matrix at once) gives an export its manifest accepts."""
+    out = export_onnx(tiny, tmp_path / "one", 128, 256, query_chunk=0)  # 512 queries: chunks of 128 would be 4
+    assert load_manifest(out).query_chunk == 0
+    assert sum(n.op_type == "Softmax" for n in onnx.load(out / "memory_head.onnx").graph.node) == 1
+    chunked = export_onnx(tiny, tmp_path / "four", 128, 256, query_chunk=128)
+    assert sum(n.op_type == "Softmax" for n in onnx.load(chunked / "memory_head.onnx").graph.node) == 4
