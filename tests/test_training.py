@@ -320,6 +320,7 @@ def test_init_gives_a_place_read_to_a_checkpoint_without_one(tmp_path, make_tiny
     summary = train("cityscapes-r18", "synthetic:1", tmp_path / "run", iters=1, batch=1, lr=1e-12,
                     overrides={**TINY, "place_read": True}, init=tmp_path / "src.pth", **SMALL)
     assert any("no place read" in n for n in summary["notes"])
+    assert read_checkpoint(tmp_path / "run" / "model.pth")["meta"]["init"] == str((tmp_path / "src.pth").resolve())
     model = load_model(tmp_path / "run" / "final.pth")
     assert model.config.place_read
     # the projection started at zero and one step at lr ~0 kept it there: the loaded model is the source's

@@ -5,8 +5,8 @@ streaming runtime on a driving clip -> overlay video, mIoU against the clip's la
 official protocol. Everything lands in ``--out`` (default ``demo_out/``).
 
 The checkpoint is the trained demo model shipped in ``tmanet/data/demo_model.pth`` (a narrow ResNet-18
-TMANet trained on our synthetic driving clips, see ``demo_model.json`` beside it). Without it the demo uses
-synthetic weights in the official R50 layout and says so: its masks are then not meaningful.
+TMANet with the place read, trained on our synthetic driving clips, see ``demo_model.json`` beside it).
+Without it the demo uses synthetic weights in the official R50 layout and says so: its masks are then not meaningful.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def pick_checkpoint(out: Path, given=None) -> tuple[Path, str, dict]:
         return Path(given), "checkpoint given with --checkpoint", {}
     if DEMO_MODEL.is_file():
         info = json.loads(DEMO_INFO.read_text()) if DEMO_INFO.is_file() else {}
-        return DEMO_MODEL, "trained demo model (narrow ResNet-18 TMANet, synthetic driving clips)", info
+        what = "trained demo model (narrow ResNet-18 TMANet with the place read, synthetic driving clips)"
+        return DEMO_MODEL, what, info
     from tmanet.synthetic_weights import write_official_checkpoint
     path = write_official_checkpoint("cityscapes", 0, out / "official_layout_seed0.pth")
     return path, ("SYNTHETIC WEIGHTS in the official cityscapes-r50 layout (no trained demo model shipped): "

@@ -309,6 +309,10 @@ def _train(config: ModelConfig, preset, spec: DataSpec, recipe: TrainConfig, run
     trainer = Trainer(model, optimizer, device, recipe.aux_weight, run.amp, recipe.damage_weight)
     end = recipe.iters if run.stop_after is None else min(recipe.iters, start + run.stop_after)
     meta = {"preset": preset, "world_size": d.world_size, **recipe.meta(spec.kind == "synthetic")}
+    # Where the weights started (a resumed run keeps its first invocation's --init): part of a model's provenance.
+    init = ckpt.get("meta", {}).get("init") if ckpt is not None else run.init and str(Path(run.init).resolve())
+    if init:
+        meta["init"] = init
     log_csv = _CsvLog(run.out, resumed_at=start if ckpt is not None else None) if d.main else None
     if d.main:
         log.info("training %s on %s: %d samples, iterations %d..%d, batch %d (%d process(es)), crop %dx%d, "
