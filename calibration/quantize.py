@@ -304,7 +304,8 @@ def _int8_plan(source, name: str, high_precision: str, keep_attention_fp32: bool
     if keep_attention_fp32 and attention:
         # Not quantized (an int8 softmax has 1/127 resolution; ModelOpt only skips attention MatMuls beyond
         # 512 positions) and, in a float16 graph, kept float32: by op type, ModelOpt's option, which in our
-        # exports are the attention read's only MatMul/Softmax nodes.
+        # exports are the attention read's only MatMul/Softmax nodes (and, with the place read, its only
+        # ReduceSums: its q.k sums and weighted sum).
         exclude += [f"^{re.escape(n)}$" for n in attention]  # ModelOpt reads them as regular expressions
         if high_precision == "fp16":
             keep_fp32_ops = ["MatMul", "Softmax"] + (["ReduceSum"] if any(
