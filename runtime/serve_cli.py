@@ -97,7 +97,9 @@ def serve_command(args) -> int:
         stop.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # SIGINT too, explicitly: a process started in the background by a script inherits SIGINT ignored, and
+    # Python then never installs its Ctrl-C handler, so `tmanet serve ... &` could not be stopped with SIGINT.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start(timeout_s=args.timeout)
         print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  "
@@ -108,7 +110,8 @@ def serve_command(args) -> int:
         return 0
     finally:
         code = server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         log.info("tritonserver stopped (status %s)", code)
 
 

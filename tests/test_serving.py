@@ -3,6 +3,7 @@ teardown: the sequence contract, against the in-process segmenter, over gRPC and
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -216,9 +217,11 @@ def test_serve_command_starts_prints_and_stops_on_sigint(export, tmp_path):
     repo = tmp_path / "repo"
     write_triton_repo(export, repo, max_sequences=1, threads=1)
     http, grpc, metrics = free_ports(3)
+    # Started with SIGINT ignored, as a script's background job is (`tmanet serve REPO &`): Ctrl-C still stops it.
     proc = subprocess.Popen([sys.executable, "-m", "tmanet.cli", "serve", str(repo), "--http-port", str(http),
                              "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = ""
         end = time.monotonic() + 180
@@ -231,7 +234,7 @@ def test_serve_command_starts_prints_and_stops_on_sigint(export, tmp_path):
         meta = client.get_model_metadata("tmanet", as_json=True)
         assert json.dumps(meta).count("FRAME") == 1
     finally:
-        proc.send_signal(2)  # SIGINT
+        proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
 
 
