@@ -8,6 +8,7 @@ module) are skipped, with the reason shown, where the machine lacks them.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -193,13 +194,22 @@ def tiny_export(tiny_ckpt, tmp_path_factory) -> Path:
                        checkpoint=tiny_ckpt, check=False)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``n`` torch intra-op threads inside the block, the previous count after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on two cores shared with other jobs, OpenMP spin-waits make training ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 # -- comparisons (plain functions: ``from conftest import max_abs, top2_margin``) --------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import torch_threads
 from tmanet.model import TMANet, tma_head
 from tmanet.slots import memory_frame_indices
 from tmanet.training.synthetic import ClipSpec, make_street_clip
@@ -86,12 +87,8 @@ def probe_task():
     config = probe_config(spec).replace(base_channels=8, key_channels=8, value_channels=16, channels=16,
                                         aux_channels=8)
     clips = [probe_clip(spec, PROBE_SEED_VAL + i) for i in range(16)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module fixture is set up before the per-test one_thread fixture
-    try:
+    with torch_threads(1):  # a module fixture is set up before the per-test one_thread fixture
         memory, _ = train_probe(spec, "oldest_first", iters=600, seed=1, config=config)
-    finally:
-        torch.set_num_threads(threads)
     return spec, config, clips, memory
 
 
