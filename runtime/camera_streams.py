@@ -47,11 +47,12 @@ class CameraStreams:
         self.close()
 
 
-def segment_image_message(streams, camera, msg, palette=None) -> tuple[dict, dict | None]:
+def segment_image_message(streams, camera, msg, palette=None, image=None) -> tuple[dict, dict | None]:
     """Segment one image message as the next frame of ``camera`` in ``streams`` (a
     :class:`~tmanet.runtime.camera_streams.CameraStreams`), its header stamp the frame's timestamp.
+    ``image``: the message's pixels when already decoded (``image_to_rgb``, e.g. by a reading thread).
     Returns the mask Image fields (mono8 class ids) and, when ``palette`` is given, the colour mask's (rgb8)."""
     header = field(msg, "header")
-    result = streams.push(camera, image_to_rgb(msg), stamp_seconds(header))
+    result = streams.push(camera, image_to_rgb(msg) if image is None else image, stamp_seconds(header))
     color = image_fields(colorize(result.mask, palette), header) if palette is not None else None
     return image_fields(result.mask, header), color

@@ -332,7 +332,9 @@ def run_log_command(args) -> int:
     from .camera_streams import CameraStreams
     from tmanet.driving_logs import log_reader
     from tmanet.mcap_io import McapImageWriter
+    from tmanet.ros_images import image_to_rgb
     from .camera_streams import segment_image_message
+    from .io_threads import Prefetch
     _backend_options(args)
     source, topics, output = _log_arguments(args)
     if topics is None:
@@ -342,13 +344,24 @@ def run_log_command(args) -> int:
     described = streams.describe()
     palette = streams.palette if args.color else None
     count, started = 0, time.perf_counter()
+
+    def decoded(messages):  # in the reading thread: parsing and pixel conversion run ahead of the engines
+        for topic, log_time, publish_time, msg in messages:
+            try:
+                image = image_to_rgb(msg)
+            except ValueError as e:  # reported by the consumer, which knows the output to discard
+                image = e
+            yield topic, log_time, publish_time, msg, image
+
     try:
-        with McapImageWriter(output) as writer:
-            messages = tqdm(reader.read_images(source, topics), total=reader.count_messages(source, topics),
+        with McapImageWriter(output) as writer, Prefetch(decoded(reader.read_images(source, topics))) as ahead:
+            messages = tqdm(ahead, total=reader.count_messages(source, topics),
                             desc="tmanet run", unit="image", disable=args.no_progress)
-            for topic, log_time, publish_time, msg in messages:
+            for topic, log_time, publish_time, msg, image in messages:
                 try:
-                    mask, color = segment_image_message(streams, topic, msg, palette)
+                    if isinstance(image, ValueError):
+                        raise image
+                    mask, color = segment_image_message(streams, topic, msg, palette, image=image)
                 except ValueError as e:
                     raise UserError(f"{source}, {topic}, message at log time {log_time} ns: {e}") from None
                 writer.write(f"{topic}/mask", mask, log_time, publish_time)

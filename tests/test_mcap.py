@@ -195,6 +195,22 @@ def test_mcap_two_cameras_match_the_python_api(export_b1, drive, tmp_path, capsy
         assert index == ([0, 1, 2, 3, 0, 1, 2] if camera == "front" else [0, 1, 2, 3])
 
 
+def test_mcap_images_are_decoded_ahead_in_the_reading_thread(export_b1, drive, tmp_path, monkeypatch):
+    """Parsing and pixel conversion run in the reading thread, ahead of the engines, as a video's decoding does."""
+    import threading
+
+    import tmanet.ros_images
+    threads = []
+
+    def recording(msg):
+        threads.append(threading.current_thread().name)
+        return image_to_rgb(msg)
+    monkeypatch.setattr(tmanet.ros_images, "image_to_rgb", recording)
+    assert main(["run", str(export_b1), "--input", str(drive["path"]), "--topic", FRONT, "--topic", REAR,
+                 "--resize", "--output", str(tmp_path / "masks.mcap"), "--no-progress"]) == 0
+    assert threads == ["tmanet-read"] * 11
+
+
 def test_mcap_without_topic_lists_the_image_topics(export_b1, drive, tmp_path, capsys):
     assert main(["run", str(export_b1), "--input", str(drive["path"]), "--output", str(tmp_path / "o.mcap"),
                  "--no-progress"]) == 0
