@@ -204,6 +204,11 @@ def test_evaluate_scores_degraded_pixels_apart(tiny_ckpt):
         assert r[key]["miou"] == pytest.approx(expected["miou"])
         assert r[key]["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
     assert r["degraded"]["pixel_accuracy"] != pytest.approx(r["intact"]["pixel_accuracy"])
+    # each clip's confusions are kept (for eval-compare): they add up to the pooled ones
+    assert [c["seed"] for c in r["per_clip"]] == [SYNTHETIC_VAL_SEED, SYNTHETIC_VAL_SEED + 1]
+    np.testing.assert_array_equal(sum(np.array(c["confusion_degraded"]) for c in r["per_clip"]), bad)
+    np.testing.assert_array_equal(sum(np.array(c["confusion"]) for c in r["per_clip"]), bad + good)
+    assert r["per_clip"][0]["confusion"] != r["per_clip"][1]["confusion"]
     text = format_report(r)
     assert f"{100 * r['degraded']['miou']:6.2f}" in text and f"on {bad.sum()} px" in text
     clean = evaluate(tiny_ckpt, "synthetic:1", synthetic_size=(H, W), synthetic_frames=F, progress=False,

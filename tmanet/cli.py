@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     "tmanet.runtime.serve_cli",  # triton-repo, serve, serve-bench
     "tmanet.calibration.cli",   # calibrate, compare
     "tmanet.engines.cli",       # build
-    "tmanet.training.cli",      # train, eval
+    "tmanet.training.cli",      # train, eval, eval-compare
 )
 
 

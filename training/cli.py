@@ -1,5 +1,6 @@
-"""``tmanet train`` (the paper's recipe, one process or ``torchrun``) and ``tmanet eval`` (IoU, mIoU, pixel
-accuracy, temporal consistency of a checkpoint or an export directory)."""
+"""``tmanet train`` (the paper's recipe, one process or ``torchrun``), ``tmanet eval`` (IoU, mIoU, pixel
+accuracy, temporal consistency of a checkpoint or an export directory) and ``tmanet eval-compare`` (two eval
+results on the same clips: their difference and its 95 % interval)."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +85,21 @@ def register(sub):
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=run_eval)
 
+    c = sub.add_parser(
+        "eval-compare", help="difference of two `tmanet eval --json` results on the same synthetic clips, with a "
+                             "95 % interval (paired bootstrap over clips)",
+        description="How much two `tmanet eval --json` results on the same synthetic clips differ in mIoU, with "
+                    "a 95 % interval from a paired bootstrap over the clips.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("a", help="result A (tmanet eval --json)")
+    c.add_argument("b", help="result B, on the same clips")
+    c.add_argument("--region", choices=("all", "degraded", "intact"), default="degraded",
+                   help="pixels scored: all, those the degradation destroyed, or the others")
+    c.add_argument("--samples", type=int, default=2000, help="bootstrap draws")
+    c.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws")
+    c.add_argument("--json", metavar="FILE", help="write the comparison here")
+    c.set_defaults(func=run_eval_compare)
+
 
 def run_train(args) -> int:
     from tmanet.errors import UserError
@@ -151,4 +167,31 @@ def run_eval(args) -> int:
     print(format_report(result))
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
+    return 0
+
+
+def run_eval_compare(args) -> int:
+    import json
+    from pathlib import Path
+
+    from tmanet.errors import UserError
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs, write_json
+
+    from .eval_compare import ComparisonError, compare_evals, format_comparison
+    if args.json:
+        check_output(args.json, "file", "--json")
+        refuse_overwriting_inputs([args.json], [args.a, args.b])
+    results = []
+    for path in (args.a, args.b):
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable tmanet eval result ({e})") from None
+    try:
+        comparison = compare_evals(*results, region=args.region, samples=args.samples, seed=args.seed)
+    except ComparisonError as e:
+        raise UserError(str(e)) from None
+    print(format_comparison(comparison))
+    if args.json:
+        print(f"wrote {write_json(args.json, comparison)}")
     return 0

@@ -191,6 +191,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
     cm = np.zeros((C, C), np.int64)
     cm_degraded = np.zeros((C, C), np.int64)
     flips = FlipCounter()
+    per_clip = []  # synthetic: each clip's confusions, for paired comparisons over the same clips (eval_compare)
     scored = clips = 0
     started = time.perf_counter()
     try:
@@ -204,13 +205,19 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
             for (frames, labels), damage in tqdm(zip(ds.clips, ds.damage), total=len(ds.clips), desc="evaluate",
                                                  unit="clip", disable=not progress):
                 flips.start_clip()
+                clip_cm = np.zeros((C, C), np.int64)
+                clip_degraded = np.zeros((C, C), np.int64)
                 for t, mask in enumerate(_stream(predictor, frames, memory_source)):
                     if t < T and not all_frames:
                         continue
-                    cm += confusion_matrix(mask, labels[t], C)
-                    cm_degraded += confusion_matrix(mask[damage[t]], labels[t][damage[t]], C)
+                    clip_cm += confusion_matrix(mask, labels[t], C)
+                    clip_degraded += confusion_matrix(mask[damage[t]], labels[t][damage[t]], C)
                     flips.add(mask, labels[t])
                     scored += 1
+                cm += clip_cm
+                cm_degraded += clip_degraded
+                per_clip.append({"seed": SYNTHETIC_VAL_SEED + clips, "confusion": clip_cm.tolist(),
+                                 "confusion_degraded": clip_degraded.tolist()})
                 clips += 1
         else:
             ds = open_dataset(spec, cfg, split, None, 0, frames_dir=frames_dir)
@@ -248,6 +255,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
     if spec.kind == "synthetic":
         result["synthetic"] = {"size": list(size), "frames": synthetic_frames, "first_seed": SYNTHETIC_VAL_SEED,
                                "degradation": float(synthetic_degradation)}
+        result["per_clip"] = per_clip
     return result
 
 
