@@ -146,7 +146,7 @@ def run_eval(args) -> int:
     from tmanet.errors import UserError
     from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
-    from .evaluate import evaluate, format_report, write_json
+    from .evaluate import evaluate, format_report
     from .config import InputError, parse_pair
     for name in ("limit", "synthetic_frames", "threads"):
         v = getattr(args, name)
@@ -164,9 +164,15 @@ def run_eval(args) -> int:
                           synthetic_degradation=args.synthetic_degradation, memory_source=args.memory_source)
     except InputError as e:
         raise UserError(str(e)) from None
-    print(format_report(result))
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
+    return _report(format_report(result), result, args.json)
+
+
+def _report(text: str, result: dict, json_path) -> int:
+    """Print ``text`` and write ``result`` to ``json_path`` (atomically) when one was given."""
+    from tmanet.safe_files import write_json
+    print(text)
+    if json_path:
+        print(f"wrote {write_json(json_path, result)}")
     return 0
 
 
@@ -175,7 +181,7 @@ def run_eval_compare(args) -> int:
     from pathlib import Path
 
     from tmanet.errors import UserError
-    from tmanet.safe_files import check_output, refuse_overwriting_inputs, write_json
+    from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
     from .eval_compare import ComparisonError, compare_evals, format_comparison
     if args.json:
@@ -191,7 +197,4 @@ def run_eval_compare(args) -> int:
         comparison = compare_evals(*results, region=args.region, samples=args.samples, seed=args.seed)
     except ComparisonError as e:
         raise UserError(str(e)) from None
-    print(format_comparison(comparison))
-    if args.json:
-        print(f"wrote {write_json(args.json, comparison)}")
-    return 0
+    return _report(format_comparison(comparison), comparison, args.json)

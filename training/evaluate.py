@@ -16,7 +16,6 @@ from typing import Iterator
 
 import numpy as np
 
-from tmanet import safe_files
 from tmanet.export.manifest import ExportSpec
 from tmanet.metrics import FlipCounter, confusion_matrix, region_scores, scores_from_confusion
 
@@ -301,7 +300,3 @@ def format_report(result: dict) -> str:
     else:
         lines.append("temporal consistency: n/a (needs consecutive labelled frames: synthetic clips)")
     return "\n".join(lines)
-
-
-def write_json(result: dict, path) -> Path:
-    return safe_files.write_json(path, result)
