@@ -212,7 +212,8 @@ def run_command(args) -> int:
     from tmanet.errors import Interrupted, UserError
 
     from .io_threads import Prefetch, Worker
-    from tmanet.video_io import NpyWriter, VideoWriter, open_frames, overlay, save_mask_png
+    from .run_outputs import RunOutputs
+    from tmanet.video_io import open_frames
     from tmanet.driving_logs import is_log
     if is_log(args.input):
         return run_log_command(args)
@@ -233,43 +234,20 @@ def run_command(args) -> int:
         raise UserError(str(e)) from None
     seg = _open(args, mode=args.mode, stride=stride, return_logits=bool(args.save_logits),
                 max_gap=args.max_gap or None, resize=args.resize)
-    palette = seg.palette
     described = seg.backend.describe()
-    writer = logits_file = mask_dir = None
     try:
-        writer = VideoWriter(args.output, fps=source.fps or 25.0) if args.output else None
-        logits_file = NpyWriter(args.save_logits) if args.save_logits else None
+        outputs = RunOutputs(args.output, args.save_logits, args.save_masks, seg.palette, args.alpha,
+                             fps=source.fps or 25.0)
     except BaseException:
         seg.close()
-        if writer is not None:
-            writer.discard()
         raise
-    if args.save_masks:  # created with its first PNG: an early error leaves no empty folder
-        from pathlib import Path
-        mask_dir = Path(args.save_masks)
-
-    def render(index, frame, res):  # in a pool thread: the per-frame work that needs no order
-        if mask_dir is not None:
-            save_mask_png(res.mask, mask_dir / f"{index:06d}.png", palette)
-        return overlay(frame, res.mask, palette, args.alpha) if writer is not None else None
-
-    written = [0]
-
-    def write(item):  # in the writer thread, in frame order
-        rendered, res = item
-        image = rendered.result()
-        if writer is not None:
-            writer.write(image)
-        if logits_file is not None:
-            logits_file.append(res.logits)
-        written[0] += 1
 
     # Decoding ahead, and rendering and writing behind, run in threads, so the engines wait for neither.
     workers = max(1, min(4, (os.cpu_count() or 2) - 1))
     count, started, busy = 0, time.perf_counter(), 0.0
     frames = Prefetch(source)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tmanet-render")
-    output = Worker(write, depth=2 * workers)
+    output = Worker(lambda item: outputs.write(item[0].result(), item[1]), depth=2 * workers)  # in frame order
     finished = False
     try:
         with _stop_requests() as stop:  # SIGINT/SIGTERM: the frames segmented so far become valid outputs
@@ -283,13 +261,11 @@ def run_command(args) -> int:
                 except ValueError as e:
                     raise UserError(f"frame {count} of {args.input}: {e}") from None
                 busy += time.perf_counter() - t0
-                output.submit((pool.submit(render, count, frame, res), res))
+                output.submit((pool.submit(outputs.render, count, frame, res), res))
                 count += 1
             bar.close()
             output.close()  # the last results are written (and a writing error raised) before the files close
-            for sink in (writer, logits_file):
-                if sink is not None:
-                    sink.close()
+            outputs.close()
             finished = True
     finally:
         frames.close()
@@ -298,24 +274,20 @@ def run_command(args) -> int:
                 output.close()
             except BaseException:
                 pass  # the first error is the one to report
-            for sink in (writer, logits_file):
-                if sink is not None:
-                    sink.discard()
+            outputs.discard()
         pool.shutdown()
         seg.close()
-    outputs = [f"{what} {where}" for what, where in (("overlay", args.output), ("masks", args.save_masks),
-                                                     ("logits", args.save_logits)) if where]
     if stop[0] is not None:
-        print(f"interrupted: {written[0]} frames written" + (f" ({', '.join(outputs)})" if outputs else ""))
+        listed = ", ".join(f"{what} {where}" for what, where in outputs.paths)
+        print(f"interrupted: {outputs.written} frames written" + (f" ({listed})" if listed else ""))
         raise Interrupted(stop[0])
     wall = time.perf_counter() - started
     if count == 0:
         raise UserError(f"{args.input}: no frames")
     print(f"{count} frames, {described}, mode {seg.mode}: {count / busy:.2f} frames/s segmenting "
           f"({count / wall:.2f} frames/s with reading and writing)")
-    for what, where in (("overlay", args.output), ("masks", args.save_masks), ("logits", args.save_logits)):
-        if where:
-            print(f"  {what}: {where}")
+    for what, where in outputs.paths:
+        print(f"  {what}: {where}")
     return 0
 
 
