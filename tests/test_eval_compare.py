@@ -75,6 +75,20 @@ def test_regions_read_their_own_confusions():
     assert intact["b"]["miou"] == pytest.approx(miou(4 * (confusion(40, 10) - confusion(5, 5))))
 
 
+def test_clips_without_destroyed_pixels():
+    zero = np.zeros((2, 2), np.int64)
+    clean = result([confusion(5, 1)] * 3, [zero] * 3)
+    with pytest.raises(ComparisonError, match="no degraded pixels"):
+        compare_evals(clean, clean)
+    # some clips with none: the pooled figures and every draw that has some still count
+    a = result([confusion(50, 5)] * 3, [zero, confusion(8, 2), confusion(6, 4)])
+    b = result([confusion(50, 5)] * 3, [zero, confusion(5, 5), confusion(4, 6)])
+    c = compare_evals(a, b, samples=300)
+    assert c["difference"] == pytest.approx(miou(confusion(14, 6)) - miou(confusion(9, 11)))
+    assert c["clips_a_better"] == 2 and c["clips_b_better"] == 0
+    assert np.isfinite(c["interval95"]).all() and c["interval95"][0] > 0
+
+
 def test_refuses_results_on_other_clips():
     a = result([confusion(5, 1)] * 3)
     with pytest.raises(ComparisonError, match="not the same clips: 3 clips against 2"):

@@ -49,6 +49,12 @@ def _miou(cm: np.ndarray) -> float:
     return scores_from_confusion(cm)["miou"]
 
 
+def _difference(cm_a: np.ndarray, cm_b: np.ndarray) -> float:
+    """mIoU of ``cm_a`` minus that of ``cm_b``; NaN where either has no pixels."""
+    a, b = _miou(cm_a), _miou(cm_b)
+    return float("nan") if a is None or b is None else a - b
+
+
 def compare_evals(a: dict, b: dict, region: str = "degraded", samples: int = 2000, seed: int = 0) -> dict:
     """mIoU of ``a`` minus that of ``b`` on ``region`` (all / degraded / intact pixels) of their common clips,
     with a 95 % paired-bootstrap interval over clips (``samples`` draws, generator ``seed``) and the number of
@@ -61,14 +67,17 @@ def compare_evals(a: dict, b: dict, region: str = "degraded", samples: int = 200
     _check_same_clips(a, b)
     n = len(ca)
     miou_a, miou_b = _miou(ca.sum(0)), _miou(cb.sum(0))
+    if miou_a is None or miou_b is None:
+        raise ComparisonError(f"no {region} pixels in these clips (e.g. degradation 0 destroys none)")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(samples, n))
     # a draw's pooled confusion is the sum of its clips' confusions: count how often each clip was drawn
     weights = np.stack([np.bincount(d, minlength=n) for d in draws])
     pooled_a = np.tensordot(weights, ca, axes=1)
     pooled_b = np.tensordot(weights, cb, axes=1)
-    diffs = np.asarray([_miou(x) - _miou(y) for x, y in zip(pooled_a, pooled_b)])
-    per_clip = [_miou(x) - _miou(y) for x, y in zip(ca, cb)]
+    diffs = np.asarray([_difference(x, y) for x, y in zip(pooled_a, pooled_b)], np.float64)
+    diffs = diffs[~np.isnan(diffs)]  # a draw of clips without pixels in the region scores nothing
+    per_clip = [_difference(x, y) for x, y in zip(ca, cb)]
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return {"region": region, "clips": n, "a": {"source": a.get("source"), "memory_source": a.get("memory_source"),
                                                 "miou": miou_a},
