@@ -181,25 +181,16 @@ def _check_run_outputs(args):
 def _stop_requests():
     """Inside the block SIGINT/SIGTERM ask to stop: ``stop[0]`` becomes the signal and the frame loop ends at a
     frame boundary (no exception in the middle of its bookkeeping); a second signal stops at once."""
-    import signal
-    import threading
-
     from tmanet.errors import Interrupted
+    from tmanet.signal_handlers import signal_handlers
     stop = [None]
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def request(signum, _):
         if stop[0] is not None:
             raise Interrupted(signum)
         stop[0] = signum
-    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers(request):
         yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def run_command(args) -> int:

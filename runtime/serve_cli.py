@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import signal
 import tempfile
 
 from tmanet.safe_files import write_json
+from tmanet.signal_handlers import signal_handlers
 
 log = logging.getLogger("tmanet")
 
@@ -91,28 +91,23 @@ def serve_command(args) -> int:
     from .serve import TritonServer
     server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port)
-    stop = []
 
     def on_signal(signum, frame):
-        stop.append(signum)
         raise KeyboardInterrupt
 
-    # SIGINT too, explicitly: a process started in the background by a script inherits SIGINT ignored, and
-    # Python then never installs its Ctrl-C handler, so `tmanet serve ... &` could not be stopped with SIGINT.
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.start(timeout_s=args.timeout)
-        print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  "
-              f"metrics http://{server.host}:{server.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
-        server.process.wait()
-        return 0 if server.process.returncode == 0 else 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        code = server.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        log.info("tritonserver stopped (status %s)", code)
+    # SIGINT too, explicitly: `tmanet serve ... &` from a script arrives with SIGINT ignored.
+    with signal_handlers(on_signal):
+        try:
+            server.start(timeout_s=args.timeout)
+            print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  "
+                  f"metrics http://{server.host}:{server.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
+            server.process.wait()
+            return 0 if server.process.returncode == 0 else 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            code = server.stop()
+            log.info("tritonserver stopped (status %s)", code)
 
 
 def serve_bench_command(args) -> int:

@@ -10,7 +10,6 @@ import importlib
 import logging
 import signal
 import sys
-import threading
 
 COMMAND_MODULES = (
     "tmanet.export.cli",        # export
@@ -47,22 +46,18 @@ def main(argv=None) -> int:
 
     from .checkpoints import CheckpointError
     from .errors import UserError
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM unwinds like Ctrl-C: temporary outputs are removed, `run` finishes what it segmented.
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        return int(args.func(args) or 0)
-    except (UserError, CheckpointError, ManifestError, ExportCheckError, FileNotFoundError) as e:
-        print(f"tmanet {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"tmanet {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
-        return 128 + signum
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    from .signal_handlers import signal_handlers
+    # SIGTERM unwinds like Ctrl-C: temporary outputs are removed, `run` finishes what it segmented.
+    with signal_handlers(_raise_interrupted, (signal.SIGTERM,)):
+        try:
+            return int(args.func(args) or 0)
+        except (UserError, CheckpointError, ManifestError, ExportCheckError, FileNotFoundError) as e:
+            print(f"tmanet {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            print(f"tmanet {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+            return 128 + signum
 
 
 if __name__ == "__main__":
