@@ -13,7 +13,7 @@ import numpy as np
 
 from tmanet.metrics import scores_from_confusion
 
-REGIONS = {"all": "confusion", "degraded": "confusion_degraded", "intact": None}  # intact = all - degraded
+REGIONS = ("all", "degraded", "intact")
 
 
 class ComparisonError(ValueError):
@@ -25,15 +25,13 @@ def _clip_confusions(result: dict, region: str) -> np.ndarray:
     if not clips:
         raise ComparisonError(f"{result.get('source', 'a result')}: no per-clip confusions (only `tmanet eval` on "
                               "synthetic clips records them)")
-    if region == "intact":
-        return np.asarray([c["confusion"] for c in clips], np.int64) - \
-            np.asarray([c["confusion_degraded"] for c in clips], np.int64)
-    return np.asarray([c[REGIONS[region]] for c in clips], np.int64)
+    whole = np.asarray([c["confusion"] for c in clips], np.int64)
+    degraded = np.asarray([c["confusion_degraded"] for c in clips], np.int64)
+    return {"all": whole, "degraded": degraded, "intact": whole - degraded}[region]
 
 
 def _check_same_clips(a: dict, b: dict) -> None:
-    keys = ("data", "scored_frames")
-    for k in keys:
+    for k in ("data", "scored_frames"):
         if a.get(k) != b.get(k):
             raise ComparisonError(f"not the same clips: {k} {a.get(k)!r} against {b.get(k)!r}")
     if a.get("synthetic") != b.get("synthetic"):
