@@ -3,13 +3,20 @@
 The top-level folders are the toolkit's subpackages; they are mapped into the ``tmanet`` namespace
 (``export/`` -> ``tmanet.export`` ...) next to the small core package ``tmanet/``.
 """
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+# One version, tmanet.__version__ (what `tmanet --version` prints).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "tmanet" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 SUBPACKAGES = ("export", "engines", "runtime", "training", "calibration")
 
 setup(
     name="tmanet-trt",
-    version="0.1.0",
+    version=VERSION,
     description="TMANet video segmentation: checkpoints -> split ONNX -> TensorRT, with a streaming runtime",
     python_requires=">=3.10",
     packages=["tmanet", "tmanet.model"] + [f"tmanet.{p}" for p in SUBPACKAGES],

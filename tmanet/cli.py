@@ -11,6 +11,8 @@ import logging
 import signal
 import sys
 
+from . import __version__
+
 COMMAND_MODULES = (
     "tmanet.export.cli",        # export
     "tmanet.runtime.cli",       # run, bench
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmanet", description="TMANet video segmentation: export, run, "
                                      "benchmark, calibrate, build TensorRT engines, train, evaluate.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

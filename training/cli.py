@@ -87,9 +87,9 @@ def register(sub):
 
     c = sub.add_parser(
         "eval-compare", help="difference of two `tmanet eval --json` results on the same synthetic clips, with a "
-                             "95 % interval (paired bootstrap over clips)",
+                             "95 %% interval (paired bootstrap over clips)",
         description="How much two `tmanet eval --json` results on the same synthetic clips differ in mIoU, with "
-                    "a 95 % interval from a paired bootstrap over the clips.",
+                    "a 95 %% interval from a paired bootstrap over the clips.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("a", help="result A (tmanet eval --json)")
     c.add_argument("b", help="result B, on the same clips")
