@@ -39,7 +39,11 @@ def register(subparsers):
     p.add_argument("--output", "-o", metavar="PATH",
                    help="write an overlay video (e.g. overlay.mp4); for a ROS bag input, the output MCAP")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0..1)")
-    p.add_argument("--save-masks", metavar="DIR", help="write one palette PNG per frame (pixel = class id)")
+    p.add_argument("--save-masks", metavar="DIR",
+                   help="write one palette PNG per frame (pixel = class id) into a new or empty folder; the set "
+                        "appears when the run ends (with what was segmented, if stopped)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--save-masks into a folder of an earlier run's masks: replace that whole set")
     p.add_argument("--save-logits", metavar="F.npy", help="write all logits as one (F, C, H, W) float32 .npy")
     p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
     p.add_argument("--allow-truncated", action="store_true",
@@ -159,6 +163,8 @@ def _check_run_outputs(args):
     from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
     from tmanet.video_io import WRITABLE_VIDEO_SUFFIXES
+
+    from .run_outputs import check_mask_folder
     if args.output:
         check_output(args.output, "file", "--output")
         suffix = Path(args.output).suffix.lower()
@@ -171,19 +177,20 @@ def _check_run_outputs(args):
             raise UserError(f"--save-logits writes a .npy file: got {args.save_logits}")
     if args.save_masks:
         check_output(args.save_masks, "dir", "--save-masks")
-    inputs = [args.input, args.export_dir]
-    refuse_overwriting_inputs([args.output, args.save_logits], inputs)
-    # Mask PNGs go into the folder one by one: it may hold other files, but must not be an input.
-    refuse_overwriting_inputs([args.save_masks], inputs, whole=False)
+    elif args.overwrite:
+        raise UserError("--overwrite applies to --save-masks")
+    # The mask folder is replaced as a whole (staged, then swapped in), so it may not hold an input either.
+    refuse_overwriting_inputs([args.output, args.save_logits, args.save_masks], [args.input, args.export_dir])
+    if args.save_masks:
+        check_mask_folder(args.save_masks, args.overwrite)
 
 
 @contextmanager
-def _stop_requests():
+def _stop_requests(stop: list):
     """Inside the block SIGINT/SIGTERM ask to stop: ``stop[0]`` becomes the signal and the frame loop ends at a
     frame boundary (no exception in the middle of its bookkeeping); a second signal stops at once."""
     from tmanet.errors import Interrupted
     from tmanet.signal_handlers import signal_handlers
-    stop = [None]
 
     def request(signum, _):
         if stop[0] is not None:
@@ -202,7 +209,7 @@ def run_command(args) -> int:
 
     from tmanet.errors import Interrupted, UserError
 
-    from .io_threads import Prefetch, Worker
+    from .io_threads import Prefetch, Worker, call_in_thread
     from .run_outputs import RunOutputs
     from tmanet.video_io import open_frames
     from tmanet.driving_logs import is_log
@@ -219,8 +226,8 @@ def run_command(args) -> int:
         raise UserError("--stride takes one value or two (H W)")
     stride = None if not args.stride else (args.stride * 2)[:2]
     _check_run_outputs(args)
-    try:
-        source = open_frames(args.input, args.max_frames, allow_truncated=args.allow_truncated)
+    try:  # in a thread: a SIGTERM still ends the command while opening blocks (a pipe that sends nothing)
+        source = call_in_thread(open_frames, args.input, args.max_frames, args.allow_truncated)
     except ValueError as e:
         raise UserError(str(e)) from None
     seg = _open(args, mode=args.mode, stride=stride, return_logits=bool(args.save_logits),
@@ -236,12 +243,13 @@ def run_command(args) -> int:
     # Decoding ahead, and rendering and writing behind, run in threads, so the engines wait for neither.
     workers = max(1, min(4, (os.cpu_count() or 2) - 1))
     count, started, busy = 0, time.perf_counter(), 0.0
-    frames = Prefetch(source)
+    stop = [None]
+    frames = Prefetch(source, stop_requested=lambda: stop[0] is not None)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tmanet-render")
     output = Worker(lambda item: outputs.write(item[0].result(), item[1]), depth=2 * workers)  # in frame order
     finished = False
     try:
-        with _stop_requests() as stop:  # SIGINT/SIGTERM: the frames segmented so far become valid outputs
+        with _stop_requests(stop):  # SIGINT/SIGTERM: the frames segmented so far become valid outputs
             bar = tqdm(frames, total=source.count, desc="tmanet run", unit="frame", disable=args.no_progress)
             for frame, timestamp in bar:
                 if stop[0] is not None:
@@ -256,7 +264,12 @@ def run_command(args) -> int:
                 count += 1
             bar.close()
             output.close()  # the last results are written (and a writing error raised) before the files close
-            outputs.close()
+            if count == 0:  # nothing segmented: every earlier output stays as it was
+                if stop[0] is None:
+                    raise UserError(f"{args.input}: no frames")
+                outputs.discard()
+            else:
+                outputs.close()
             finished = True
     finally:
         frames.close()
@@ -273,8 +286,6 @@ def run_command(args) -> int:
         print(f"interrupted: {outputs.written} frames written" + (f" ({listed})" if listed else ""))
         raise Interrupted(stop[0])
     wall = time.perf_counter() - started
-    if count == 0:
-        raise UserError(f"{args.input}: no frames")
     print(f"{count} frames, {described}, mode {seg.mode}: {count / busy:.2f} frames/s segmenting "
           f"({count / wall:.2f} frames/s with reading and writing)")
     for what, where in outputs.paths:

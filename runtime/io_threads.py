@@ -16,13 +16,42 @@ class _Failure:
         self.error = error
 
 
+# How often a consumer waiting on a blocked input checks for a stop request, and how long close() waits for a
+# reading thread stuck in a read that never returns (a pipe that stopped delivering): it is then left behind.
+POLL_S = 0.1
+ABANDON_AFTER_S = 1.0
+
+
+def call_in_thread(fn: Callable, *args):
+    """``fn(*args)`` in a daemon thread: the caller waits in ``join``, which a signal handler can interrupt by
+    raising (a read blocked inside C code, e.g. FFmpeg probing a pipe, cannot be), and the thread is then left
+    behind. Returns ``fn``'s result or raises its exception."""
+    result: list = []
+
+    def target():
+        try:
+            result.append((True, fn(*args)))
+        except BaseException as e:
+            result.append((False, e))
+    thread = threading.Thread(target=target, name="tmanet-open", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
 class Prefetch:
     """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer. An exception
     raised by ``items`` is re-raised by the consumer's ``next()`` at the point where it happened. ``close()``
-    (or leaving a ``with`` block) stops the thread early."""
+    (or leaving a ``with`` block) stops the thread early. With ``stop_requested`` (a callable), a consumer
+    waiting for the next item ends the iteration within :data:`POLL_S` once it returns True, even while the
+    input blocks."""
 
-    def __init__(self, items: Iterable, depth: int = 4):
+    def __init__(self, items: Iterable, depth: int = 4, stop_requested: Callable[[], bool] | None = None):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop_requested = stop_requested
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(iter(items),), name="tmanet-read", daemon=True)
         self._thread.start()
@@ -49,8 +78,19 @@ class Prefetch:
     def __iter__(self):
         return self
 
+    def _get(self):
+        if self._stop_requested is None:
+            return self._queue.get()
+        while True:
+            if self._stop_requested():
+                raise StopIteration
+            try:
+                return self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+
     def __next__(self):
-        item = self._queue.get()
+        item = self._get()
         if item is _DONE:
             self._queue.put(_DONE)  # stays exhausted
             raise StopIteration
@@ -61,7 +101,7 @@ class Prefetch:
 
     def close(self):
         self._stop.set()
-        self._thread.join()
+        self._thread.join(ABANDON_AFTER_S)  # a thread stuck in a blocked read is a daemon: left behind
 
     def __enter__(self):
         return self

@@ -87,3 +87,32 @@ def test_worker_error_on_the_last_items_is_raised_by_close():
     w.submit(0)
     with pytest.raises(ZeroDivisionError):
         w.close()
+
+
+def test_a_stop_request_ends_a_wait_on_a_blocked_input():
+    """A source stuck in a read that never returns (a pipe that stopped sending): the consumer's wait ends once a
+    stop is requested, and close() leaves the stuck thread behind instead of waiting for it."""
+    release, asked = threading.Event(), threading.Event()
+
+    def stuck():
+        yield 0
+        asked.set()
+        release.wait()  # the read that never returns
+        yield 1
+
+    stop = [False]
+    p = Prefetch(stuck(), stop_requested=lambda: stop[0])
+    assert next(p) == 0
+    asked.wait()
+    stop[0] = True
+    assert list(p) == []  # ended by the request, not by the source
+    p.close()
+    assert p._thread.is_alive()  # left behind, still stuck
+    release.set()
+
+
+def test_call_in_thread_returns_or_raises_what_the_call_does():
+    from tmanet.runtime.io_threads import call_in_thread
+    assert call_in_thread(sum, [1, 2, 3]) == 6
+    with pytest.raises(ValueError, match="bad input"):
+        call_in_thread(lambda: (_ for _ in ()).throw(ValueError("bad input")))

@@ -10,8 +10,8 @@ Every command writes through these few primitives:
 - :func:`atomic_file` / :func:`write_text` / :func:`write_json`: a file is written under a temporary name in
   its own folder and renamed into place when complete; on an error (or a signal turned into an exception) the
   temporary file is removed and the previous file, if any, is untouched.
-- :func:`atomic_directory`: a folder is staged beside its destination and swapped in when complete, so the
-  previous folder stays usable until the new one is whole.
+- :func:`atomic_directory` / :class:`PendingDirectory`: a folder is staged beside its destination and swapped in
+  when complete, so the previous folder stays usable until the new one is whole.
 
 A ``kill -9`` cannot run cleanup: it may leave a hidden ``.NAME.partial-*`` beside the output, never a
 truncated file under the final name.
@@ -250,23 +250,43 @@ def swap_into_place(staged: Path, path: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+class PendingDirectory:
+    """A folder filled for longer than a ``with`` block (e.g. one file per frame): :attr:`stage` (beside
+    :attr:`path`) is filled, :meth:`commit` swaps it in for ``path`` (the previous folder stays whole until
+    then), :meth:`discard` deletes it and leaves ``path`` untouched. Both are idempotent."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._made = _make_parents(self.path)
+        try:
+            self.stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{PARTIAL_MARK}", dir=self.path.parent))
+        except OSError as e:
+            _remove_made(self._made)
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
+        _publishable(self.stage, 0o777)
+        self.done = False
+
+    def commit(self):
+        if not self.done:
+            swap_into_place(self.stage, self.path)
+            self.done = True
+
+    def discard(self):
+        if not self.done:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            _remove_made(self._made)
+            self.done = True
+
+
 @contextmanager
 def atomic_directory(path) -> Iterator[Path]:
     """``with atomic_directory("exports/city") as stage:`` fill the folder ``stage`` (beside ``path``); on
     leaving the block normally it replaces ``path`` (the old folder stays whole until then), on an exception
     it is deleted and ``path`` is untouched."""
-    path = Path(path)
-    made = _make_parents(path)
+    pending = PendingDirectory(path)
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL_MARK}", dir=path.parent))
-    except OSError as e:
-        _remove_made(made)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        _publishable(stage, 0o777)
-        yield stage
-        swap_into_place(stage, path)
+        yield pending.stage
+        pending.commit()
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        _remove_made(made)
+        pending.discard()
         raise
