@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Hashable
 
 from tmanet.ros_images import field, image_fields, image_to_rgb, stamp_seconds
-from tmanet.video_io import colorize
+from tmanet.pictures import colorize
 
 
 class CameraStreams:

@@ -6,6 +6,8 @@ import argparse
 import logging
 from contextlib import contextmanager
 
+from tmanet.pictures import LAYOUTS
+
 log = logging.getLogger("tmanet")
 
 BACKEND_CHOICES = ("ort", "torch", "trt")
@@ -39,6 +41,9 @@ def register(subparsers):
     p.add_argument("--output", "-o", metavar="PATH",
                    help="write an overlay video (e.g. overlay.mp4); for a ROS bag input, the output MCAP")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0..1)")
+    p.add_argument("--layout", choices=LAYOUTS, default="overlay",
+                   help="--output video: the colours over the frame with class boundaries and a legend of the "
+                        "classes present (overlay), or the untouched frame beside it (side-by-side)")
     p.add_argument("--save-masks", metavar="DIR",
                    help="write one palette PNG per frame (pixel = class id) into a new or empty folder; the set "
                         "appears when the run ends (with what was segmented, if stopped)")
@@ -234,8 +239,8 @@ def run_command(args) -> int:
                 max_gap=args.max_gap or None, resize=args.resize)
     described = seg.backend.describe()
     try:
-        outputs = RunOutputs(args.output, args.save_logits, args.save_masks, seg.palette, args.alpha,
-                             fps=source.fps or 25.0)
+        outputs = RunOutputs(args.output, args.save_logits, args.save_masks, seg.palette, seg.class_names,
+                             args.alpha, fps=source.fps or 25.0, layout=args.layout)
     except BaseException:
         seg.close()
         raise

@@ -1,4 +1,4 @@
-"""What ``tmanet run`` writes for each segmented frame: an overlay video, the logits as one ``.npy``, mask PNGs
+"""What ``tmanet run`` writes for each segmented frame: a video of pictures (``tmanet.pictures``), the logits as one ``.npy``, mask PNGs
 (each optional). Each appears under its name only when closed (the mask PNGs as one folder, swapped in whole),
 so a failed run leaves every earlier output as it was and an interrupted one leaves complete outputs."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tmanet.errors import UserError
 from tmanet.safe_files import PendingDirectory
-from tmanet.video_io import NpyWriter, VideoWriter, overlay, save_mask_png
+from tmanet.pictures import render
+from tmanet.video_io import NpyWriter, VideoWriter, save_mask_png
 
 MASK_NAME = re.compile(r"\d{6}\.png")
 
@@ -33,10 +34,11 @@ class RunOutputs:
     """``render`` may run in any thread (it needs no order); ``write`` must be called in frame order, from one
     thread; then ``close()`` (keep) or ``discard()`` (remove the video and logits)."""
 
-    def __init__(self, output, save_logits, save_masks, palette, alpha: float, fps: float):
+    def __init__(self, output, save_logits, save_masks, palette, class_names, alpha: float, fps: float,
+                 layout: str = "overlay"):
         self.paths = [(what, where) for what, where in (("overlay", output), ("masks", save_masks),
                                                         ("logits", save_logits)) if where]
-        self.palette, self.alpha = palette, alpha
+        self.palette, self.class_names, self.alpha, self.layout = palette, class_names, alpha, layout
         self.written = 0
         self._video = self._logits = self._masks = None
         try:
@@ -48,10 +50,12 @@ class RunOutputs:
             raise
 
     def render(self, index: int, frame, result):
-        """Save frame ``index``'s mask PNG; return its overlay image (None without a video)."""
+        """Save frame ``index``'s mask PNG; return its picture for the video (None without a video)."""
         if self._masks is not None:
             save_mask_png(result.mask, self._masks.stage / f"{index:06d}.png", self.palette)
-        return overlay(frame, result.mask, self.palette, self.alpha) if self._video is not None else None
+        if self._video is None:
+            return None
+        return render(frame, result.mask, self.palette, self.class_names, self.layout, self.alpha)
 
     def write(self, image, result) -> None:
         """Append the next frame: its overlay ``image`` (from :meth:`render`) and its logits."""

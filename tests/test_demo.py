@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from PIL import Image
 
 from tmanet import demo
 from tmanet.checkpoints import load_model
@@ -34,6 +35,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
                       "--bench-frames", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (out / "overlay.mp4").stat().st_size > 0 and (out / "bench.json").is_file()
+    with Image.open(out / "preview.png") as preview:  # frame | colours | legend
+        assert preview.size[1] == 64 and preview.size[0] > 2 * 128
     assert report["reference_max_abs_diff"] < 1e-3
     assert report["export_check"]["mask_agreement"] == 1.0
     assert report["bench"]["speedup_vs_official"] > 0 and 0 <= report["runtime"]["miou"] <= 1

@@ -17,7 +17,7 @@ from PIL import Image
 from tmanet.cli import main
 from tmanet.runtime import StreamingSegmenter
 from tmanet.ros_images import COMPRESSED_IMAGE, IMAGE, MSGDEFS, image_fields, image_to_rgb
-from tmanet.video_io import colorize
+from tmanet.pictures import colorize
 from tmanet.synthetic_weights import make_noise_clip
 
 H, W = 64, 128           # the tiny export's size

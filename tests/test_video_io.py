@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from tmanet.cli import main
-from tmanet.video_io import (NpyWriter, VideoWriter, colorize, open_frames, overlay, save_mask_png)
+from tmanet.pictures import colorize, legend_width, overlay, render
+from tmanet.video_io import NpyWriter, VideoWriter, open_frames, save_mask_png
 from tmanet.synthetic_weights import make_noise_clip
 
 H, W = 64, 128
@@ -150,9 +151,9 @@ def test_run_command_writes_overlay_masks_and_logits(export_b1, tmp_path, capsys
     for p, r in zip(pngs, expected):
         assert np.array_equal(np.asarray(Image.open(p)), r.mask)
     video = [f for f, _ in open_frames(tmp_path / "o.mp4")]
-    assert len(video) == 4 and video[0].shape == (H, W, 3)
-    blended = overlay(clip[2], expected[2].mask, seg.palette)
-    assert np.abs(video[2].astype(int) - blended).mean() < 12
+    assert len(video) == 4 and video[0].shape == (H, W + legend_width(seg.class_names), 3)  # + the legend
+    pictured = render(clip[2], expected[2].mask, seg.palette, seg.class_names)
+    assert np.abs(video[2].astype(int) - pictured).mean() < 12
 
 
 def test_run_command_on_video_and_image_folder(export_b1, tmp_path):

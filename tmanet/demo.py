@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tmanet.pictures import LAYOUTS
+
 DATA = Path(__file__).resolve().parent / "data"
 DEMO_MODEL = DATA / "demo_model.pth"
 DEMO_INFO = DATA / "demo_model.json"
@@ -50,18 +52,22 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--bench-frames", type=int, default=20)
     p.add_argument("--seed", type=int, default=2026, help="seed of the synthetic driving clip")
+    p.add_argument("--layout", choices=LAYOUTS, default="side-by-side",
+                   help="overlay.mp4: the frame beside its colours (side-by-side) or the colours only (overlay)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("tmanet").setLevel(logging.INFO)
 
     import torch
+    from PIL import Image
 
     from tmanet.checkpoints import load_model
     from tmanet.export import export_onnx, load_manifest
     from tmanet.runtime import StreamingSegmenter
     from tmanet.safe_files import atomic_file, write_json
     from tmanet.runtime.bench import format_report, run_bench
-    from tmanet.video_io import VideoWriter, overlay
+    from tmanet.pictures import render
+    from tmanet.video_io import VideoWriter
     from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
     from tmanet.training.synthetic import ClipSpec, make_street_clip
     torch.set_num_threads(2)
@@ -83,6 +89,9 @@ def main(argv=None) -> int:
         np.save(tmp, frames)
     report.update(checkpoint=str(ckpt), checkpoint_kind=what, demo_model=info, clip={
         "frames": a.frames, "size": [a.height, a.width], "seed": a.seed, "degradation": 0.5})
+    say(f"      clip: {a.frames} synthetic street frames {a.height}x{a.width} with labels (seed {a.seed}); each frame "
+        "is degraded at random (motion blur, exposure, glare blobs, noise and dropped grey rectangles: the "
+        "patches you see), and the memory of earlier frames is what lets the model see through them")
 
     say(f"[2/5] reference: predict_clip (official protocol, backbone once per frame) vs stream (split, BN folded)")
     started = time.perf_counter()
@@ -111,7 +120,11 @@ def main(argv=None) -> int:
     with StreamingSegmenter.open(export_dir, backend="ort") as seg, VideoWriter(out / "overlay.mp4", fps=10) as video:
         for t, frame in enumerate(frames):
             mask = seg.push(frame).mask
-            video.write(np.concatenate([frame, overlay(frame, mask, cfg.palette)], axis=1))
+            video.write(render(frame, mask, cfg.palette, cfg.class_names, a.layout))
+            if t == len(frames) - 1:  # a still of the last frame, memory full: frame, colours, legend
+                preview = render(frame, mask, cfg.palette, cfg.class_names, "side-by-side")
+                with atomic_file(out / "preview.png") as tmp:
+                    Image.fromarray(preview).save(tmp)
             if t >= T:  # the official protocol scores frames with a full memory
                 cm += confusion_matrix(mask, labels[t], cfg.num_classes)
                 flips.add(mask, labels[t])
@@ -134,7 +147,8 @@ def main(argv=None) -> int:
                                              "speedup_vs_official")}
     report["seconds"] = time.perf_counter() - t0
     write_json(out / "report.json", report, default=str)
-    say(f"\ndone in {report['seconds']:.0f} s: {out}/overlay.mp4 (frame | overlay), bench.json, report.json")
+    say(f"\ndone in {report['seconds']:.0f} s: {out}/overlay.mp4 ({a.layout}, with a legend of the classes present), "
+        f"preview.png (the last frame: frame | colours and class boundaries | legend), bench.json, report.json")
     say(f"checkpoint: {what}")
     return 0
 

@@ -10,7 +10,7 @@ A video that ends in a decode error, a corrupt frame or fewer frames than its he
 short) raises :class:`TruncatedVideoError` naming the last good frame, unless ``allow_truncated`` keeps the
 frames read. Source problems are :class:`FrameSourceError`: one line, naming the file.
 
-Sinks: an overlay video (the class palette blended over the frames), one palette PNG per mask (pixel values
+Sinks: a video (of pictures drawn by ``tmanet.pictures``), one palette PNG per mask (pixel values
 are the class ids, the palette makes them viewable), and a logits ``.npy`` written frame by frame. Each is
 written under a temporary name beside its destination and renamed into place by ``close()`` (``discard()``
 removes it instead), so a final name never holds a truncated file.
@@ -216,28 +216,6 @@ def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
 
 
 # -- sinks ------------------------------------------------------------------------------------------------
-def colorize(mask: np.ndarray, palette) -> np.ndarray:
-    """Class ids ``(H, W)`` -> RGB ``(H, W, 3)`` uint8; ids beyond the palette are black."""
-    lut = np.zeros((256, 3), np.uint8)
-    pal = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
-    lut[:len(pal)] = pal
-    return lut[mask]
-
-
-def overlay(frame: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
-    """The palette colours of ``mask`` blended over ``frame`` (``alpha`` = weight of the colours), rounded.
-    Fixed point in 1/256 steps of alpha: in uint16 it is several times faster than float32 at 1024x2048."""
-    a = int(round(float(alpha) * 256))
-    out = frame.astype(np.uint16)
-    out *= 256 - a
-    colour = colorize(mask, palette).astype(np.uint16)
-    colour *= a
-    out += colour
-    out += 128
-    out >>= 8
-    return out.astype(np.uint8)
-
-
 def pick_codec(preferred=("libx264", "mpeg4")) -> str:
     import av
     for name in preferred:
