@@ -18,6 +18,7 @@ setup(
     name="tmanet-trt",
     version=VERSION,
     description="TMANet video segmentation: checkpoints -> split ONNX -> TensorRT, with a streaming runtime",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=["tmanet", "tmanet.model"] + [f"tmanet.{p}" for p in SUBPACKAGES],
     package_dir={"tmanet": "tmanet", **{f"tmanet.{p}": p for p in SUBPACKAGES}},
