@@ -30,6 +30,8 @@ def test_help_renders(argv, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: tmanet") and len(out.splitlines()) > 2
+    flat = " ".join(out.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat  # says nothing: left out
 
 
 def test_help_and_version_as_a_user_types_them():
@@ -39,3 +41,10 @@ def test_help_and_version_as_a_user_types_them():
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout.strip() == f"tmanet {__version__}"
+
+
+def test_defaults_that_say_something_are_shown(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "dataset split (Cityscapes/CamVid layouts) (default: val)" in out

@@ -11,6 +11,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from pathlib import Path
 from collections import OrderedDict
 
 import torch
@@ -216,6 +217,9 @@ def first_non_finite(sd) -> str | None:
     return None
 
 
+_SKIPS_REPORTED: set[str] = set()
+
+
 def load_state(model: TMANet, sd, source="checkpoint"):
     """Strictly load ``sd`` into ``model``: every problem listed in one error; training-only skipped;
     non-finite weights refused."""
@@ -235,10 +239,11 @@ def load_state(model: TMANet, sd, source="checkpoint"):
         raise CheckpointError(f"{source}: non-finite weights in {bad}: the checkpoint is damaged (or its "
                               "training diverged); refusing to use it")
     model.load_state_dict(given, strict=False)
-    if skipped:
+    if skipped and source not in _SKIPS_REPORTED:  # once per file and process: the demo loads one file twice
+        _SKIPS_REPORTED.add(source)
         aux = sum(k.startswith(TRAINING_ONLY_PREFIXES) for k in skipped)
-        log.info("skipped %d training-only entries (%d auxiliary head, %d num_batches_tracked)",
-                 len(skipped), aux, len(skipped) - aux)
+        log.info("  %s: skipped %d training-only entries (%d auxiliary head, %d num_batches_tracked)",
+                 Path(source).name, len(skipped), aux, len(skipped) - aux)
     model.skipped_keys = skipped
     return model
 

@@ -3,7 +3,7 @@ accuracy, temporal consistency of a checkpoint or an export directory) and ``tma
 results on the same clips: their difference and its 95 % interval)."""
 from __future__ import annotations
 
-import argparse
+from tmanet.help_format import DefaultsHelpFormatter
 
 DATA_HELP = ("'synthetic' or 'synthetic:N' (N procedural street clips, rendered deterministically), or a folder "
              "in the Cityscapes video layout (leftImg8bit_sequence/ + gtFine/) or a CamVid layout (official "
@@ -17,7 +17,7 @@ def register(sub):
         description="Train TMANet with the paper's recipe: SGD momentum 0.9, weight decay 5e-4, poly lr (power "
                     "0.9, min 1e-4), random resize 0.5-2 / crop / flip, auxiliary FCN loss 0.4, SyncBN on GPUs. "
                     "Several processes: torchrun --nproc_per_node N -m tmanet.cli train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", help="model preset (required unless --resume), e.g. cityscapes-r18")
     p.add_argument("--config-override", nargs="+", metavar="KEY=VALUE", default=[],
                    help="change config fields, values in JSON (base_channels=32 key_channels=32 ...)")
@@ -60,7 +60,7 @@ def register(sub):
         description="Stream labelled clips through the runtime and score the masks. Synthetic clips are streamed "
                     "from frame 0 and frames t >= T scored (--all-frames: every frame); dataset samples are "
                     "streamed as their T memory frames then the labelled target.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     e.add_argument("source", help="checkpoint (.pth) or export directory (manifest.json + ONNX)")
     e.add_argument("--data", required=True, help=DATA_HELP)
     e.add_argument("--split", default="val", help="dataset split (Cityscapes/CamVid layouts)")
@@ -90,7 +90,7 @@ def register(sub):
                              "95 %% interval (paired bootstrap over clips)",
         description="How much two `tmanet eval --json` results on the same synthetic clips differ in mIoU, with "
                     "a 95 %% interval from a paired bootstrap over the clips.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     c.add_argument("a", help="result A (tmanet eval --json)")
     c.add_argument("b", help="result B, on the same clips")
     c.add_argument("--region", choices=("all", "degraded", "intact"), default="degraded",
