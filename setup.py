@@ -20,7 +20,7 @@ setup(
     description="TMANet video segmentation: checkpoints -> split ONNX -> TensorRT, with a streaming runtime",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["tmanet", "tmanet.model"] + [f"tmanet.{p}" for p in SUBPACKAGES],
+    packages=["tmanet", "tmanet.model", "tmanet.runtime.backends"] + [f"tmanet.{p}" for p in SUBPACKAGES],
     package_dir={"tmanet": "tmanet", **{f"tmanet.{p}": p for p in SUBPACKAGES}},
     package_data={"tmanet": ["data/*"]},
     install_requires=[
@@ -53,5 +53,13 @@ setup(
         # ROS 2 .db3 and ROS 1 .bag input of `tmanet run` (MCAP needs only the required mcap packages).
         "rosbags": ["rosbags>=0.10"],
     },
-    entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},
+    entry_points={
+        "console_scripts": ["tmanet=tmanet.cli:main"],
+        # The runtime's backends (tmanet.runtime.backends.registry): each one class in its own module.
+        "tmanet.backends": [
+            "ort = tmanet.runtime.backends.ort:OrtBackend",
+            "torch = tmanet.runtime.backends.torch:TorchBackend",
+            "trt = tmanet.engines.backend:TrtBackend",
+        ],
+    },
 )

@@ -145,7 +145,7 @@ class OfficialProtocol:
 
         from tmanet.checkpoints import load_model
         from tmanet.presets import ModelConfig
-        from .backends import resolve_checkpoint
+        from .backends.torch import resolve_checkpoint
         if threads:
             torch.set_num_threads(int(threads))
         self.torch = torch
@@ -202,6 +202,8 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     always runs in float32 eager. With ``roofline`` each engine's work (counted from its ONNX graph) is
     set against a GEMM peak probed on the same backend after the timing loop (:mod:`.roofline`)."""
     from tmanet.export.manifest import load_manifest
+
+    from .backends import get_backend
     from .segmenter import StreamingSegmenter
     if frames < 1 or warmup < 0:
         raise ValueError(f"frames must be >= 1 and warmup >= 0, got {frames} and {warmup}")
@@ -212,12 +214,14 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     options = dict(backend_options or {})
     if threads:
         options["threads"] = threads
-    if backend == "trt":
-        options.setdefault("profile", True)
+    backend_class = get_backend(backend)
+    for key, value in getattr(backend_class, "bench_options", {}).items():
+        options.setdefault(key, value)
     n_official = min(official_frames or frames, frames) if compare_official else 0
     official = OfficialProtocol(spec, clip, streams, device, threads) if n_official else None
 
-    gpu = CudaMemoryProbe(device) if backend == "torch" and device.startswith("cuda") else None
+    gpu = (CudaMemoryProbe(device) if getattr(backend_class, "measures_torch_cuda_memory", False)
+           and device.startswith("cuda") else None)
     gpu_before = gpu.reset() if gpu else 0
     probe = RssProbe()
     probe.reset_peak()
@@ -231,7 +235,7 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress)
         # The GEMM probe runs after the timing loop, never between timed frames: its large matrices would
         # evict the engines' weights from the caches and its thread pool would compete with the next frame.
-        gemm = _gemm_probe(seg.backend, backend, device, options, threads, frames) if roofline else None
+        gemm = _gemm_probe(seg.backend, frames) if roofline else None
         roof = _roofline(export_dir, gemm, streams, measured) if gemm else None
         described = seg.backend.describe()
     finally:
@@ -325,13 +329,9 @@ def _official_report(m: Measured, streams, n_official, official, gpu) -> dict:
     return out
 
 
-def _gemm_probe(engine, backend, device, options, threads, samples: int):
+def _gemm_probe(backend, samples: int):
     from .roofline import GemmProbe
-    precision = options.get("precision", "fp32")
-    metadata = getattr(engine, "metadata", None)   # TensorRT: the engines' build precisions
-    if metadata:
-        precision = "fp32" if all(v["precision"] == "fp32" for v in metadata.values()) else "fp16"
-    return GemmProbe(backend, device, precision, threads, min_samples=max(5, min(samples, 20)))
+    return GemmProbe(backend.gemm_kernel(), min_samples=max(5, min(samples, 20)))
 
 
 def _roofline(export_dir, gemm, streams, m: Measured) -> dict:

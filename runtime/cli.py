@@ -8,10 +8,9 @@ from contextlib import contextmanager
 
 from tmanet.pictures import LAYOUTS
 
+from .backends.base import positive_int
+
 log = logging.getLogger("tmanet")
-
-BACKEND_CHOICES = ("ort", "torch", "trt")
-
 
 def register(subparsers):
     p = subparsers.add_parser(
@@ -50,7 +49,7 @@ def register(subparsers):
     p.add_argument("--overwrite", action="store_true",
                    help="--save-masks into a folder of an earlier run's masks: replace that whole set")
     p.add_argument("--save-logits", metavar="F.npy", help="write all logits as one (F, C, H, W) float32 .npy")
-    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
     p.add_argument("--allow-truncated", action="store_true",
                    help="a video cut short (or damaged) ends at its last good frame with a warning instead of "
                         "an error")
@@ -83,65 +82,21 @@ def register(subparsers):
     b.set_defaults(func=bench_command)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _engine_args(p):
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="ort",
-                   help="ort: ONNX Runtime CPU (default); torch: the PyTorch reference (needs the checkpoint "
-                        "named in the manifest); trt: TensorRT engines")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the torch/trt backends")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="CPU threads for ort/torch (default: all cores)")
-    p.add_argument("--precision", choices=("fp32", "fp16"),
-                   help="torch backend: fp16 runs both graphs in half precision (weights, activations and the "
-                        "memory ring; meant for CUDA, slow on the CPU); default fp32")
-    p.add_argument("--channels-last", action="store_true",
-                   help="torch backend: channels_last (NHWC) memory format for weights and activations")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="torch backend on CUDA: let cuDNN time its convolution algorithms and keep the fastest")
-    p.add_argument("--compile", action="store_true",
-                   help="torch backend: torch.compile both graphs (the first frames compile: minutes)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="torch backend on CUDA: replay the graphs as captured CUDA graphs (trt: on by default)")
-    p.add_argument("--no-fused-attention", action="store_true",
-                   help="torch backend on CUDA: read the memory with chunked matmul + softmax instead of the fused "
-                        "attention kernel (the default there)")
+    from .backends import add_backend_arguments
+    add_backend_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _backend_options(args) -> dict:
-    """The backend options of the engine flags; flags that the chosen backend does not take are errors."""
+    """The chosen backend's options from the flags; a flag it does not take is a one-line error."""
     from tmanet.errors import UserError
-    options = {}
-    if args.precision is not None:
-        if args.backend != "torch":
-            raise UserError(f"--precision applies to the torch backend only (got --backend {args.backend}; "
-                            "ort runs float32, a TensorRT engine's precision is chosen when it is built)")
-        options["precision"] = args.precision
-    if args.cuda_graphs:
-        if args.backend == "ort":
-            raise UserError("--cuda-graphs needs a CUDA backend (--backend torch --device cuda, or trt); "
-                            "ort runs on the CPU")
-        options["cuda_graphs"] = True
-    for flag in ("channels_last", "cudnn_benchmark", "compile"):
-        if getattr(args, flag):
-            if args.backend != "torch":
-                raise UserError(f"--{flag.replace('_', '-')} applies to the torch backend only (got --backend "
-                                f"{args.backend})")
-            options[flag] = True
-    if args.no_fused_attention:
-        if args.backend != "torch":
-            raise UserError(f"--no-fused-attention applies to the torch backend only (got --backend {args.backend})")
-        options["fused_attention"] = False
-    return options
+
+    from .backends import backend_options
+    try:
+        return backend_options(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _open(args, **kwargs):
@@ -151,8 +106,6 @@ def _open(args, **kwargs):
     from .backends import BackendUnavailable
     from .segmenter import StreamingSegmenter
     options = _backend_options(args)
-    if args.threads:
-        options["threads"] = args.threads
     try:
         return StreamingSegmenter.open(args.export_dir, backend=args.backend, device=args.device, **kwargs,
                                        **options)
@@ -409,7 +362,7 @@ def bench_command(args) -> int:
     try:
         report = run_bench(args.export_dir, backend=args.backend, device=args.device, frames=args.frames,
                            warmup=args.warmup, compare_official=args.compare_official,
-                           official_frames=args.official_frames, threads=args.threads, seed=args.seed,
+                           official_frames=args.official_frames, threads=options.get("threads"), seed=args.seed,
                            progress=not args.no_progress, backend_options=options,
                            roofline=not args.no_roofline)
     except (ManifestError, BackendUnavailable, ValueError) as e:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.base import GemmKernel
+
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 LOOP_OPS = ("Loop", "Scan")
 
@@ -94,28 +96,20 @@ class GemmProbe:
     least ``min_samples``). The matrices exist only during a sample,
     so the runtime's memory figures do not include them."""
 
-    def __init__(self, backend: str, device: str, precision: str = "fp32", threads: int | None = None,
-                 min_samples: int = 5):
+    def __init__(self, kernel, min_samples: int = 5):
         self.min_samples, self.rates = min_samples, []
-        if backend == "ort":
-            self.n, (self._inputs, self._run), self._sync = 2048, _ort_matmul(2048, threads), (lambda: None)
-            self.description = f"onnxruntime MatMul fp32 2048^3 (cpu, {threads or 'default'} threads)"
-        else:
-            if backend == "trt" and not str(device).startswith("cuda"):
-                device = "cuda"
-            dtype = "fp32" if precision in (None, "fp32") else "fp16"
-            self.n, self._inputs, self._run, self._sync = _torch_matmul(device, dtype, threads)
-            self.description = f"torch matmul {dtype} {self.n}^3 ({device})"
-        self._run(self._inputs())
-        self._sync()   # warm-up: kernel selection, thread pools
+        self.kernel, self.description = kernel, kernel.description
+        kernel.run(kernel.make())
+        kernel.sync()   # warm-up: kernel selection, thread pools
 
     def sample(self):
-        inputs = self._inputs()
-        self._sync()
+        k = self.kernel
+        inputs = k.make()
+        k.sync()
         t0 = time.perf_counter()
-        self._run(inputs)
-        self._sync()
-        self.rates.append(2 * self.n ** 3 / (time.perf_counter() - t0) / 1e12)
+        k.run(inputs)
+        k.sync()
+        self.rates.append(2 * k.n ** 3 / (time.perf_counter() - t0) / 1e12)
 
     def peak(self) -> dict:
         """``{"tflops": median TFLOP/s, "best_tflops": the fastest sample, "probe": what was measured,
@@ -126,8 +120,8 @@ class GemmProbe:
                 "probe": self.description, "samples": len(self.rates)}
 
 
-def _ort_matmul(n: int, threads: int | None):
-    """(inputs, run): ONNX Runtime's fp32 MatMul on the CPU, with the backend's session settings."""
+def ort_gemm(n: int, threads: int | None) -> GemmKernel:
+    """ONNX Runtime's fp32 MatMul on the CPU, with the backend's session settings."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
@@ -143,16 +137,19 @@ def _ort_matmul(n: int, threads: int | None):
 
     def inputs():
         return {"a": np.full((n, n), 0.5, np.float32), "b": np.full((n, n), 0.25, np.float32)}
-    return inputs, lambda feeds: session.run(None, feeds)
+    return GemmKernel(n, inputs, lambda feeds: session.run(None, feeds), lambda: None,
+                      f"onnxruntime MatMul fp32 {n}^3 (cpu, {threads or 'default'} threads)")
 
 
-def _torch_matmul(device: str, dtype: str, threads: int | None):
-    """(n, inputs, run, sync): torch ``matmul`` on ``device`` in ``dtype``, under the process's TF32 settings."""
+def torch_gemm(device: str, precision: str, threads: int | None) -> GemmKernel:
+    """torch ``matmul`` on ``device`` (fp32, or fp16 for any reduced precision), under the process's TF32
+    settings."""
     import torch
     on_cuda = str(device).startswith("cuda")
     if threads and not on_cuda:
         torch.set_num_threads(int(threads))
     n = 8192 if on_cuda else 2048
+    dtype = "fp32" if precision in (None, "fp32") else "fp16"
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
 
     def inputs():
@@ -161,7 +158,8 @@ def _torch_matmul(device: str, dtype: str, threads: int | None):
     def run(ab):
         with torch.inference_mode():
             torch.matmul(*ab)
-    return n, inputs, run, (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
+    return GemmKernel(n, inputs, run, (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None),
+                      f"torch matmul {dtype} {n}^3 ({device})")
 
 
 def roofline(work_gflop: dict[str, float], stage_ms: dict[str, float], streams: int, peak: dict) -> dict:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import tempfile
 
+from tmanet.errors import UserError
 from tmanet.safe_files import write_json
 from tmanet.signal_handlers import signal_handlers
+
+from .backends import add_backend_arguments, backend_options
 
 log = logging.getLogger("tmanet")
 
@@ -21,8 +24,7 @@ def register(subparsers):
     r.add_argument("export_dir", metavar="EXPORT_DIR", help="export directory (engines inside it for --backend trt)")
     r.add_argument("--out", required=True, metavar="REPO", help="model repository (created; other models kept)")
     r.add_argument("--model-name", default="tmanet", help="model name (default tmanet)")
-    r.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="runtime backend (default ort)")
-    r.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for torch/trt (a KIND_GPU instance group)")
+    add_backend_arguments(r)
     r.add_argument("--max-sequences", type=int, default=4, metavar="N",
                    help="concurrent sequences (streams) per instance; more wait in Triton's backlog (default 4)")
     r.add_argument("--idle-timeout-ms", type=int, default=5000, metavar="MS",
@@ -31,7 +33,6 @@ def register(subparsers):
     r.add_argument("--max-queue-delay-us", type=int, default=5000, metavar="US",
                    help="how long a frame may wait for other sequences' frames to share its engine batch "
                         "(default 5000; 0 runs each frame as soon as the model is free)")
-    r.add_argument("--threads", type=int, metavar="N", help="CPU threads per instance (default: all cores)")
     r.add_argument("--sequence-id-type", choices=("uint64", "string"), default="uint64",
                    help="uint64 (default): ids arrive in a uint64 CORRID control input; string: string ids "
                         "(uint64 ids are accepted too; no CORRID input, which Triton 2.51's Python backend refuses "
@@ -78,10 +79,14 @@ def _server_args(p):
 
 def triton_repo_command(args) -> int:
     from .triton_repo import write_triton_repo
+    try:
+        options = backend_options(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     folder = write_triton_repo(args.export_dir, args.out, model_name=args.model_name, backend=args.backend,
                                device=args.device, max_sequences=args.max_sequences,
                                idle_timeout_ms=args.idle_timeout_ms, instances=args.instances,
-                               threads=args.threads, sequence_id_type=args.sequence_id_type,
+                               backend_options=options, sequence_id_type=args.sequence_id_type,
                                site_packages=args.site_packages, queue_delay_us=args.max_queue_delay_us)
     log.info("wrote %s (serve it with: tmanet serve %s)", folder, args.out)
     return 0

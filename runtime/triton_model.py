@@ -39,7 +39,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         export_dir = Path(args["model_repository"]) / args["model_version"] / "export"
-        options = {"threads": int(params["threads"])} if int(params.get("threads") or 0) else {}
+        options = json.loads(params.get("options") or "{}")   # the backend's own options
         streams = int(config["max_batch_size"])
         device = params.get("device", "cpu")
         if args.get("model_instance_kind") == "GPU":  # a KIND_GPU instance runs on the GPU Triton gave it

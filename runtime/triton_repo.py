@@ -22,6 +22,8 @@ from pathlib import Path
 from tmanet.errors import UserError
 from tmanet.safe_files import atomic_directory
 
+from .backends import BackendUnavailable, get_backend
+
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 SEQUENCE_ID_TYPES = ("uint64", "string")
 # Cameras of one rate send their frames within a few ms of each other: waiting that long for them makes one
@@ -78,28 +80,24 @@ parameters [
 
 
 def _copy_export(export_dir: Path, dest: Path, spec, backend: str):
-    """The export's top-level files (graphs, manifest, engines and their metadata); the torch backend's
-    checkpoint too, renamed into the copy's manifest."""
+    """The export's top-level files (graphs, manifest, engines and their metadata), and what the backend needs
+    beyond them (the torch backend: its checkpoint)."""
     dest.mkdir(parents=True)
     for f in sorted(export_dir.iterdir()):
         if f.is_file():
             shutil.copy2(f, dest / f.name)
-    if backend == "torch":
-        from .backends import resolve_checkpoint
-        ckpt = resolve_checkpoint(export_dir, spec)
-        shutil.copy2(ckpt, dest / ckpt.name)
-        copied = spec.to_dict()
-        copied["checkpoint"] = ckpt.name
-        (dest / "manifest.json").write_text(json.dumps(copied, indent=1) + "\n")
+    get_backend(backend).copy_for_serving(export_dir, dest, spec)
 
 
 def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str = "ort", device: str = "cpu",
                       max_sequences: int = 4, idle_timeout_ms: int = 5000, instances: int = 1,
                       threads: int | None = None, sequence_id_type: str = "uint64",
-                      site_packages: str | None = None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> Path:
+                      site_packages: str | None = None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+                      backend_options: dict | None = None) -> Path:
     """Write model ``model_name`` into the repository ``out`` (created if needed; other models in it are left
     alone, an existing model of that name is an error). Returns the model folder. ``queue_delay_us``: how long
-    the batcher may hold a request for the other sequences' frames to join its batch."""
+    the batcher may hold a request for the other sequences' frames to join its batch. ``backend_options``: the
+    backend's own options (as ``tmanet run`` takes them), given to every model instance."""
     from tmanet.export.manifest import load_manifest
     export_dir, out = Path(export_dir), Path(out)
     for what, value in (("--max-sequences", max_sequences), ("--idle-timeout-ms", idle_timeout_ms),
@@ -108,8 +106,15 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
             raise UserError(f"{what} must be a positive integer, got {value!r}")
     if not (isinstance(queue_delay_us, int) and queue_delay_us >= 0):
         raise UserError(f"--max-queue-delay-us must be a non-negative integer, got {queue_delay_us!r}")
-    if threads and backend == "trt":
-        raise UserError("--threads applies to the ort and torch backends (TensorRT runs on the GPU)")
+    options = dict(backend_options or {}, **({"threads": threads} if threads else {}))
+    try:
+        backend_class = get_backend(backend)
+    except (ValueError, BackendUnavailable) as e:
+        raise UserError(str(e)) from None
+    taken = {opt.key for opt in backend_class.options}
+    if set(options) - taken:
+        raise UserError(f"the {backend} backend takes no {', '.join(sorted(set(options) - taken))} option "
+                        f"(it takes: {', '.join(sorted(taken)) or 'none'})")
     if sequence_id_type not in SEQUENCE_ID_TYPES:
         raise UserError(f"--sequence-id-type must be one of {SEQUENCE_ID_TYPES}, got {sequence_id_type!r}")
     if not model_name or not all(c.isalnum() or c in "_-" for c in model_name):
@@ -123,7 +128,7 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
     with atomic_directory(final) as tmp:  # built under a temporary name, renamed into place when complete
         _copy_export(export_dir, tmp / "1" / "export", spec, backend)
         shutil.copy2(MODEL_FILE, tmp / "1" / "model.py")
-        parameters = {"backend": backend, "device": device, "threads": threads or 0,
+        parameters = {"backend": backend, "device": device, "options": json.dumps(options, sort_keys=True),
                       "site_packages": default_site_packages() if site_packages is None else site_packages}
         (tmp / "config.pbtxt").write_text(config_pbtxt(model_name, spec, max_sequences, idle_timeout_ms,
                                                        instances, parameters, sequence_id_type, device,

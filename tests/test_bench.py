@@ -198,7 +198,8 @@ def test_bench_torch_cuda_compare_official(export_b1, tmp_path, flags):
 def test_stages_end_with_the_backends_device_synchronisation(export_b1):
     """A backend on a CUDA device enqueues asynchronously (TensorRT on its own stream): each stage must wait
     for it, or the frame engine's device time lands in the head stage. A stand-in that logs its calls."""
-    from tmanet.runtime.backends import BACKENDS, OrtBackend, register_backend
+    from tmanet.runtime.backends import BACKENDS, register_backend
+    from tmanet.runtime.backends.ort import OrtBackend
     calls = []
 
     class AsyncStandIn(OrtBackend):

@@ -523,7 +523,7 @@ def test_build_dynamic_profile_and_weak_int8(make_tiny_model, tmp_path, monkeypa
 
 
 def test_trt_backend_device_names():
-    from tmanet.engines.trt_backend import TrtBackendError, _cuda_device_name
+    from tmanet.engines.backend import TrtBackendError, _cuda_device_name
     assert _cuda_device_name("cpu") == _cuda_device_name(None) == _cuda_device_name("cuda") == "cuda:0"
     assert _cuda_device_name("cuda:1") == "cuda:1" and _cuda_device_name("1") == "cuda:1"
     with pytest.raises(TrtBackendError, match="runs on a CUDA device"):
@@ -651,7 +651,7 @@ class StandInCuda:
         return not (self.capturing and self.fail_in_capture)
 
     def engine(self):
-        from tmanet.engines.trt_backend import TrtEngine
+        from tmanet.engines.backend import TrtEngine
         engine = TrtEngine.__new__(TrtEngine)
         engine.torch, engine.context, engine.name = self.torch, self.context, "memory_head"
         engine.stream = types.SimpleNamespace(cuda_stream=7)
@@ -674,7 +674,7 @@ def test_trt_graphs_capture_thread_local_then_replay():
 def test_trt_failed_capture_falls_back_to_eager(monkeypatch, caplog, failure):
     import logging
     cleared = []
-    monkeypatch.setattr("tmanet.engines.trt_backend._clear_cuda_error", lambda: cleared.append(True))
+    monkeypatch.setattr("tmanet.engines.backend._clear_cuda_error", lambda: cleared.append(True))
     cuda = StandInCuda()
     setattr(cuda, failure, True)
     engine = cuda.engine()
@@ -706,7 +706,7 @@ def test_misaligned_head_inputs_are_copied_to_aligned_buffers(caplog):
     import logging
 
     import torch
-    from tmanet.engines.trt_backend import TRT_ALIGNMENT, aligned_for_binding
+    from tmanet.engines.backend import TRT_ALIGNMENT, aligned_for_binding
     base = torch.arange(4096, dtype=torch.float32)
     start = (-base.data_ptr() % TRT_ALIGNMENT) // 4
     aligned, misaligned = base[start:start + 64], base[start + 1:start + 65]   # 4 bytes past an aligned address

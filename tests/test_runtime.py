@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from conftest import max_abs, top2_margin
 from tmanet.model import FrameResult
 from tmanet.runtime import StreamingSegmenter
-from tmanet.runtime.backends import (BACKENDS, BackendUnavailable, OrtBackend, get_backend,
-                                     register_backend)
+from tmanet.runtime.backends import BACKENDS, BackendUnavailable, get_backend, register_backend
+from tmanet.runtime.backends.ort import OrtBackend
 from tmanet.runtime.segmenter import default_stride
 from tmanet.synthetic_weights import make_noise_clip
 

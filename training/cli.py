@@ -4,6 +4,7 @@ results on the same clips: their difference and its 95 % interval)."""
 from __future__ import annotations
 
 from tmanet.help_format import DefaultsHelpFormatter
+from tmanet.runtime.backends import add_backend_arguments
 
 DATA_HELP = ("'synthetic' or 'synthetic:N' (N procedural street clips, rendered deterministically), or a folder "
              "in the Cityscapes video layout (leftImg8bit_sequence/ + gtFine/) or a CamVid layout (official "
@@ -66,10 +67,8 @@ def register(sub):
     e.add_argument("--split", default="val", help="dataset split (Cityscapes/CamVid layouts)")
     e.add_argument("--mode", choices=("whole", "slide"), default="whole", help="inference mode")
     e.add_argument("--stride", help="slide stride H,W (default: the preset's rule)")
-    e.add_argument("--backend", choices=("ort", "torch", "trt"),
-                   help="default: torch for a checkpoint, ort for an export directory")
-    e.add_argument("--device", default="cpu", help="device of the torch/trt backend")
-    e.add_argument("--threads", type=int, help="CPU threads of the backend")
+    add_backend_arguments(e, default=None, backend_help="default: torch for a checkpoint, ort for an export "
+                                                         "directory; any other backend reads an export directory")
     e.add_argument("--all-frames", action="store_true", help="synthetic: also score the warm-up frames t < T")
     e.add_argument("--synthetic-size", help="synthetic clip size H,W (default: the export's size, or 256,512)")
     e.add_argument("--synthetic-frames", type=int, default=12, help="frames per synthetic clip")
@@ -148,19 +147,28 @@ def run_eval(args) -> int:
 
     from .evaluate import evaluate, format_report
     from .config import InputError, parse_pair
-    for name in ("limit", "synthetic_frames", "threads"):
+    for name in ("limit", "synthetic_frames"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.json:
         check_output(args.json, "file", "--json")
         refuse_overwriting_inputs([args.json], [args.source, None if args.data.startswith("synthetic") else args.data])
+    from pathlib import Path
+
+    from tmanet.runtime.backends import backend_options
+    if args.backend is None:
+        args.backend = "ort" if Path(args.source).is_dir() else "torch"
+    try:
+        options = backend_options(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     try:
         stride = parse_pair(args.stride, "--stride") if args.stride else None
         result = evaluate(args.source, args.data, mode=args.mode, backend=args.backend, device=args.device,
                           split=args.split, all_frames=args.all_frames, synthetic_size=args.synthetic_size,
                           synthetic_frames=args.synthetic_frames, frames_dir=args.frames_dir, limit=args.limit,
-                          threads=args.threads, stride=stride, progress=not args.no_progress,
+                          backend_options=options, stride=stride, progress=not args.no_progress,
                           synthetic_degradation=args.synthetic_degradation, memory_source=args.memory_source)
     except InputError as e:
         raise UserError(str(e)) from None

@@ -53,12 +53,13 @@ class Predictor:
     temporary export of it)."""
 
     def __init__(self, source, mode: str = "whole", backend: str | None = None, device: str = "cpu",
-                 threads: int | None = None, stride=None):
+                 threads: int | None = None, stride=None, backend_options: dict | None = None):
         from .config import InputError
         if mode not in ("whole", "slide"):
             raise InputError(f"mode must be 'whole' or 'slide', got {mode!r}")
         self.source = Path(source)
-        self.mode, self.device, self.threads, self.stride = mode, device, threads, stride
+        self.mode, self.device, self.stride = mode, device, stride
+        self.options = dict(backend_options or {}, **({"threads": threads} if threads else {}))
         self._segmenters: dict[tuple, object] = {}
         self._tmp = None
         if self.source.is_dir():
@@ -79,11 +80,14 @@ class Predictor:
             self.spec = None
         else:
             raise InputError(f"{source} is neither a checkpoint file nor an export directory")
-        if self.backend not in ("torch", "ort", "trt"):
-            raise InputError(f"backend must be 'ort', 'torch' or 'trt', got {self.backend!r}")
-        if self.kind == "checkpoint" and self.backend == "trt":
-            raise InputError("the trt backend needs an export directory with engines; a checkpoint runs on "
-                             "'torch' or 'ort'")
+        from tmanet.runtime.backends import BackendUnavailable, get_backend
+        try:
+            backend_class = get_backend(self.backend)
+        except (ValueError, BackendUnavailable) as e:
+            raise InputError(str(e)) from None
+        if self.kind == "checkpoint" and self.backend != "torch" and not backend_class.reads_onnx:
+            raise InputError(f"the {self.backend} backend needs an export directory with its engines; a checkpoint "
+                             "runs on torch or on a backend that reads the ONNX files")
 
     @property
     def class_names(self) -> list[str]:
@@ -120,21 +124,22 @@ class Predictor:
 
     def _make_segmenter(self, H: int, W: int):
         from tmanet.runtime.segmenter import StreamingSegmenter
-        opts = {"threads": self.threads} if self.threads else {}
+        opts = self.options
         if self.kind == "export":
             return StreamingSegmenter.open(self.source, backend=self.backend, device=self.device, mode=self.mode,
                                            stride=self.stride, max_gap=None, **opts)
         h, w = self._window(H, W)
         if self.backend == "torch":  # the model itself behind the runtime: no export needed
-            from tmanet.runtime.backends import TorchBackend
+            from tmanet.runtime.backends.torch import TorchBackend
             spec = spec_for_model(self.model, h, w, self.source)
-            engine = TorchBackend(self.source.parent, spec, self.device, model=self.model, threads=self.threads)
+            engine = TorchBackend(self.source.parent, spec, self.device, model=self.model, **opts)
             return StreamingSegmenter(engine, spec, mode=self.mode, stride=self.stride, max_gap=None)
-        from tmanet.export import export_onnx  # ort on a checkpoint: a temporary export per window size
+        from tmanet.export import export_onnx  # a checkpoint on a backend that reads ONNX: a temporary export
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tmanet-eval-")
         out = export_onnx(self.model, Path(self._tmp.name) / f"{h}x{w}", h, w, checkpoint=self.source, check=False)
-        return StreamingSegmenter.open(out, backend="ort", mode=self.mode, stride=self.stride, max_gap=None, **opts)
+        return StreamingSegmenter.open(out, backend=self.backend, device=self.device, mode=self.mode,
+                                       stride=self.stride, max_gap=None, **opts)
 
     def stream(self, frames, memory_source: str = "real") -> Iterator[np.ndarray]:
         """Masks (H, W) uint8 of a clip's frames, from its first frame on (memory warm-up clamps to it).
@@ -161,7 +166,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
              split: str = "val", all_frames: bool = False, synthetic_size=None, synthetic_frames: int = 12,
              synthetic_count: int = 8, frames_dir=None, limit: int | None = None, threads: int | None = None,
              stride=None, progress: bool = True, synthetic_degradation: float = 0.5,
-             memory_source: str = "real") -> dict:
+             memory_source: str = "real", backend_options: dict | None = None) -> dict:
     """Score ``source`` (a checkpoint ``.pth`` or an export directory) on ``data`` (``synthetic[:N]`` or a
     Cityscapes / CamVid layout root, its ``split``).
 
@@ -172,6 +177,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
     (0..1) is the synthetic clips' per-frame degradation strength; on synthetic clips the pixels the
     degradation destroyed are also scored on their own (``degraded``) and so are the others (``intact``).
     ``memory_source`` (:data:`MEMORY_SOURCES`): "current" feeds the current frame to every memory slot.
+    ``backend_options``: the backend's own options (as ``tmanet run`` takes them).
     Returns a dict (see the keys below); :func:`format_report` renders it.
     """
     from tqdm import tqdm
@@ -183,7 +189,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
         raise InputError(f"synthetic degradation must lie in [0, 1], got {synthetic_degradation}")
     if memory_source not in MEMORY_SOURCES:
         raise InputError(f"memory source must be one of {', '.join(MEMORY_SOURCES)}, got {memory_source!r}")
-    predictor = Predictor(source, mode, backend, device, threads, stride)
+    predictor = Predictor(source, mode, backend, device, threads, stride, backend_options)
     cfg = predictor.config
     T = cfg.sequence_num
     C = cfg.num_classes

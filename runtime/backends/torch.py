@@ -1,206 +1,17 @@
-"""Execution backends of the streaming runtime: one class per engine, one small interface.
-
-A backend runs the two graphs of an export directory (``frame_encoder`` and ``memory_head``) and allocates
-the memory the ring buffer lives in; everything stateful (the ring, streams, slide windows) is the
-segmenter's, shared by every backend. The interface (see :class:`Backend`):
-
-- ``zeros(shape)``: float32 zeros in the backend's memory (host numpy for ORT, a torch tensor on the
-  device for torch, device memory for TensorRT); the segmenter builds the :class:`MemoryRing` with it.
-- ``encode(frames)``: uint8 host frames ``[b, H, W, 3]`` -> ``(query_key, query_value, memory_key,
-  memory_value)`` in backend memory. They may be preallocated buffers overwritten by the next call.
-- ``head(query_key, query_value, slot_keys, slot_values, logits)``: the T memory slots are views into the
-  ring (slot i = frame t-T+i); returns host ``mask [b, H, W]`` uint8 and ``logits [b, C, H, W]`` float32
-  (or None when not asked for), valid until the next call.
-
-Backends are found by name in :data:`BACKENDS`. A module can add one with :func:`register_backend`;
-``"trt"`` resolves lazily to ``tmanet.engines.trt_backend``, which registers itself when imported.
-"""
+"""The ``torch`` backend: the PyTorch split rebuilt from the manifest's checkpoint, the reference for the other
+backends, on the CPU or a CUDA device."""
 from __future__ import annotations
 
-import importlib
-import logging
+import json
+import shutil
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
+from tmanet.export.manifest import ExportSpec
 
-from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, ExportSpec, head_input_names
-from tmanet.onnx_session import cpu_session
+from ..address_cache import AddressKeyedCache
+from .base import Backend, BackendUnavailable, Option, log
+from .ort import THREADS
 
-from .address_cache import AddressKeyedCache
-
-log = logging.getLogger("tmanet")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run on this machine (missing library or device)."""
-
-
-class Backend:
-    """Base class: what the segmenter needs from an engine. ``batch`` is the fixed engine batch or None
-    when the export's batch is dynamic (any batch up to ``max_batch``)."""
-    name = "base"
-
-    def __init__(self, export_dir, spec: ExportSpec, device: str = "cpu"):
-        self.export_dir = Path(export_dir)
-        self.spec = spec
-        self.device = device
-        self.sequence_num = spec.sequence_num
-        self.input_size = spec.input_size
-        self.feature_size = spec.feature_size
-        self.num_classes = spec.num_classes
-        self.key_channels = spec.key_channels
-        self.value_channels = spec.value_channels
-        self.batch = spec.batch
-        self.max_batch = spec.max_batch
-
-    def zeros(self, shape):
-        raise NotImplementedError
-
-    def encode(self, frames: np.ndarray):
-        raise NotImplementedError
-
-    def head(self, query_key, query_value, slot_keys, slot_values, logits: bool = True):
-        raise NotImplementedError
-
-    def synchronize(self):
-        """Wait for the work this backend enqueued on its device (nothing to wait for on the CPU)."""
-
-    def close(self):
-        """Release engines and buffers (the object is unusable afterwards)."""
-
-    def describe(self) -> str:
-        return f"{self.name} ({self.device})"
-
-
-# -- registry ---------------------------------------------------------------------------------------------
-BACKENDS: dict[str, Callable[..., Backend]] = {}
-# Backends living in other modules, imported on first use; importing the module must register the name.
-LAZY_BACKENDS = {"trt": ("tmanet.engines.trt_backend", "TensorRT")}
-
-
-def register_backend(name: str, factory: Callable[..., Backend]):
-    """Make ``factory(export_dir, spec, device, **options) -> Backend`` available as ``name``."""
-    BACKENDS[name] = factory
-    return factory
-
-
-def get_backend(name: str) -> Callable[..., Backend]:
-    if name in BACKENDS:
-        return BACKENDS[name]
-    if name in LAZY_BACKENDS:
-        module, title = LAZY_BACKENDS[name]
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            what = "it is not part of this installation" if e.name == module else f"{e}"
-            raise BackendUnavailable(f"{title} backend not available: {module} cannot be imported ({what})") from None
-        except ImportError as e:
-            raise BackendUnavailable(f"{title} backend not available: {e}") from None
-        if name not in BACKENDS:
-            raise BackendUnavailable(f"{title} backend not available: {module} did not register {name!r}")
-        return BACKENDS[name]
-    known = sorted(set(BACKENDS) | set(LAZY_BACKENDS))
-    raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known)}")
-
-
-def available_backends() -> list[str]:
-    return sorted(set(BACKENDS) | set(LAZY_BACKENDS))
-
-
-# -- ONNX Runtime (CPU) -----------------------------------------------------------------------------------
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}
-
-
-class OrtBackend(Backend):
-    """ONNX Runtime on the CPU with IOBinding: every input and output is bound by address to a numpy array
-    the runtime owns (the ring's slot views, preallocated outputs), so nothing is copied per frame beyond
-    the graphs' own work. A binding is kept per set of addresses: the ring has T+1 rotation states, so
-    after T+1 frames every head call reuses a ready binding."""
-    name = "ort"
-
-    def __init__(self, export_dir, spec, device="cpu", threads: int | None = None,
-                 inter_threads: int | None = None):
-        super().__init__(export_dir, spec, device)
-        if device != "cpu":
-            raise BackendUnavailable(f"the ort backend runs on the CPU only (got device {device!r}); "
-                                     "use backend 'torch' or 'trt' on a GPU")
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise BackendUnavailable(f"onnxruntime is not installed: {e}") from None
-        self.ort = ort
-        self.threads = threads
-        self.encoder = cpu_session(self.export_dir / FRAME_ENCODER, threads, inter_threads)
-        self.memory_head = cpu_session(self.export_dir / MEMORY_HEAD, threads, inter_threads)
-        T = self.sequence_num
-        self.head_inputs = head_input_names(T)
-        got = [i.name for i in self.memory_head.get_inputs()]
-        if got != self.head_inputs:
-            raise ValueError(f"{self.export_dir / MEMORY_HEAD}: inputs {got}, expected {self.head_inputs}")
-        self._out_types = {o.name: _ORT_TYPES[o.type] for o in
-                           self.encoder.get_outputs() + self.memory_head.get_outputs()}
-        self._buffers: dict[tuple, dict[str, np.ndarray]] = {}
-        self._bindings = AddressKeyedCache()
-        self.last_head_binding = None  # for inspection: the binding the last head call ran
-
-    def zeros(self, shape):
-        return np.zeros(shape, np.float32)
-
-    def _outputs(self, kind: str, b: int) -> dict[str, np.ndarray]:
-        """Preallocated outputs of one graph for batch ``b``."""
-        key = (kind, b)
-        if key not in self._buffers:
-            h, w = self.feature_size
-            H, W = self.input_size
-            T, ck, cv = self.sequence_num, self.key_channels, self.value_channels
-            shapes = ({"query_key": (b, ck, h, w), "query_value": (b, cv, h, w), "memory_key": (b, T, ck, h, w),
-                       "memory_value": (b, T, cv, h, w)} if kind == "encoder" else
-                      {"mask": (b, H, W), "logits": (b, self.num_classes, H, W)})
-            self._buffers[key] = {n: np.empty(s, self._out_types[n]) for n, s in shapes.items()}
-        return self._buffers[key]
-
-    def _binding(self, session, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
-        """An IOBinding of these exact arrays, by address, reused while the addresses are the same."""
-        arrays = list(inputs.items()) + list(outputs.items())
-        key = (id(session),) + tuple((n, a.ctypes.data, a.shape, a.dtype.str) for n, a in arrays)
-        return self._bindings.get_or_make(key, lambda: self._bind(session, inputs, outputs))
-
-    @staticmethod
-    def _bind(session, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
-        binding = session.io_binding()
-        for name, a in inputs.items():
-            if not a.flags.c_contiguous:
-                raise ValueError(f"input {name} must be C-contiguous to be bound by address")
-            binding.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-        for name, a in outputs.items():
-            binding.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-        return binding
-
-    def encode(self, frames):
-        out = self._outputs("encoder", frames.shape[0])
-        self.encoder.run_with_iobinding(self._binding(self.encoder, {"frames": frames}, out))
-        return out["query_key"], out["query_value"], out["memory_key"], out["memory_value"]
-
-    def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
-        out = self._outputs("head", query_key.shape[0])
-        inputs = dict(zip(self.head_inputs, [query_key, query_value, *slot_keys, *slot_values]))
-        binding = self._binding(self.memory_head, inputs, out)
-        self.memory_head.run_with_iobinding(binding)
-        self.last_head_binding = binding
-        return out["mask"], (out["logits"] if logits else None)
-
-    def close(self):
-        self._bindings.clear()
-        self._buffers.clear()
-        self.encoder = self.memory_head = None
-
-    def describe(self):
-        threads = self.threads or "default"
-        return f"ort {self.ort.__version__} (CPUExecutionProvider, {threads} threads)"
-
-
-# -- PyTorch (reference) ----------------------------------------------------------------------------------
 def resolve_checkpoint(export_dir: Path, spec: ExportSpec) -> Path:
     path = spec.checkpoint
     if not path:
@@ -244,6 +55,22 @@ class TorchBackend(Backend):
       and dtype; where no fused kernel takes them the head reads in chunks and ``describe()`` says so.
     """
     name = "torch"
+    summary = "PyTorch, the reference (CPU or CUDA; needs the checkpoint named in the manifest)"
+    measures_torch_cuda_memory = True
+    options = (
+        THREADS,
+        Option("--precision", "precision", "fp16 runs both graphs in half precision (weights, activations and the "
+               "memory ring; meant for CUDA, slow on the CPU); default fp32", choices=TORCH_PRECISIONS),
+        Option("--channels-last", "channels_last", "channels_last (NHWC) memory format for weights and "
+               "activations"),
+        Option("--cudnn-benchmark", "cudnn_benchmark", "on CUDA: let cuDNN time its convolution algorithms and "
+               "keep the fastest"),
+        Option("--compile", "compile", "torch.compile both graphs (the first frames compile: minutes)"),
+        Option("--cuda-graphs", "cuda_graphs", "on CUDA: replay the graphs as captured CUDA graphs",
+               needs="a CUDA backend"),
+        Option("--no-fused-attention", "fused_attention", "on CUDA: read the memory with chunked matmul + softmax "
+               "instead of the fused attention kernel (the default there)", value=False),
+    )
 
     def __init__(self, export_dir, spec, device="cpu", model=None, threads: int | None = None,
                  precision: str = "fp32", cuda_graphs: bool = False, fused_attention: bool | None = None,
@@ -296,6 +123,19 @@ class TorchBackend(Backend):
         for name, value in cuda_only.items():
             if value:
                 raise ValueError(f"{name} needs device='cuda' (got a CPU device); {why[name]}")
+
+    def gemm_kernel(self):
+        from ..roofline import torch_gemm
+        return torch_gemm(self.device, self.precision, None)  # the threads set at open stay
+
+    @classmethod
+    def copy_for_serving(cls, export_dir, dest, spec):
+        """The checkpoint the model is rebuilt from, beside the copy, named in the copy's manifest."""
+        ckpt = resolve_checkpoint(Path(export_dir), spec)
+        shutil.copy2(ckpt, Path(dest) / ckpt.name)
+        copied = spec.to_dict()
+        copied["checkpoint"] = ckpt.name
+        (Path(dest) / "manifest.json").write_text(json.dumps(copied, indent=1) + "\n")
 
     def zeros(self, shape):
         return self.torch.zeros(shape, dtype=self.dtype, device=self.device_obj)
@@ -381,8 +221,3 @@ class TorchBackend(Backend):
         return (f"torch {self.torch.__version__} ({self.device_obj}, {self.precision}, CUDA graphs "
                 f"{on[self.cuda_graphs]}, fused attention {on[self.memory_head.fused_attention]}, "
                 + "".join(f"{e}, " for e in extras) + f"{self.torch.get_num_threads()} threads)")
-
-
-register_backend("ort", OrtBackend)
-register_backend("torch", TorchBackend)
-

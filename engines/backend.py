@@ -1,5 +1,5 @@
-"""The TensorRT backend of the streaming runtime (``backend="trt"``); ``tmanet bench --backend trt`` reads its
-CUDA-event timings (``profile=True``).
+"""The TensorRT backend of the streaming runtime (``backend="trt"``, an entry point of the backend registry);
+``tmanet bench --backend trt`` reads its CUDA-event timings (``profile=True``).
 
 Design (one object per engine, buffers allocated once, addresses rotated instead of data copied):
 
@@ -37,7 +37,7 @@ import numpy as np
 
 from tmanet.export.manifest import ENCODER_OUTPUTS, HEAD_OUTPUTS, head_input_names
 from tmanet.runtime.address_cache import AddressKeyedCache
-from tmanet.runtime.backends import Backend, BackendUnavailable, register_backend
+from tmanet.runtime.backends import Backend, BackendUnavailable, Option
 
 from .build import TensorRTNotInstalled, require_tensorrt, trt_dtype_name
 from .metadata import (ENGINE_NAMES, EngineIntegrityError, current_gpu, load_engine_metadata,
@@ -222,6 +222,10 @@ class TrtBackend(Backend):
     """``backend="trt"``: the two TensorRT engines built by ``tmanet build`` (in ``engine_dir``, default the
     export directory) on a CUDA device, buffers in torch CUDA memory, optional CUDA graphs."""
     name = "trt"
+    summary = "TensorRT engines built by `tmanet build` (NVIDIA GPU)"
+    options = (Option("--cuda-graphs", "cuda_graphs", "replay the engines as captured CUDA graphs (on by default)",
+                      needs="a CUDA backend"),)
+    bench_options = {"profile": True}   # CUDA-event timings per engine
 
     def __init__(self, export_dir, spec, device="cuda", engine_dir=None, cuda_graphs: bool = True,
                  profile: bool = False, threads: int | None = None):
@@ -429,6 +433,11 @@ class TrtBackend(Backend):
                 engine.close()
         self._buffers = {}
 
+    def gemm_kernel(self):
+        from tmanet.runtime.roofline import torch_gemm
+        built = {v["precision"] for v in self.metadata.values()}   # the engines' build precisions
+        return torch_gemm(self.device, "fp32" if built == {"fp32"} else "fp16", None)
+
     def describe(self):
         meta = self.metadata["frame_encoder"]
         precision = "/".join(dict.fromkeys(m["precision"] for m in self.metadata.values()))
@@ -454,5 +463,3 @@ def _require_tensorrt_for_backend():
     except TensorRTNotInstalled as e:
         raise TensorRTBackendUnavailable(str(e)) from None
 
-
-register_backend("trt", TrtBackend)
