@@ -88,7 +88,9 @@ def triton_repo_command(args) -> int:
 
 
 def serve_command(args) -> int:
-    from .serve import TritonServer
+    import sys
+
+    from .serve import ServerError, TritonServer
     server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port)
 
@@ -99,15 +101,22 @@ def serve_command(args) -> int:
     with signal_handlers(on_signal):
         try:
             server.start(timeout_s=args.timeout)
-            print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  "
-                  f"metrics http://{server.host}:{server.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
+            print(f"tritonserver (pid {server.process.pid}) ready: HTTP http://{server.http_url}  "
+                  f"gRPC {server.grpc_url}  metrics http://{server.host}:{server.metrics_port}/metrics  "
+                  "(Ctrl-C stops)", flush=True)
             server.process.wait()
-            return 0 if server.process.returncode == 0 else 1
+            if server.process.returncode != 0:
+                raise ServerError(server.exit_reason("while serving"))
+            return 0
+        except ServerError as e:  # a server failure, not a usage error: exit 1, one line
+            print(f"tmanet serve: error: {e}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             return 0
         finally:
             code = server.stop()
-            log.info("tritonserver stopped (status %s)", code)
+            if code is not None:
+                log.info("tritonserver stopped (status %s)", code)
 
 
 def serve_bench_command(args) -> int:
