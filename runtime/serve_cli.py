@@ -24,7 +24,8 @@ def register(subparsers):
     r.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="runtime backend (default ort)")
     r.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for torch/trt (a KIND_GPU instance group)")
     r.add_argument("--max-sequences", type=int, default=4, metavar="N",
-                   help="concurrent sequences (streams) per instance; more wait in Triton's backlog (default 4)")
+                   help="concurrent sequences (streams) per instance; a START beyond them is refused "
+                        "'server full' (default 4)")
     r.add_argument("--idle-timeout-ms", type=int, default=5000, metavar="MS",
                    help="a sequence idle this long is dropped and its stream freed (default 5000)")
     r.add_argument("--instances", type=int, default=1, metavar="K", help="model instances (default 1)")
@@ -129,16 +130,22 @@ def serve_bench_command(args) -> int:
         report = bench_serving(args.export_dir, args.url, args.model_name, args.streams, args.frames, args.warmup,
                                args.threads, args.rounds)
     else:
-        from .serve import TritonServer, free_ports
+        import sys
+
+        from .serve import ServerError, TritonServer, free_ports
         from .triton_repo import write_triton_repo
         with tempfile.TemporaryDirectory(prefix="tmanet-serve-bench-") as tmp:
             write_triton_repo(args.export_dir, f"{tmp}/repo", model_name=args.model_name,
                               max_sequences=args.streams, threads=args.threads)
             http, grpc, metrics = free_ports(3)
-            with TritonServer(f"{tmp}/repo", http_port=http, grpc_port=grpc, metrics_port=metrics,
-                              log_file=f"{tmp}/tritonserver.log") as server:
-                report = bench_serving(args.export_dir, server.grpc_url, args.model_name, args.streams,
-                                       args.frames, args.warmup, args.threads, args.rounds)
+            try:
+                with TritonServer(f"{tmp}/repo", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                  log_file=f"{tmp}/tritonserver.log") as server:
+                    report = bench_serving(args.export_dir, server.grpc_url, args.model_name, args.streams,
+                                           args.frames, args.warmup, args.threads, args.rounds)
+            except ServerError as e:  # its log goes with the temporary folder: the reason is in the line
+                print(f"tmanet serve-bench: error: {e}", file=sys.stderr)
+                return 1
     print(format_report(report))
     if args.json:
         write_json(args.json, report)
