@@ -26,7 +26,8 @@ def register(subparsers):
     r.add_argument("--model-name", default="tmanet", help="model name (default tmanet)")
     add_backend_arguments(r)
     r.add_argument("--max-sequences", type=int, default=4, metavar="N",
-                   help="concurrent sequences (streams) per instance; more wait in Triton's backlog (default 4)")
+                   help="concurrent sequences (streams) per instance; a START beyond them is refused "
+                        "'server full' (default 4)")
     r.add_argument("--idle-timeout-ms", type=int, default=5000, metavar="MS",
                    help="a sequence idle this long is dropped and its stream freed (default 5000)")
     r.add_argument("--instances", type=int, default=1, metavar="K", help="model instances (default 1)")
@@ -93,7 +94,9 @@ def triton_repo_command(args) -> int:
 
 
 def serve_command(args) -> int:
-    from .serve import TritonServer
+    import sys
+
+    from .serve import ServerError, TritonServer
     server = TritonServer(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port)
 
@@ -104,15 +107,22 @@ def serve_command(args) -> int:
     with signal_handlers(on_signal):
         try:
             server.start(timeout_s=args.timeout)
-            print(f"tritonserver ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  "
-                  f"metrics http://{server.host}:{server.metrics_port}/metrics  (Ctrl-C stops)", flush=True)
+            print(f"tritonserver (pid {server.process.pid}) ready: HTTP http://{server.http_url}  "
+                  f"gRPC {server.grpc_url}  metrics http://{server.host}:{server.metrics_port}/metrics  "
+                  "(Ctrl-C stops)", flush=True)
             server.process.wait()
-            return 0 if server.process.returncode == 0 else 1
+            if server.process.returncode != 0:
+                raise ServerError(server.exit_reason("while serving"))
+            return 0
+        except ServerError as e:  # a server failure, not a usage error: exit 1, one line
+            print(f"tmanet serve: error: {e}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             return 0
         finally:
             code = server.stop()
-            log.info("tritonserver stopped (status %s)", code)
+            if code is not None:
+                log.info("tritonserver stopped (status %s)", code)
 
 
 def serve_bench_command(args) -> int:
@@ -125,16 +135,22 @@ def serve_bench_command(args) -> int:
         report = bench_serving(args.export_dir, args.url, args.model_name, args.streams, args.frames, args.warmup,
                                args.threads, args.rounds)
     else:
-        from .serve import TritonServer, free_ports
+        import sys
+
+        from .serve import ServerError, TritonServer, free_ports
         from .triton_repo import write_triton_repo
         with tempfile.TemporaryDirectory(prefix="tmanet-serve-bench-") as tmp:
             write_triton_repo(args.export_dir, f"{tmp}/repo", model_name=args.model_name,
                               max_sequences=args.streams, threads=args.threads)
             http, grpc, metrics = free_ports(3)
-            with TritonServer(f"{tmp}/repo", http_port=http, grpc_port=grpc, metrics_port=metrics,
-                              log_file=f"{tmp}/tritonserver.log") as server:
-                report = bench_serving(args.export_dir, server.grpc_url, args.model_name, args.streams,
-                                       args.frames, args.warmup, args.threads, args.rounds)
+            try:
+                with TritonServer(f"{tmp}/repo", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                  log_file=f"{tmp}/tritonserver.log") as server:
+                    report = bench_serving(args.export_dir, server.grpc_url, args.model_name, args.streams,
+                                           args.frames, args.warmup, args.threads, args.rounds)
+            except ServerError as e:  # its log goes with the temporary folder: the reason is in the line
+                print(f"tmanet serve-bench: error: {e}", file=sys.stderr)
+                return 1
     print(format_report(report))
     if args.json:
         write_json(args.json, report)

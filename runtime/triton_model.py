@@ -31,7 +31,7 @@ import torch.utils.dlpack  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from tmanet.runtime import StreamingSegmenter  # noqa: E402
-from tmanet.runtime.sequence_slots import SequenceSlots  # noqa: E402
+from tmanet.runtime.sequence_slots import SequenceSlots, ServerFull  # noqa: E402
 
 
 class TritonPythonModel:
@@ -47,7 +47,13 @@ class TritonPythonModel:
         self.seg = StreamingSegmenter.open(export_dir, backend=params.get("backend", "ort"),
                                            device=device, num_streams=streams,
                                            max_gap=None, **options)  # verifies the manifest's SHA256
-        self.slots = SequenceSlots(streams)
+        idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds") or 1_000_000)
+        self.slots = SequenceSlots(streams, idle_us / 1e6)  # Triton's default timeout is 1 s
+
+    @staticmethod
+    def _error(message, code_name):
+        code = getattr(pb_utils.TritonError, code_name, None)  # error codes: Triton 23.09 and later
+        return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
     def _input(self, request, name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -61,7 +67,10 @@ class TritonPythonModel:
             try:
                 stream, restart = self.slots.stream_for(request.correlation_id(), bool(start.reshape(-1)[0]))
             except KeyError as e:
-                responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e.args[0])))
+                responses[k] = pb_utils.InferenceResponse(error=self._error(str(e.args[0]), "INVALID_ARG"))
+                continue
+            except ServerFull as e:  # refused at its START, never dropped later: the client may retry
+                responses[k] = pb_utils.InferenceResponse(error=self._error(str(e), "UNAVAILABLE"))
                 continue
             if restart:
                 self.seg.release(stream)

@@ -7,9 +7,11 @@ manifest's SHA256 when it loads.
 
 The contract (any standard Triton client): input ``FRAME`` uint8 ``[H, W, 3]`` (batched: clients send
 ``[1, H, W, 3]``), outputs ``MASK`` uint8 ``[H, W]`` and ``LOGITS`` float32 ``[C, H, W]`` (computed only
-when requested). The sequence batcher (``oldest`` strategy, ``max_candidate_sequences`` = the number of
-streams) sends START/END/READY and the correlation id as control inputs: START restarts a sequence's memory,
-END frees its stream, and an idle sequence's stream is reclaimed once Triton has timed it out.
+when requested). The sequence batcher (``oldest`` strategy, batches of up to the number of streams) sends
+START/END/READY and the correlation id as control inputs: START restarts a sequence's memory, END frees its
+stream, and an idle sequence's stream is reclaimed once Triton has timed it out. Triton gets more candidate
+sequences than the model has streams, and the model refuses a START beyond its streams ("server full"): see
+:mod:`tmanet.runtime.sequence_slots` for why Triton's own backlog is avoided.
 """
 from __future__ import annotations
 
@@ -29,6 +31,13 @@ SEQUENCE_ID_TYPES = ("uint64", "string")
 # Cameras of one rate send their frames within a few ms of each other: waiting that long for them makes one
 # engine batch of what would otherwise be a batch of one followed by a batch of the rest.
 DEFAULT_QUEUE_DELAY_US = 5000
+
+
+def candidate_sequences(max_sequences: int) -> int:
+    """Triton's candidate slots per instance: room for the running sequences and for STARTs the model refuses
+    (each holds a slot until Triton's idle timeout), so that Triton's backlog, which drops a sequence that waited
+    in it longer than the idle timeout, is reached only by a flood of more than this many sequences."""
+    return max(64, 8 * max_sequences)
 
 
 def default_site_packages() -> str:
@@ -69,7 +78,7 @@ sequence_batching {{
 {flag("END", "CONTROL_SEQUENCE_END")},
 {flag("READY", "CONTROL_SEQUENCE_READY")}{corrid}
   ]
-  oldest {{ max_candidate_sequences: {max_sequences} preferred_batch_size: [ {max_sequences} ]
+  oldest {{ max_candidate_sequences: {candidate_sequences(max_sequences)} preferred_batch_size: [ {max_sequences} ]
            max_queue_delay_microseconds: {int(queue_delay_us)} }}
 }}
 instance_group [ {{ count: {instances} kind: {kind} }} ]
