@@ -61,6 +61,9 @@ class Option:
         return self.choices is None and self.type is None
 
 
+THREADS = Option("--threads", "threads", "CPU threads (default: all cores)", type=positive_int, metavar="N")
+
+
 @dataclass(frozen=True)
 class GemmKernel:
     """A square GEMM on a backend's own engine, for the roofline's peak: ``run(make())`` multiplies two

@@ -7,10 +7,7 @@ from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
 from tmanet.onnx_session import cpu_session
 
 from ..address_cache import AddressKeyedCache
-from .base import Backend, BackendUnavailable, Option, positive_int
-
-
-THREADS = Option("--threads", "threads", "CPU threads (default: all cores)", type=positive_int, metavar="N")
+from .base import THREADS, Backend, BackendUnavailable
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 from tmanet.export.manifest import ExportSpec
 
 from ..address_cache import AddressKeyedCache
-from .base import Backend, BackendUnavailable, Option, log
-from .ort import THREADS
+from .base import THREADS, Backend, BackendUnavailable, Option, log
 
 def resolve_checkpoint(export_dir: Path, spec: ExportSpec) -> Path:
     path = spec.checkpoint
