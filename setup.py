@@ -42,7 +42,9 @@ setup(
         "polygraphy>=0.49.22",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "openvino>=2026.4; platform_machine == 'x86_64'"],
+        # The openvino backend (x86 CPUs; the tests run it, so the test extra brings it there).
+        "openvino": ["openvino>=2026.4"],
         # ModelOpt's ONNX tools without its [onnx] extra (that pulls onnxruntime-gpu + cupy); onnxslim and lief
         # are what modelopt.onnx needs to import. Pinned set: requirements/quant.txt.
         "quant": ["nvidia-modelopt", "onnx-graphsurgeon", "onnxconverter-common", "ml_dtypes", "onnxslim", "lief"],
@@ -60,6 +62,7 @@ setup(
             "ort = tmanet.runtime.backends.ort:OrtBackend",
             "torch = tmanet.runtime.backends.torch:TorchBackend",
             "trt = tmanet.engines.backend:TrtBackend",
+            "openvino = tmanet.runtime.backends.openvino:OpenVinoBackend",
         ],
     },
 )
