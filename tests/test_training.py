@@ -348,7 +348,10 @@ def test_train_cli(tmp_path, capsys):
             "--iters", "2", "--batch", "1", "--crop", "64,64", "--workers", "0", "--out", str(out),
             "--synthetic-size", "64,128", "--synthetic-frames", "3", "--log-every", "1", "--no-progress"]
     assert cli_main(argv) == 0
-    assert "trained iterations 0..2 of 2" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "trained iterations 0..2 of 2" in said
+    assert f"export the weights: tmanet export {out}/model.pth" in said  # which file to export is named
+    assert load_model(out / "model.pth").config.base_channels == 16
     assert load_model(out / "final.pth").config.base_channels == 16
     # errors: one clear line, exit status 2
     assert cli_main(argv) == 2

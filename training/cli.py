@@ -23,7 +23,9 @@ def register(sub):
     p.add_argument("--config-override", nargs="+", metavar="KEY=VALUE", default=[],
                    help="change config fields, values in JSON (base_channels=32 key_channels=32 ...)")
     p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--out", default="runs/train", help="output folder (checkpoints, log.csv, log.json)")
+    p.add_argument("--out", default="runs/train",
+                   help="output folder: model.pth (the weights to export: tmanet export OUT/model.pth), final.pth "
+                        "and latest.pth (full checkpoints with the optimizer: --resume, --init), log.csv, log.json")
     p.add_argument("--iters", type=int, default=80000, help="total iterations")
     p.add_argument("--batch", type=int, default=8, help="global batch (split over the processes)")
     p.add_argument("--lr", type=float, default=0.01, help="base learning rate")
@@ -138,6 +140,9 @@ def run_train(args) -> int:
         print(f"trained iterations {summary['start_iter']}..{summary['end_iter']} of {summary['iters']} in "
               f"{summary['seconds']:.1f} s" + (f" ({speed:.2f} it/s)" if speed else "") +
               (f", loss {last['loss']:.4f}" if last else "") + f"; checkpoints in {args.out}/")
+        if summary["end_iter"] >= summary["iters"]:
+            print(f"  export the weights: tmanet export {args.out}/model.pth --height H --width W --out DIR\n"
+                  f"  (final.pth and latest.pth also hold the optimizer, to --resume or --init from)")
     return 0
 
 
