@@ -25,7 +25,7 @@ def register(subparsers):
                         "ROS bag .mcap/.db3/.bag (with --topic), or X.mcap:/TOPIC (one topic, as a video)")
     p.add_argument("--topic", action="append", metavar="TOPIC",
                    help="ROS bag input: an image topic to segment (repeat for several cameras); without it, "
-                        "the image topics are listed")
+                        "every image topic")
     p.add_argument("--color", action="store_true",
                    help="ROS bag input: also write <topic>/color_mask (rgb8, the preset's palette)")
     p.add_argument("--resize", action="store_true",
@@ -269,8 +269,6 @@ def run_log_command(args) -> int:
     from .io_threads import Prefetch
     _backend_options(args)
     source, topics, output = _log_arguments(args)
-    if topics is None:
-        return 0
     reader = log_reader(source)
     streams = CameraStreams(lambda: _open(args, max_gap=args.max_gap or None, resize=args.resize))
     described = streams.describe()
@@ -313,8 +311,8 @@ def run_log_command(args) -> int:
 
 
 def _log_arguments(args):
-    """``(source, topics, output)`` of a ROS bag run, checked before anything is written; ``topics`` is None
-    when none was asked for (the image topics are printed instead)."""
+    """``(source, topics, output)`` of a ROS bag run, checked before anything is written; without ``--topic``,
+    every image topic."""
     from pathlib import Path
 
     from tmanet.errors import UserError
@@ -331,19 +329,18 @@ def _log_arguments(args):
     except ValueError as e:
         raise UserError(str(e)) from None
     listing = ", ".join(f"{t} ({kind.rsplit('/', 1)[-1]})" for t, kind in found.items()) or "none"
-    if not args.topic:
-        print(f"image topics in {source}: {listing}\nchoose them with --topic")
-        return source, None, None
-    unknown = [t for t in args.topic if t not in found]
+    unknown = [t for t in args.topic or () if t not in found]
     if unknown:
         raise UserError(f"{source} has no image topic {', '.join(unknown)}; its image topics: {listing}")
     if not args.output or not args.output.lower().endswith(".mcap"):
-        raise UserError("a ROS bag input writes an MCAP: --output OUT.mcap (for an overlay video or mask "
-                        "PNGs of one topic, give --input X.mcap:/TOPIC)")
+        raise UserError(f"a ROS bag input writes an MCAP: --output OUT.mcap (for an overlay video or mask PNGs of "
+                        f"one topic, give --input {source}:/TOPIC); its image topics: {listing}")
+    if not found:
+        raise UserError(f"{source} has no image topics (sensor_msgs/Image or CompressedImage)")
     output = Path(args.output)
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input: choose another file")
-    return source, list(dict.fromkeys(args.topic)), output
+    return source, list(dict.fromkeys(args.topic or found)), output  # no --topic: every image topic
 
 
 def bench_command(args) -> int:

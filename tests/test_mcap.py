@@ -211,11 +211,24 @@ def test_mcap_images_are_decoded_ahead_in_the_reading_thread(export_b1, drive, t
     assert threads == ["tmanet-read"] * 11
 
 
-def test_mcap_without_topic_lists_the_image_topics(export_b1, drive, tmp_path, capsys):
-    assert main(["run", str(export_b1), "--input", str(drive["path"]), "--output", str(tmp_path / "o.mcap"),
+def test_mcap_without_topic_segments_every_image_topic(export_b1, drive, tmp_path, capsys):
+    every = tmp_path / "every.mcap"
+    assert main(["run", str(export_b1), "--input", str(drive["path"]), "--output", str(every), "--resize",
                  "--no-progress"]) == 0
-    assert f"{FRONT} (Image), {REAR} (CompressedImage)" in capsys.readouterr().out
-    assert list(tmp_path.iterdir()) == []
+    named = tmp_path / "named.mcap"
+    assert main(["run", str(export_b1), "--input", str(drive["path"]), "--output", str(named), "--resize",
+                 "--topic", FRONT, "--topic", REAR, "--no-progress"]) == 0
+    got, want = read_mcap(every), read_mcap(named)
+    assert sorted(got) == sorted(want) == [f"{FRONT}/mask", f"{REAR}/mask"]
+    for topic in want:
+        assert [(t, image_to_rgb(m).tobytes()) for t, m in got[topic]] == [(t, image_to_rgb(m).tobytes())
+                                                                          for t, m in want[topic]]
+    capsys.readouterr()
+    for output in ([], ["--output", str(tmp_path / "o.mp4")]):  # no MCAP output: a usage error listing the topics
+        assert main(["run", str(export_b1), "--input", str(drive["path"]), *output, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "writes an MCAP: --output OUT.mcap" in err and f"{FRONT} (Image), {REAR} (CompressedImage)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["every.mcap", "named.mcap"]
 
 
 def run_fails(export_b1, mcap_path, out, *flags):
@@ -336,10 +349,10 @@ def test_ros_bags_segment_like_mcap(export_b1, drive, tmp_path, capsys, ros1):
     bag = tmp_path / ("drive.bag" if ros1 else "drive_bag")
     write_bag(bag, ros1, messages)
     out = tmp_path / "masks.mcap"
-    assert main(["run", str(export_b1), "--input", str(bag), "--no-progress"]) == 0
-    assert f"{FRONT} (Image), {REAR} (CompressedImage)" in capsys.readouterr().out
-    assert main(["run", str(export_b1), "--input", str(bag), "--topic", FRONT, "--topic", REAR, "--resize",
-                 "--output", str(out), "--no-progress"]) == 0
+    assert main(["run", str(export_b1), "--input", str(bag), "--no-progress"]) == 2  # no output: the topics listed
+    assert f"{FRONT} (Image), {REAR} (CompressedImage)" in capsys.readouterr().err
+    assert main(["run", str(export_b1), "--input", str(bag), "--resize", "--output", str(out),  # every topic
+                 "--no-progress"]) == 0
     written = read_mcap(out)
     for topic, frames, frame_times in ((FRONT, front, times), (REAR, rear, [0.05, 0.25])):
         want, _ = api_masks(export_b1, frames, frame_times)
