@@ -170,6 +170,7 @@ class OfficialProtocol:
 
 # -- the benchmark ----------------------------------------------------------------------------------------
 ENGINE_GRAPHS = {"frame_engine": "frame_encoder.onnx", "head": "memory_head.onnx"}  # roofline rows
+ALONE_BLOCK = 5  # timed frames between two rounds of the engines alone (pipeline efficiency)
 
 
 @dataclass
@@ -182,6 +183,7 @@ class Measured:
     device: dict = field(default_factory=dict)
     official_ms: list = field(default_factory=list)
     bare_ms: list = field(default_factory=list)
+    alone: dict = field(default_factory=lambda: {"frame_engine": [], "head": []})
     agreement: list = field(default_factory=list)
     peak_rss: int = 0
     gpu_peak: int = 0
@@ -203,10 +205,11 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     always runs in float32 eager. With ``roofline`` each engine's work (counted from its ONNX graph) is
     set against a GEMM peak probed on the same backend after the timing loop (:mod:`.roofline`).
 
-    Pipeline efficiency: after the timing loop each engine runs ``frames`` times in a loop by itself (same
-    backend, same sessions, the last frame's inputs); the sum of their medians over the runtime's median frame
-    is the share of a frame that is engine work (the rest: pre/post, the ring, and whatever the engines lose to
-    each other when they alternate). With ``bare_loop`` (``ort`` only) each timed frame is followed by one frame
+    Pipeline efficiency: after every :data:`ALONE_BLOCK` timed frames each engine runs that many times in a loop
+    by itself (same backend, same sessions, the last frame's inputs), so over the run each engine is timed alone
+    ``frames`` times, under the same drifting machine load as the frames; the sum of their medians over the
+    runtime's median frame is the share of a frame that is engine work (the rest: pre/post, the ring, and
+    whatever the engines lose to each other when they alternate). With ``bare_loop`` (``ort`` only) each timed frame is followed by one frame
     of a bare loop of the same two sessions (plain ``session.run`` on numpy inputs, the frame's own memory
     encodings as the slots, no runtime), timed on its own: the runtime's frames/s over the bare loop's, in one
     run and on the same machine load."""
@@ -241,7 +244,6 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         seg.timer = timer
         bare = BareLoop(seg.backend, streams) if bare_loop else None
         measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress, bare)
-        alone = _engines_alone(seg, np.repeat(clip[-1][None], streams, 0), frames)
         # The GEMM probe runs after the timing loop, never between timed frames: its large matrices would
         # evict the engines' weights from the caches and its thread pool would compete with the next frame.
         gemm = _gemm_probe(seg.backend, backend, device, options, threads, frames) if roofline else None
@@ -260,7 +262,7 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
                     "processor": platform.processor() or platform.machine()},
     }
     report.update(_latency_report(measured, streams))
-    report.update(_pipeline_report(alone, report["latency_ms"]))
+    report.update(_pipeline_report(measured.alone, report["latency_ms"]))
     if bare is not None:
         report.update(_bare_loop_report(measured, streams))
     if official is not None:
@@ -300,6 +302,9 @@ def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, p
             ms = bare.frame(np.repeat(frame[None], streams, 0))
             if i >= warmup:
                 m.bare_ms.append(ms)
+        timed = i - warmup + 1
+        if timed > 0 and (timed % ALONE_BLOCK == 0 or i == len(clip) - 1):
+            _engines_alone(seg, np.repeat(frame[None], streams, 0), timed - len(m.alone["head"]), m.alone)
         if official is not None and (i == warmup - 1 or warmup <= i < warmup + n_official):
             timer.overall_peak = max(timer.overall_peak, probe.peak())
             start_bytes = gpu.reset() if gpu else 0
@@ -353,13 +358,14 @@ class BareLoop:
         return (time.perf_counter() - start) * 1e3
 
 
-def _engines_alone(seg, frames: np.ndarray, n: int) -> dict:
+def _engines_alone(seg, frames: np.ndarray, n: int, times: dict):
     """Each engine of the open segmenter run ``n`` times in a loop by itself, on the last pushed frame's
-    inputs (the head reads the ring's slots of the last call's rows): ``{engine: [ms]}``."""
+    inputs (the head reads the ring's slots of the last call's rows), appended to ``times[engine]`` (ms).
+    The stream's state is untouched: the ring is only read, and the outputs are the backend's scratch
+    buffers, which the next push overwrites anyway."""
     backend, sync = seg.backend, _sync_for(seg.backend) or (lambda: None)
     rows = seg.last_calls[-1]
     ring = seg.stepper.ring
-    times = {"frame_engine": [], "head": []}
     for _ in range(n):
         start = time.perf_counter()
         qk, qv, _, _ = backend.encode(frames)
@@ -371,14 +377,13 @@ def _engines_alone(seg, frames: np.ndarray, n: int) -> dict:
         seg._head(qk, qv, slot_keys, slot_values)
         sync()
         times["head"].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def _pipeline_report(alone: dict, frame_ms: dict) -> dict:
     """Each engine's time alone and the pipeline efficiency: the sum of their p50s over the frame's p50."""
     stats = {name: summarize(ms) for name, ms in alone.items()}
     engines = sum(st["p50"] for st in stats.values())
-    return {"engines_alone_ms": stats, "engines_alone_sum_ms": engines,
+    return {"engines_alone_ms": stats, "engines_alone_runs": len(alone["head"]), "engines_alone_sum_ms": engines,
             "pipeline_efficiency": engines / frame_ms["p50"]}
 
 

@@ -68,6 +68,7 @@ def test_bench_report_is_consistent(export_b1):
     for st in r["engines_alone_ms"].values():
         check_stats(st)
         assert st["min"] > 0
+    assert r["engines_alone_runs"] == r["frames"]
     assert r["engines_alone_sum_ms"] == pytest.approx(sum(st["p50"] for st in r["engines_alone_ms"].values()))
     assert r["pipeline_efficiency"] == pytest.approx(r["engines_alone_sum_ms"] / r["latency_ms"]["p50"])
     assert "bare_loop_fps" not in r   # only when asked for
