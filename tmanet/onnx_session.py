@@ -5,7 +5,7 @@ options.
 Thread pools: each session keeps its own intra-op pool, with **spinning off**. ONNX Runtime's default lets a
 pool's threads spin (busy-wait) after each parallel section for the next one; the runtime runs the frame engine
 then the head, two sessions, so the idle pool's threads spun on the cores the busy one needed. On the 2-core
-machine of docs/CPU.md a bare loop of the demo model's two graphs took 1.6-2.0x as long with spinning on as
+machine of docs/CPU.md a bare loop of the demo model's two graphs took 1.7-2.1x as long with spinning on as
 with it off, and one process-wide pool (``use_per_session_threads=False``, which still spins, cannot be turned
 off from Python, and forbids any per-session pool in the process afterwards) was slower than spinning off too.
 """
