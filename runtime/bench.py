@@ -170,6 +170,7 @@ class OfficialProtocol:
 
 # -- the benchmark ----------------------------------------------------------------------------------------
 ENGINE_GRAPHS = {"frame_engine": "frame_encoder.onnx", "head": "memory_head.onnx"}  # roofline rows
+ALONE_BLOCK = 5  # timed frames between two rounds of the engines alone (pipeline efficiency)
 
 
 @dataclass
@@ -181,6 +182,8 @@ class Measured:
     stages: dict = field(default_factory=lambda: {s: [] for s in STAGES})
     device: dict = field(default_factory=dict)
     official_ms: list = field(default_factory=list)
+    bare_ms: list = field(default_factory=list)
+    alone: dict = field(default_factory=lambda: {"frame_engine": [], "head": []})
     agreement: list = field(default_factory=list)
     peak_rss: int = 0
     gpu_peak: int = 0
@@ -190,7 +193,7 @@ class Measured:
 def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int = 50, warmup: int = 5,
               compare_official: bool = False, official_frames: int | None = None, threads: int | None = None,
               seed: int = 0, progress: bool = True, backend_options: dict | None = None,
-              roofline: bool = True) -> dict:
+              roofline: bool = True, bare_loop: bool = False) -> dict:
     """Stream ``warmup + frames`` synthetic frames at the export size and time the last ``frames``.
 
     With ``compare_official`` the official protocol runs on the first ``official_frames`` timed frames,
@@ -200,7 +203,16 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     backend (e.g. ``precision="fp16"``, ``cuda_graphs=True`` for torch on CUDA; the TensorRT backend is
     opened with ``profile=True`` unless told otherwise, for its CUDA-event timings); the official protocol
     always runs in float32 eager. With ``roofline`` each engine's work (counted from its ONNX graph) is
-    set against a GEMM peak probed on the same backend after the timing loop (:mod:`.roofline`)."""
+    set against a GEMM peak probed on the same backend after the timing loop (:mod:`.roofline`).
+
+    Pipeline efficiency: after every :data:`ALONE_BLOCK` timed frames each engine runs that many times in a loop
+    by itself (same backend, same sessions, the last frame's inputs), so over the run each engine is timed alone
+    ``frames`` times, under the same drifting machine load as the frames; the sum of their medians over the
+    runtime's median frame is the share of a frame that is engine work (the rest: pre/post, the ring, and
+    whatever the engines lose to each other when they alternate). With ``bare_loop`` (``ort`` only) each timed frame is followed by one frame
+    of a bare loop of the same two sessions (plain ``session.run`` on numpy inputs, the frame's own memory
+    encodings as the slots, no runtime), timed on its own: the runtime's frames/s over the bare loop's, in one
+    run and on the same machine load."""
     from tmanet.export.manifest import load_manifest
 
     from .backends import get_backend
@@ -217,6 +229,8 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     backend_class = get_backend(backend)
     for key, value in getattr(backend_class, "bench_options", {}).items():
         options.setdefault(key, value)
+    if bare_loop and backend != "ort":
+        raise ValueError(f"the bare loop runs ONNX Runtime sessions: backend 'ort' only (got {backend!r})")
     n_official = min(official_frames or frames, frames) if compare_official else 0
     official = OfficialProtocol(spec, clip, streams, device, threads) if n_official else None
 
@@ -232,7 +246,8 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         timer.overall_peak = probe.peak()   # loading the engines counts too
         rss_loaded = probe.current()
         seg.timer = timer
-        measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress)
+        bare = BareLoop(seg.backend, streams) if bare_loop else None
+        measured = _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress, bare)
         # The GEMM probe runs after the timing loop, never between timed frames: its large matrices would
         # evict the engines' weights from the caches and its thread pool would compete with the next frame.
         gemm = _gemm_probe(seg.backend, frames) if roofline else None
@@ -251,6 +266,9 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
                     "processor": platform.processor() or platform.machine()},
     }
     report.update(_latency_report(measured, streams))
+    report.update(_pipeline_report(measured.alone, report["latency_ms"]))
+    if bare is not None:
+        report.update(_bare_loop_report(measured, streams))
     if official is not None:
         report.update(_official_report(measured, streams, n_official, official, gpu))
     if roof is not None:
@@ -258,9 +276,10 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     return report
 
 
-def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress) -> Measured:
+def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, progress, bare=None) -> Measured:
     """The timing loop: push every frame of ``clip``, time the frames after ``warmup``, interleave the
-    official protocol's frames (untimed by the runtime's clock), follow the memory peaks."""
+    official protocol's frames and the bare loop's (each untimed by the runtime's clock), follow the memory
+    peaks."""
     from tqdm import tqdm
     m, timer = Measured(), seg.timer
     bar = tqdm(range(len(clip)), desc=f"bench {seg.backend.name}" + (" + official" if official else ""),
@@ -283,6 +302,13 @@ def _time_frames(seg, clip, warmup, streams, official, n_official, probe, gpu, p
                     m.device.setdefault(key, []).append(value)
         if gpu:
             m.gpu_peak = max(m.gpu_peak, gpu.peak())
+        if bare is not None:
+            ms = bare.frame(np.repeat(frame[None], streams, 0))
+            if i >= warmup:
+                m.bare_ms.append(ms)
+        timed = i - warmup + 1
+        if timed > 0 and (timed % ALONE_BLOCK == 0 or i == len(clip) - 1):
+            _engines_alone(seg, np.repeat(frame[None], streams, 0), timed - len(m.alone["head"]), m.alone)
         if official is not None and (i == warmup - 1 or warmup <= i < warmup + n_official):
             timer.overall_peak = max(timer.overall_peak, probe.peak())
             start_bytes = gpu.reset() if gpu else 0
@@ -314,6 +340,62 @@ def _latency_report(m: Measured, streams: int) -> dict:
     if m.device:
         out["device_timing_ms"] = {k: summarize(v) for k, v in m.device.items()}
     return out
+
+
+class BareLoop:
+    """The same two ONNX Runtime sessions as the runtime's ``ort`` backend, back to back with plain
+    ``session.run`` on numpy inputs: each frame's own memory encodings are its slots (the work of a frame
+    without the ring, IOBinding, pre/post). ``frame(frames)`` returns the milliseconds of one frame."""
+
+    def __init__(self, backend, streams: int):
+        from tmanet.export.manifest import head_input_names
+        self.encoder, self.head = backend.encoder, backend.memory_head
+        self.T = backend.sequence_num
+        self.names = head_input_names(self.T)
+
+    def frame(self, frames: np.ndarray) -> float:
+        start = time.perf_counter()
+        qk, qv, mk, mv = self.encoder.run(None, {"frames": frames})
+        slots = [np.ascontiguousarray(mk[:, i]) for i in range(self.T)] + \
+                [np.ascontiguousarray(mv[:, i]) for i in range(self.T)]
+        self.head.run(None, dict(zip(self.names, [qk, qv, *slots])))
+        return (time.perf_counter() - start) * 1e3
+
+
+def _engines_alone(seg, frames: np.ndarray, n: int, times: dict):
+    """Each engine of the open segmenter run ``n`` times in a loop by itself, on the last pushed frame's
+    inputs (the head reads the ring's slots of the last call's rows), appended to ``times[engine]`` (ms).
+    The stream's state is untouched: the ring is only read, and the outputs are the backend's scratch
+    buffers, which the next push overwrites anyway."""
+    backend, sync = seg.backend, _sync_for(seg.backend) or (lambda: None)
+    rows = seg.last_calls[-1]
+    ring = seg.stepper.ring
+    for _ in range(n):
+        start = time.perf_counter()
+        qk, qv, _, _ = backend.encode(frames)
+        sync()
+        times["frame_engine"].append((time.perf_counter() - start) * 1e3)
+    slot_keys, slot_values = ring.slot_keys(rows), ring.slot_values(rows)
+    for _ in range(n):
+        start = time.perf_counter()
+        seg._head(qk, qv, slot_keys, slot_values)
+        sync()
+        times["head"].append((time.perf_counter() - start) * 1e3)
+
+
+def _pipeline_report(alone: dict, frame_ms: dict) -> dict:
+    """Each engine's time alone and the pipeline efficiency: the sum of their p50s over the frame's p50."""
+    stats = {name: summarize(ms) for name, ms in alone.items()}
+    engines = sum(st["p50"] for st in stats.values())
+    return {"engines_alone_ms": stats, "engines_alone_runs": len(alone["head"]), "engines_alone_sum_ms": engines,
+            "pipeline_efficiency": engines / frame_ms["p50"]}
+
+
+def _bare_loop_report(m: Measured, streams: int) -> dict:
+    st = summarize(m.bare_ms)
+    fps = streams * 1e3 / st["mean"]
+    runtime_fps = streams * 1e3 / summarize(m.totals)["mean"]
+    return {"bare_loop_latency_ms": st, "bare_loop_fps": fps, "runtime_vs_bare_loop": runtime_fps / fps}
 
 
 def _official_report(m: Measured, streams, n_official, official, gpu) -> dict:
@@ -357,6 +439,13 @@ def format_report(r: dict) -> str:
         extra = f"{mem[name]:>10.1f}" if name in mem else ""
         lines.append(f"{name:<14}{st['mean']:>9.2f}{st['p50']:>9.2f}{st['p90']:>9.2f}{st['p99']:>9.2f}    {extra}")
     lines.append(f"throughput    {r['fps']:.2f} frames/s")
+    alone = r["engines_alone_ms"]
+    lines.append(f"pipeline      {100 * r['pipeline_efficiency']:.1f}% efficiency: engines alone "
+                 f"{alone['frame_engine']['p50']:.2f} + {alone['head']['p50']:.2f} = {r['engines_alone_sum_ms']:.2f} ms "
+                 f"p50 vs {r['latency_ms']['p50']:.2f} ms per frame")
+    if "bare_loop_fps" in r:
+        lines.append(f"bare loop     {r['bare_loop_fps']:.2f} frames/s (plain session.run, interleaved), runtime "
+                     f"{r['fps']:.2f} frames/s: {100 * r['runtime_vs_bare_loop']:.1f}% of the bare loop")
     lines.append(f"peak memory   {r['peak_memory_mb']:.0f} MB above the start ({r['peak_rss_mb']:.0f} MB RSS; "
                  f"{r['loaded_memory_mb']:.0f} MB after loading)")
     if r.get("cuda_peak_memory_mb") is not None:

@@ -79,6 +79,12 @@ def register(subparsers):
     b.add_argument("--no-roofline", action="store_true",
                    help="skip the roofline (work counted from the ONNX graphs against a GEMM peak probed on the "
                         "same backend, ~1 s)")
+    b.add_argument("--bare-loop", action="store_true",
+                   help="ort: also time a bare loop of the same two sessions (plain session.run, no runtime), "
+                        "one frame after each timed frame, and report the runtime's share of its frames/s")
+    b.add_argument("--profile", metavar="DIR",
+                   help="ort: profile each graph with ONNX Runtime's profiler (--frames runs each, after the "
+                        "timing) and write the traces and per-op tables into DIR")
     b.set_defaults(func=bench_command)
 
 
@@ -355,16 +361,30 @@ def bench_command(args) -> int:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output(path, "file", flag)
-    refuse_overwriting_inputs([args.json, args.plot], [args.export_dir])
+    if args.profile:
+        if args.backend != "ort":
+            raise UserError(f"--profile profiles the ONNX graphs on ONNX Runtime: backend 'ort' only "
+                            f"(got {args.backend!r})")
+        check_output(args.profile, "dir", "--profile")
+        from .op_profile import check_profile_dir
+        check_profile_dir(args.profile)
+    refuse_overwriting_inputs([args.json, args.plot, args.profile], [args.export_dir])
     try:
         report = run_bench(args.export_dir, backend=args.backend, device=args.device, frames=args.frames,
                            warmup=args.warmup, compare_official=args.compare_official,
                            official_frames=args.official_frames, threads=options.get("threads"), seed=args.seed,
                            progress=not args.no_progress, backend_options=options,
-                           roofline=not args.no_roofline)
+                           roofline=not args.no_roofline, bare_loop=args.bare_loop)
+        if args.profile:
+            from .op_profile import format_tables, profile_export
+            report["profile"] = profile_export(args.export_dir, args.profile, runs=args.frames,
+                                               threads=options.get("threads"), seed=args.seed)
     except (ManifestError, BackendUnavailable, ValueError) as e:
         raise UserError(str(e)) from None
     print(format_report(report))
+    if args.profile:
+        print("\n".join(format_tables(report["profile"])))
+        print(f"profile: {args.profile}")
     if args.json:
         write_json(report, args.json)
         print(f"report: {args.json}")

@@ -122,18 +122,15 @@ class GemmProbe:
 
 def ort_gemm(n: int, threads: int | None) -> GemmKernel:
     """ONNX Runtime's fp32 MatMul on the CPU, with the backend's session settings."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from tmanet.onnx_session import cpu_session
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
     c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm_probe", [a, b], [c])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(model.SerializeToString(), threads)
 
     def inputs():
         return {"a": np.full((n, n), 0.5, np.float32), "b": np.full((n, n), 0.25, np.float32)}

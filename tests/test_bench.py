@@ -63,6 +63,15 @@ def test_bench_report_is_consistent(export_b1):
     assert r["speedup_vs_official_all_frames"] == pytest.approx(r["speedup_vs_official"])
     assert r["mask_agreement_vs_official"] > 0.999
     assert r["cuda_peak_memory_mb"] is None and "official_cuda_peak_memory_mb" not in r  # a CPU run
+    # Pipeline efficiency: each engine timed alone as often as the frames, against the frame's median.
+    assert set(r["engines_alone_ms"]) == {"frame_engine", "head"}
+    for st in r["engines_alone_ms"].values():
+        check_stats(st)
+        assert st["min"] > 0
+    assert r["engines_alone_runs"] == r["frames"]
+    assert r["engines_alone_sum_ms"] == pytest.approx(sum(st["p50"] for st in r["engines_alone_ms"].values()))
+    assert r["pipeline_efficiency"] == pytest.approx(r["engines_alone_sum_ms"] / r["latency_ms"]["p50"])
+    assert "bare_loop_fps" not in r   # only when asked for
     json.dumps(r)  # serialisable as it is
 
 
@@ -226,7 +235,72 @@ def test_stages_end_with_the_backends_device_synchronisation(export_b1):
                   roofline=False)
     finally:
         BACKENDS.pop("async-stand-in")
-    assert calls.count("encode") == calls.count("head") == 2
+    # 2 timed frames, then each engine alone 2 times (the pipeline efficiency): every call synchronised.
+    assert calls.count("encode") == calls.count("head") == 4
     for i, call in enumerate(calls):
         if call in ("encode", "head"):
             assert calls[i + 1] == "sync", calls
+
+
+def test_bare_loop_report(export_b1, capsys):
+    """The bare loop (plain session.run of the same two sessions) runs once after every timed frame; its
+    frames/s and the runtime's share of it come from the same report."""
+    r = run_bench(export_b1, frames=3, warmup=1, progress=False, roofline=False, bare_loop=True)
+    check_stats(r["bare_loop_latency_ms"])
+    assert r["bare_loop_latency_ms"]["min"] > 0
+    assert r["bare_loop_fps"] == pytest.approx(1000.0 / r["bare_loop_latency_ms"]["mean"])
+    assert r["runtime_vs_bare_loop"] == pytest.approx(r["fps"] / r["bare_loop_fps"])
+    with pytest.raises(ValueError, match="backend 'ort' only"):
+        run_bench(export_b1, backend="torch", frames=1, warmup=0, progress=False, roofline=False, bare_loop=True)
+    from tmanet.runtime.bench import format_report
+    text = format_report(r)
+    assert "bare loop" in text and "efficiency" in text
+
+
+def test_kernel_table_sums_the_timed_runs():
+    """ORT's trace: runs after the skipped first, kernels summed per node and per op type, per run."""
+    from tmanet.runtime.op_profile import kernel_table
+
+    def run(ts, dur):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def kernel(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+    events = [run(0, 100), kernel("mm", "MatMul", 1, 50), kernel("sm", "Softmax", 60, 30),
+              run(200, 60), kernel("mm", "MatMul", 201, 40), kernel("sm", "Softmax", 241, 10),
+              {"cat": "Node", "name": "mm_fence_before", "ts": 201, "dur": 1, "args": {"op_name": "MatMul"}},
+              run(300, 40), kernel("mm", "MatMul", 301, 20), kernel("sm", "Softmax", 321, 10),
+              kernel("sm2", "Softmax", 331, 4)]
+    t = kernel_table(events)
+    assert t["runs"] == 2 and t["run_ms"] == [0.06, 0.04]
+    assert t["per_node"]["mm"] == {"op": "MatMul", "ms": pytest.approx(0.030)}
+    assert t["per_op"] == {"MatMul": pytest.approx(0.030), "Softmax": pytest.approx(0.012)}
+    assert list(t["per_op"]) == ["MatMul", "Softmax"]   # costliest first
+    with pytest.raises(ValueError, match="need more than"):
+        kernel_table(events[:3])
+
+
+def test_bench_profile_writes_traces_and_tables(export_b1, tmp_path, capsys):
+    out = tmp_path / "prof"
+    assert main(["bench", str(export_b1), "--frames", "2", "--warmup", "0", "--no-roofline", "--no-progress",
+                 "--profile", str(out)]) == 0
+    assert "profile head" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["frame_engine_trace.json", "head_trace.json", "ops.json"]
+    tables = json.loads((out / "ops.json").read_text())
+    for engine, t in tables.items():
+        assert t["runs"] == 2
+        by_op = {}
+        for node in t["per_node"].values():
+            by_op[node["op"]] = by_op.get(node["op"], 0) + node["ms"]
+        assert by_op == pytest.approx(t["per_op"])
+    assert "MatMul" in tables["head"]["per_op"] or "FusedMatMul" in tables["head"]["per_op"]
+    assert "Conv" in tables["frame_engine"]["per_op"]
+    # A folder holding anything else is not replaced; a second profile replaces the first.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["bench", str(export_b1), "--frames", "1", "--no-roofline", "--no-progress",
+                 "--profile", str(tmp_path / "mine")]) == 2
+    assert "not a profile" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").exists()
+    assert main(["bench", str(export_b1), "--frames", "1", "--warmup", "0", "--no-roofline", "--no-progress",
+                 "--profile", str(out)]) == 0
+    assert json.loads((out / "ops.json").read_text())["head"]["runs"] == 1

@@ -422,6 +422,19 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
 
 
 
+def test_ort_sessions_do_not_spin(export_b1):
+    """The frame engine's and the head's thread pools alternate: neither may busy-wait between its runs
+    (docs/CPU.md), and the thread count asked for reaches both sessions."""
+    from tmanet.onnx_session import NO_SPINNING
+    seg = StreamingSegmenter.open(export_b1, threads=1)
+    for session in (seg.backend.encoder, seg.backend.memory_head):
+        options = session.get_session_options()
+        assert {k: options.get_session_config_entry(k) for k in NO_SPINNING} == NO_SPINNING == {
+            "session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+        assert options.intra_op_num_threads == 1 and options.use_per_session_threads
+    seg.close()
+
+
 def test_ort_bindings_are_made_once_per_ring_phase(export_b1, clips):
     """The head's IOBindings are keyed by the slot addresses: T+1 ring phases, then only reuse."""
     seg = StreamingSegmenter.open(export_b1)

@@ -50,8 +50,8 @@ def memory_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
     ``fused``: use torch's fused attention kernel where one accepts the inputs (see :func:`fused_read`).
     """
     b, ck, h, w = query_key.shape
-    keys = torch.cat([k.flatten(2) for k in memory_keys], dim=2)                     # B, Ck, T*h*w
-    values = torch.cat([v.flatten(2) for v in memory_values], dim=2).transpose(1, 2)  # B, T*h*w, Cv
+    keys = slot_major(memory_keys)                                                   # B, Ck, T*h*w
+    values = slot_major(memory_values).transpose(1, 2)                               # B, T*h*w, Cv
     queries = query_key.flatten(2).transpose(1, 2)                                   # B, h*w, Ck
     if fused:
         read = fused_read(queries, keys, values)
@@ -69,7 +69,7 @@ def read_weights(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor]) -
     """The read's attention weights ``[B, h*w, T*h*w]`` (rows: query positions; columns: memory positions
     flattened like :func:`memory_read`'s), whole and unchunked: what the values are averaged with, for
     analysis (``training/read_locality.py``)."""
-    keys = torch.cat([k.flatten(2) for k in memory_keys], dim=2)
+    keys = slot_major(memory_keys)
     return _softmax(torch.bmm(query_key.flatten(2).transpose(1, 2), keys))
 
 
@@ -80,11 +80,23 @@ def place_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
     positions by content, so a position whose current view was destroyed (a dropped region, glare) has no
     way to ask for what was at its place; this read is that way. ``[B,Ck,h,w]`` query key, T keys and T
     values -> ``[B,Cv,h,w]``; cost O(T*h*w*(Ck+Cv)), nothing next to the official read."""
-    # Slots stacked before the product, so the export's logits are one Mul -> ReduceSum -> Softmax chain (the
-    # calibration keeps it float32 by structure, as it keeps the official read's).
-    scores = (query_key[:, None] * torch.stack(list(memory_keys), 1)).sum(2)       # B, T, h, w
+    # The slots are the official read's slot-major concatenation (the same nodes, which ONNX Runtime computes
+    # once) viewed as [B, C, T, h, w], not a stack of their own: a stack copies every key and value again.
+    # The logits stay one Mul -> ReduceSum -> Softmax chain (the calibration keeps it float32 by structure, as
+    # it keeps the official read's).
+    b, ck, h, w = query_key.shape
+    T = len(memory_keys)
+    keys = slot_major(memory_keys).view(b, ck, T, h, w)
+    scores = (query_key[:, :, None] * keys).sum(1)                                  # B, T, h, w
     weights = _softmax(scores, dim=1)
-    return (weights[:, :, None] * torch.stack(list(memory_values), 1)).sum(1)     # B, Cv, h, w
+    values = slot_major(memory_values).view(b, -1, T, h, w)
+    return (weights[:, None] * values).sum(2)                                        # B, Cv, h, w
+
+
+def slot_major(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """T tensors ``[B, C, h, w]`` -> ``[B, C, T*h*w]``: memory positions flattened slot-major, then row, then
+    column (the order of the official read's memory)."""
+    return torch.cat([t.flatten(2) for t in tensors], dim=2)
 
 
 def _softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
