@@ -533,7 +533,7 @@ def test_torch_describe_records_precision_and_graphs(export_b1):
     assert "fused attention off" in seg.backend.describe() and not seg.backend.memory_head.fused_attention
 
 
-@pytest.mark.parametrize("flags, message", [(["--precision", "fp16"], "--precision applies to the torch"),
+@pytest.mark.parametrize("flags, message", [(["--precision", "fp16"], "--precision applies to the openvino and torch backends only"),
                                             (["--cuda-graphs"], "--cuda-graphs needs a CUDA backend"),
                                             (["--no-fused-attention"], "--no-fused-attention applies to the torch"),
                                             (["--channels-last"], "--channels-last applies to the torch backend"),
