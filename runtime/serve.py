@@ -55,8 +55,13 @@ def pytriton_dir() -> Path | None:
 
 
 def server_command(workdir: Path) -> tuple[list[str], dict]:
-    """(tritonserver and its backend-directory argument, environment) for this machine."""
+    """(tritonserver and its backend-directory argument, environment) for this machine. The environment names
+    this interpreter's packages (:data:`SITE_PACKAGES_ENV`) for the Python stub, which runs the system libpython
+    and ignores PYTHONPATH: a repository then holds no path of this machine and can be moved."""
+    from .triton_repo import SITE_PACKAGES_ENV, default_site_packages
     env = dict(os.environ)
+    if default_site_packages():
+        env.setdefault(SITE_PACKAGES_ENV, default_site_packages())
     on_path = shutil.which("tritonserver")
     if on_path:
         return [on_path], env

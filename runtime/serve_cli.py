@@ -39,8 +39,9 @@ def register(subparsers):
                         "(uint64 ids are accepted too; no CORRID input, which Triton 2.51's Python backend refuses "
                         "as a string)")
     r.add_argument("--site-packages", metavar="DIR",
-                   help="folder the Python backend adds to find tmanet (default: this virtualenv's; '' in a "
-                        "container where tmanet is installed)")
+                   help="folder the Python backend adds to find tmanet when the server was not started by "
+                        "`tmanet serve` (which names its own); default none: the repository holds no path of "
+                        "this machine and can be moved or copied into a container where tmanet is installed")
     r.set_defaults(func=triton_repo_command)
 
     s = subparsers.add_parser(

@@ -5,19 +5,25 @@ One ``execute()`` batch of requests from different sequences is one ``push_batch
 :class:`~tmanet.runtime.StreamingSegmenter` with one stream per candidate sequence.
 
 Two facts of the Python backend stub shape this file: it embeds the system libpython and ignores PYTHONPATH,
-so the virtualenv recorded at ``triton-repo`` time (the ``site_packages`` parameter) is added with
-``site.addsitedir``, which also processes the editable install's ``.pth``; and it predates numpy 2, so
+so the folder holding tmanet is added with ``site.addsitedir`` (which also processes an editable install's
+``.pth``): the one ``tmanet serve`` names in ``TMANET_SITE_PACKAGES``, else one given to ``triton-repo
+--site-packages`` (none by default, so a repository holds no path of the machine that wrote it); and it
+predates numpy 2, so
 tensors cross through torch's DLPack (exact) instead of ``as_numpy()`` / ``Tensor(name, ndarray)``.
 """
 import json
+import os
 import re
 import site
 from pathlib import Path
 
 
 def _add_site_packages():
-    """The stub imports this file before triton_python_backend_utils (which needs numpy), so the recorded
-    ``site_packages`` parameter is read from this model's config.pbtxt here, at import."""
+    """The stub imports this file before triton_python_backend_utils (which needs numpy), so the folder is found
+    here, at import: the server's environment first, else the ``site_packages`` parameter of config.pbtxt."""
+    if os.environ.get("TMANET_SITE_PACKAGES"):
+        site.addsitedir(os.environ["TMANET_SITE_PACKAGES"])
+        return
     config = (Path(__file__).resolve().parent.parent / "config.pbtxt").read_text()
     found = re.search(r'key:\s*"site_packages"\s*value:\s*\{\s*string_value:\s*("(?:[^"\\]|\\.)*")', config)
     if found and json.loads(found.group(1)):

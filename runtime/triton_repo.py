@@ -40,6 +40,10 @@ def candidate_sequences(max_sequences: int) -> int:
     return max(64, 8 * max_sequences)
 
 
+# Set by `tmanet serve` for the model's Python stub: the folder holding tmanet (and torch, numpy) on this machine.
+SITE_PACKAGES_ENV = "TMANET_SITE_PACKAGES"
+
+
 def default_site_packages() -> str:
     """Where this interpreter's packages are: the Triton Python stub runs the system libpython and adds this
     folder itself (it ignores PYTHONPATH). Empty outside a virtualenv (e.g. a container with tmanet installed)."""
@@ -138,7 +142,7 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
         _copy_export(export_dir, tmp / "1" / "export", spec, backend)
         shutil.copy2(MODEL_FILE, tmp / "1" / "model.py")
         parameters = {"backend": backend, "device": device, "options": json.dumps(options, sort_keys=True),
-                      "site_packages": default_site_packages() if site_packages is None else site_packages}
+                      "site_packages": site_packages or ""}  # none by default: the repository can move
         (tmp / "config.pbtxt").write_text(config_pbtxt(model_name, spec, max_sequences, idle_timeout_ms,
                                                        instances, parameters, sequence_id_type, device,
                                                        queue_delay_us))

@@ -284,8 +284,14 @@ def test_triton_repo_refuses_to_overwrite_and_checks_the_export(export, tmp_path
 
 
 def test_serve_command_starts_prints_and_stops_on_sigint(export, tmp_path):
-    repo = tmp_path / "repo"
-    write_triton_repo(export, repo, max_sequences=1, threads=1)
+    """... on a repository that was moved after it was written: it holds no path of the machine that wrote it."""
+    import shutil
+    written = tmp_path / "written" / "repo"
+    write_triton_repo(export, written, max_sequences=1, threads=1)
+    assert sys.prefix not in (written / "tmanet" / "config.pbtxt").read_text()
+    repo = tmp_path / "moved" / "repo"
+    repo.parent.mkdir()
+    shutil.move(written, repo)
     http, grpc, metrics = free_ports(3)
     # Started with SIGINT ignored, as a script's background job is (`tmanet serve REPO &`): Ctrl-C still stops it.
     proc = subprocess.Popen([sys.executable, "-m", "tmanet.cli", "serve", str(repo), "--http-port", str(http),
