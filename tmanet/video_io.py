@@ -62,7 +62,7 @@ class FrameSource:
 def open_frames(path, max_frames: int | None = None, allow_truncated: bool = False) -> FrameSource:
     """The frames of a video file, an image folder, a ``.npy`` clip or a ROS bag's image topic (at most
     ``max_frames``). ``allow_truncated``: a video cut short ends at its last good frame with a warning instead
-    of an error."""
+    of an error; for a ROS bag, damaged chunks or records are skipped with a warning counting the frames lost."""
     from .driving_logs import is_log, split_topic
     path, topic = split_topic(path)
     if not path.exists():
@@ -70,7 +70,7 @@ def open_frames(path, max_frames: int | None = None, allow_truncated: bool = Fal
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if is_log(path):
-        source = _log_topic(path, topic)
+        source = _log_topic(path, topic, allow_truncated)
     elif path.is_dir():
         source = _image_folder(path)
     elif path.suffix.lower() == ".npy":
@@ -112,18 +112,18 @@ def _npy_clip(path: Path) -> FrameSource:
     return FrameSource(path, "npy", len(clip), None, frames)
 
 
-def _log_topic(path: Path, topic: str | None) -> FrameSource:
+def _log_topic(path: Path, topic: str | None, skip_damaged: bool = False) -> FrameSource:
     from .driving_logs import frame_topic, log_reader
     from .ros_images import field, image_to_rgb, stamp_seconds
     topic = frame_topic(path, topic)
     reader = log_reader(path)
 
     def frames():
-        for _, log_time, _, msg in reader.read_images(path, [topic]):
+        for _, log_time, _, msg in reader.read_images(path, [topic], skip_damaged=skip_damaged):
             try:
                 yield image_to_rgb(msg), stamp_seconds(field(msg, "header"))
             except ValueError as e:
-                raise ValueError(f"{path}, {topic}, message at log time {log_time} ns: {e}") from None
+                raise FrameSourceError(f"{path}, {topic}, message at log time {log_time} ns: {e}") from None
     return FrameSource(f"{path}:{topic}", "rosbag", reader.count_messages(path, [topic]), None, frames)
 
 
