@@ -94,11 +94,34 @@ def open_frames(path, max_frames: int | None = None, allow_truncated: bool = Fal
 
 def read_npy(path, mmap: bool = True) -> np.ndarray:
     """A ``.npy`` array (memory-mapped by default; never unpickled), or :class:`FrameSourceError` naming the
-    file when it is missing, truncated or not a ``.npy``."""
+    file when it is missing, truncated or not a ``.npy``. The header's shape x dtype is checked against the
+    file's size first, so a header claiming more than the file holds is refused before anything is allocated."""
     try:
+        _check_npy_header(path)
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except FrameSourceError:
+        raise
+    except (OSError, ValueError, EOFError, TypeError, OverflowError, SyntaxError) as e:
         raise FrameSourceError(f"{path}: not a readable .npy file ({e})") from None
+
+
+def _check_npy_header(path):
+    import math
+    from numpy.lib import format as npy
+    with open(path, "rb") as f:
+        version = npy.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"unknown .npy version {version}")
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _fortran, dtype = read_header(f)  # refuses headers over 10,000 bytes and anything but literals
+        data_start = f.tell()
+        size = f.seek(0, 2)
+    if dtype.hasobject:
+        raise FrameSourceError(f"{path}: a .npy of Python objects ({dtype}): refusing to unpickle it")
+    need = math.prod(shape) * dtype.itemsize
+    if need > size - data_start:
+        raise FrameSourceError(f"{path}: the .npy header announces {dtype} {shape} ({need} bytes) but the file "
+                               f"holds {size - data_start} bytes of data (truncated or damaged)")
 
 
 def _npy_clip(path: Path) -> FrameSource:
