@@ -478,3 +478,38 @@ def test_python_dash_m_tmanet(tmp_path):
     proc = _tmanet("export", tmp_path / "missing.pth", "--height", H, "--width", W, "--out", tmp_path / "o")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == f"tmanet export: error: checkpoint not found: {tmp_path / 'missing.pth'}"
+
+
+# -- a full disk -------------------------------------------------------------------------------------------
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs the test mounts (and unmounts) itself: writes past 1 MiB fail with ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a size-limited tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("flag,name", [("--save-logits", "logits.npy"), ("--output", "overlay.mp4")])
+def test_full_disk_during_run_is_one_line_and_keeps_older_outputs(export_b1, tmp_path, small_disk, capsys, flag,
+                                                                  name):
+    """The run's outputs do not fit in the 64 KiB left (48 frames of logits: 30 MB; an overlay of 48 frames
+    of white noise: ~250 KB): one line, exit 2, no partial or temporary file, the older outputs byte-identical."""
+    np.save(tmp_path / "clip.npy", np.random.default_rng(4).integers(0, 256, (48, H, W, 3), np.uint8))
+    (small_disk / name).write_bytes(b"an older result " * 61440)  # 960 KiB of the 1 MiB
+    (small_disk / "notes.txt").write_text("a user's file")
+    before = snapshot(small_disk)
+    code = main(["run", str(export_b1), "-i", str(tmp_path / "clip.npy"), flag, str(small_disk / name),
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{small_disk / name}: cannot write it (No space left on device)" in err, err
+    assert snapshot(small_disk) == before  # the older output intact, nothing partial or temporary left

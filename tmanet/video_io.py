@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from tmanet.errors import UserError
-from tmanet.safe_files import PendingFile, atomic_file
+from tmanet.safe_files import OutputError, PendingFile, atomic_file
 
 log = logging.getLogger("tmanet")
 
@@ -239,6 +240,17 @@ def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
 
 
 # -- sinks ------------------------------------------------------------------------------------------------
+@contextmanager
+def _writing(path):
+    """A failed write (a full disk, a quota, an I/O error) as one line naming the destination; the caller's
+    temporary file is discarded by its own error path, so the final name keeps what it held."""
+    try:
+        yield
+    except OSError as e:
+        detail = e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OutputError(f"{path}: cannot write it ({detail}); an older file there is left as it was") from None
+
+
 def colorize(mask: np.ndarray, palette) -> np.ndarray:
     """Class ids ``(H, W)`` -> RGB ``(H, W, 3)`` uint8; ids beyond the palette are black."""
     lut = np.zeros((256, 3), np.uint8)
@@ -309,8 +321,9 @@ class VideoWriter:
             raise ValueError(f"frame {rgb.shape[1]}x{rgb.shape[0]} in a {self._stream.width}x"
                              f"{self._stream.height} video")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
+        with _writing(self.path):
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
         self.frames += 1
 
     def close(self):
@@ -318,10 +331,11 @@ class VideoWriter:
         if self._container is None:
             return
         try:
-            if self._stream is not None:
-                for packet in self._stream.encode():  # flush the encoder
-                    self._container.mux(packet)
-            self._container.close()
+            with _writing(self.path):
+                if self._stream is not None:
+                    for packet in self._stream.encode():  # flush the encoder
+                        self._container.mux(packet)
+                self._container.close()
         except BaseException:
             self.discard()
             raise
@@ -359,7 +373,7 @@ def save_mask_png(mask: np.ndarray, path, palette=None):
         pal = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
         flat[:len(pal)] = pal
         im.putpalette(flat.reshape(-1).tolist())
-    with atomic_file(path) as tmp:
+    with _writing(path), atomic_file(path) as tmp:
         im.save(tmp)
 
 
@@ -384,7 +398,8 @@ class NpyWriter:
             self.shape, self.dtype = array.shape, array.dtype
         elif array.shape != self.shape or array.dtype != self.dtype:
             raise ValueError(f"array {array.dtype} {array.shape} differs from the first {self.dtype} {self.shape}")
-        self._file.write(array.tobytes())
+        with _writing(self.path):
+            self._file.write(array.tobytes())
         self.count += 1
 
     def _header(self) -> bytes:
@@ -401,9 +416,10 @@ class NpyWriter:
         if self._file is None:
             return
         try:
-            self._file.seek(0)
-            self._file.write(self._header())
-            self._file.close()
+            with _writing(self.path):
+                self._file.seek(0)
+                self._file.write(self._header())
+                self._file.close()
         except BaseException:
             self.discard()
             raise
@@ -412,7 +428,10 @@ class NpyWriter:
 
     def discard(self):
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()  # flushing the buffer may fail again on a full disk: the file goes anyway
+            except OSError:
+                pass
             self._file = None
         self._pending.discard()
 
