@@ -2,7 +2,9 @@
 
 :func:`load_manifest` validates the whole manifest once, here (:class:`ExportSpec`: every field the runtime,
 calibration and TensorRT build read, with its type and range, and the mandatory ``files`` checksums): a bad
-manifest is refused at load with one sentence naming the field.
+manifest is refused at load with one sentence naming the field. Every size has an upper bound (:data:`LIMITS`),
+and :func:`check_graphs` compares the manifest with the ONNX graphs' own inputs and outputs (the graphs are the
+truth): a manifest edited to say otherwise, or a graph that does not parse, is one ManifestError.
 """
 from __future__ import annotations
 

@@ -514,3 +514,32 @@ def test_rclpy_node_publishes_masks(export_b1):
         client.destroy_node()
     finally:
         rclpy.try_shutdown()
+
+
+def test_damaged_ros_bags_are_one_line_or_skipped(tmp_path, caplog):
+    """2,000 bytes flipped: inside the .db3's message pages reading stops at the damage (one line naming the
+    message; --allow-truncated keeps what was read and counts the rest); at a ROS 1 bag's first record, the
+    bag is refused at open. (ROS 1 bags have no checksums: flipped pixel bytes go unnoticed.)"""
+    pytest.importorskip("rosbags", reason="the optional rosbags package (extra [rosbags], installed by make test)")
+    from tmanet.driving_logs import LogReadError
+    from tmanet.video_io import open_frames
+    frames = make_noise_clip(10, H, W, seed=3)
+    for ros1, where in ((False, 1 / 3), (True, None)):
+        path = tmp_path / ("drive.bag" if ros1 else "drive")
+        write_bag(path, ros1, [(FRONT, IMAGE, raw_image(f, i * 0.1, "front_cam")) for i, f in enumerate(frames)])
+        target = path if ros1 else next(path.glob("*.db3"))
+        data = bytearray(target.read_bytes())
+        middle = 4096 + 10 if ros1 else int(len(data) * where)
+        for i in range(middle - 1000, middle + 1000):
+            data[i] ^= 0x5A
+        target.write_bytes(bytes(data))
+        if ros1:
+            with pytest.raises(LogReadError, match="drive.bag: not a readable ROS bag"):
+                list(open_frames(f"{path}:{FRONT}", allow_truncated=True))
+            continue
+        with pytest.raises(LogReadError, match=r"drive: damaged after message \d+ \(log time \d+ ns\): database "
+                                               "disk image is malformed"):
+            list(open_frames(f"{path}:{FRONT}"))
+        kept = list(open_frames(f"{path}:{FRONT}", allow_truncated=True))
+        assert 0 < len(kept) < 10 and all(np.array_equal(g, f) for (g, _), f in zip(kept, frames))
+        assert f"stopped there, {10 - len(kept)} frames lost (--allow-truncated)" in caplog.text
