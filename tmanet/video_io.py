@@ -102,8 +102,11 @@ def read_npy(path, mmap: bool = True) -> np.ndarray:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FrameSourceError:
         raise
-    except (OSError, ValueError, EOFError, TypeError, OverflowError, SyntaxError) as e:
-        raise FrameSourceError(f"{path}: not a readable .npy file ({e})") from None
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:  # the header parser's errors (ValueError, SyntaxError, tokenize.TokenError...), I/O
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FrameSourceError(f"{path}: not a readable .npy file ({detail})") from None
 
 
 def _check_npy_header(path):
