@@ -51,7 +51,8 @@ def register(subparsers):
     p.add_argument("--save-logits", metavar="F.npy", help="write all logits as one (F, C, H, W) float32 .npy")
     p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
     p.add_argument("--allow-truncated", action="store_true",
-                   help="a video cut short (or damaged) ends at its last good frame with a warning instead of "
+                   help="a video cut short (or damaged) ends at its last good frame, and a damaged MCAP chunk or bag "
+                        "record is skipped, with a warning counting the frames lost, instead of "
                         "an error")
     p.add_argument("--max-gap", type=float, default=1.0, metavar="S",
                    help="reset the memory when consecutive video timestamps are more than S seconds apart "
@@ -290,7 +291,8 @@ def run_log_command(args) -> int:
             yield topic, log_time, publish_time, msg, image
 
     try:
-        with McapImageWriter(output) as writer, Prefetch(decoded(reader.read_images(source, topics))) as ahead:
+        images = reader.read_images(source, topics, skip_damaged=args.allow_truncated)
+        with McapImageWriter(output) as writer, Prefetch(decoded(images)) as ahead:
             messages = tqdm(ahead, total=reader.count_messages(source, topics),
                             desc="tmanet run", unit="image", disable=args.no_progress)
             for topic, log_time, publish_time, msg, image in messages:

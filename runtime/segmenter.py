@@ -194,9 +194,14 @@ class StreamingSegmenter:
         with self._lock:
             self._check_open()
             s = self.streams or 0
+            fixed = self.num_streams
             self.num_streams = self.streams = s + 1
             if self.stepper is not None:
-                self._grow(s)
+                try:
+                    self._grow(s)
+                except BaseException:  # e.g. the larger ring would not fit (RingTooLarge): nothing changed
+                    self.num_streams, self.streams = fixed, s
+                    raise
             return s
 
     def _restart(self, s: int):

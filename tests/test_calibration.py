@@ -20,7 +20,7 @@ from tmanet.calibration.precision import (FLOAT, FLOAT16, attention_nodes, conve
 from tmanet.calibration.quantize import (CalibrationDataError, SampleReader, build_samples, frame_streams,
                                          write_reference_npz)
 from tmanet.export import export_onnx, load_manifest
-from tmanet.export.manifest import MANIFEST, sha256_file
+from tmanet.export.manifest import MANIFEST, ManifestError, sha256_file
 from tmanet.metrics import confusion_matrix
 from tmanet.onnx_session import cpu_session
 from tmanet.synthetic_weights import make_noise_clip
@@ -433,10 +433,15 @@ def _edited_copy(src, dst, **changes):
     return dst
 
 
-def test_compare_errors(tiny_export, clip_file, tmp_path):
+def test_compare_errors(tiny_export, clip_file, tmp_path, monkeypatch):
     other = _edited_copy(tiny_export, tmp_path / "other", input_size=[32, 64], num_classes=12)
+    with pytest.raises(ManifestError, match="field 'input_size' says 32, but frame_encoder.onnx's input frames"):
+        compare_exports(tiny_export, other, clip_file, progress=False)  # a manifest the graphs contradict
+    # compare's own check of two exports' sizes: stand in for an export of another size without making one
+    monkeypatch.setattr("tmanet.export.manifest.check_graphs", lambda spec, directory: None)
     with pytest.raises(CompareError, match=r"input size \[64, 128\] vs \[32, 64\].*classes 19 vs 12"):
         compare_exports(tiny_export, other, clip_file, progress=False)
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="frames source not found"):
         compare_exports(tiny_export, tiny_export, tmp_path / "nope.mp4", progress=False)
     with pytest.raises(CompareError, match="smaller than the export size"):

@@ -4,7 +4,9 @@ share between threads; a damaged video, checkpoint or manifest is refused instea
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -269,6 +271,89 @@ def test_manifest_that_is_not_an_object(export_b1, tmp_path):
         load_manifest(exp)
 
 
+def edited_export(export_b1, tmp_path, change) -> Path:
+    """A copy of ``export_b1`` with ``change(manifest)`` applied (its checksums stay valid)."""
+    exp = tmp_path / "exp"
+    shutil.copytree(export_b1, exp)
+    manifest = json.loads((exp / "manifest.json").read_text())
+    change(manifest)
+    (exp / "manifest.json").write_text(json.dumps(manifest))
+    return exp
+
+
+@pytest.mark.parametrize("change,match", [
+    # huge values are refused by their bound, before anything is sized by them (1e9 once grew the process to
+    # ~24 GB, or raised ArrayMemoryError)
+    (lambda m: m.update(sequence_num=10**9), "field 'sequence_num' must be at most 64"),
+    (lambda m: m.update(key_channels=10**9), "field 'key_channels' must be at most 16384"),
+    (lambda m: m.update(max_batch=10**9, batch=10**9), "field 'batch' must be at most 4096"),
+    (lambda m: m.update(input_size=[10**6, 128]), "field 'input_size' must be a list of two integers in 1..16384"),
+    # plausible values the graphs contradict (they once reached ONNX Runtime and failed there)
+    (lambda m: m.update(sequence_num=3), "field 'sequence_num' is 3, but memory_head.onnx has 2 memory_key inputs"),
+    (lambda m: m.update(feature_size=[8, 8]), "field 'feature_size' says 8, but frame_encoder.onnx's output "
+                                              "query_key has the shape [1, 16, 8, 16]"),
+    (lambda m: m.update(num_classes=5), "field 'num_classes' says 5, but memory_head.onnx's output logits has "
+                                        "the shape [1, 19, 64, 128]"),
+    (lambda m: m.update(key_channels=17), "field 'key_channels' says 17, but frame_encoder.onnx's output "
+                                          "query_key has the shape [1, 16, 8, 16]"),
+    (lambda m: m.update(value_channels=64), "field 'value_channels' says 64"),
+    (lambda m: m.update(input_size=[64, 256]), "field 'input_size' says 256, but frame_encoder.onnx's input frames"),
+    (lambda m: m.update(batch=2, max_batch=2), "field 'batch' says 2"),
+], ids=["T-1e9", "Ck-1e9", "batch-1e9", "size-1e6", "T-3", "feature-8x8", "classes-5", "Ck-17", "Cv-64",
+        "size-64x256", "batch-2"])
+def test_manifest_values_are_bounded_and_checked_against_the_graphs(export_b1, small_clip, tmp_path, capsys,
+                                                                    change, match):
+    np.save(tmp_path / "clip.npy", small_clip)
+    exp = edited_export(export_b1, tmp_path, change)
+    with pytest.raises(ManifestError, match=re.escape(match)):
+        load_manifest(exp)
+    fails_cleanly(["run", exp, "-i", tmp_path / "clip.npy", "--save-logits", tmp_path / "l.npy", "--no-progress"],
+                  capsys, tmp_path, match)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not onnx"])
+def test_unparsable_graph_with_a_matching_checksum_is_one_line(export_b1, small_clip, tmp_path, capsys, damage):
+    from tmanet.export.manifest import file_entries
+    np.save(tmp_path / "clip.npy", small_clip)
+    exp = tmp_path / "exp"
+    shutil.copytree(export_b1, exp)
+    graph = exp / "memory_head.onnx"
+    data = graph.read_bytes()
+    graph.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"\x08" + b"\xff" * 64)
+    manifest = json.loads((exp / "manifest.json").read_text())
+    manifest["files"].update(file_entries(exp, ["memory_head.onnx"]))  # the SHA256 updated: only the parse fails
+    (exp / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="memory_head.onnx: not a readable ONNX graph"):
+        load_manifest(exp)
+    fails_cleanly(["run", exp, "-i", tmp_path / "clip.npy", "--no-progress"], capsys, tmp_path,
+                  "memory_head.onnx: not a readable ONNX graph")
+
+
+def test_a_ring_larger_than_the_memory_is_refused_before_allocating(export_b1, small_clip, tmp_path, capsys,
+                                                                   monkeypatch):
+    import tmanet.memory as memory
+    # the tiny export's ring per stream: 3 positions x 2 slots x (16 + 32 channels) x 8 x 16 x 4 bytes
+    per_stream = 3 * 2 * (16 + 32) * 8 * 16 * 4
+    monkeypatch.setattr(memory, "available_bytes", lambda probe: 3 * per_stream)  # a machine with room for 3
+    allocated = []
+    seg = StreamingSegmenter.open(export_b1)
+    real_zeros = seg.backend.zeros
+    monkeypatch.setattr(seg.backend, "zeros", lambda shape: allocated.append(shape) or real_zeros(shape))
+    with pytest.raises(memory.RingTooLarge, match=f"the memory ring needs .* \\(4 rows x 3 positions x 2 slots, "
+                                                  "keys \\[16, 8, 16\\], values \\[32, 8, 16\\]\\) but only"):
+        seg.push_batch(np.stack([small_clip[0]] * 4))
+    assert all(math.prod(s) == 0 for s in allocated)  # nothing but the zero-size probe was allocated
+    assert len(seg.push_batch(np.stack([small_clip[0]] * 3))) == 3  # 3 streams fit, and the refusal changed nothing
+    with pytest.raises(memory.RingTooLarge):
+        seg.add_stream()
+    assert seg.streams == 3 and len(seg.push_batch(np.stack([small_clip[1]] * 3))) == 3
+    seg.close()
+    monkeypatch.setattr(memory, "available_bytes", lambda probe: per_stream // 2)
+    np.save(tmp_path / "clip.npy", small_clip)
+    fails_cleanly(["run", export_b1, "-i", tmp_path / "clip.npy", "--save-logits", tmp_path / "l.npy",
+                   "--no-progress"], capsys, tmp_path, "the memory ring needs")
+
+
 # -- one-line errors instead of tracebacks --------------------------------------------------------------------
 def test_bad_image_folders_name_the_file(export_b1, small_clip, tmp_path, capsys):
     from PIL import Image
@@ -393,3 +478,38 @@ def test_python_dash_m_tmanet(tmp_path):
     proc = _tmanet("export", tmp_path / "missing.pth", "--height", H, "--width", W, "--out", tmp_path / "o")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == f"tmanet export: error: checkpoint not found: {tmp_path / 'missing.pth'}"
+
+
+# -- a full disk -------------------------------------------------------------------------------------------
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs the test mounts (and unmounts) itself: writes past 1 MiB fail with ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a size-limited tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("flag,name", [("--save-logits", "logits.npy"), ("--output", "overlay.mp4")])
+def test_full_disk_during_run_is_one_line_and_keeps_older_outputs(export_b1, tmp_path, small_disk, capsys, flag,
+                                                                  name):
+    """The run's outputs do not fit in the 64 KiB left (48 frames of logits: 30 MB; an overlay of 48 frames
+    of white noise: ~250 KB): one line, exit 2, no partial or temporary file, the older outputs byte-identical."""
+    np.save(tmp_path / "clip.npy", np.random.default_rng(4).integers(0, 256, (48, H, W, 3), np.uint8))
+    (small_disk / name).write_bytes(b"an older result " * 61440)  # 960 KiB of the 1 MiB
+    (small_disk / "notes.txt").write_text("a user's file")
+    before = snapshot(small_disk)
+    code = main(["run", str(export_b1), "-i", str(tmp_path / "clip.npy"), flag, str(small_disk / name),
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{small_disk / name}: cannot write it (No space left on device)" in err, err
+    assert snapshot(small_disk) == before  # the older output intact, nothing partial or temporary left

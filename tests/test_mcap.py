@@ -277,7 +277,89 @@ def test_mcap_corrupt_chunk_fails_part_way_without_output(export_b1, drive, tmp_
     out = tmp_path / "out" / "masks.mcap"
     out.parent.mkdir()
     run_fails(export_b1, tmp_path / "bad.mcap", out, "--topic", FRONT, "--topic", REAR, "--resize")
-    assert "bad.mcap: not a complete, readable MCAP file" in capsys.readouterr().err
+    assert "bad.mcap: damaged chunk at byte " in capsys.readouterr().err
+
+
+def write_chunked(path, frames, chunk_size=60_000):
+    """``frames`` on FRONT at 10 Hz, in chunks of ~``chunk_size`` bytes (two or three 64x128 frames each)."""
+    with open(path, "wb") as f, Writer(f, chunk_size=chunk_size) as writer:
+        schema = writer.register_msgdef(IMAGE, MSGDEFS[IMAGE])
+        for i, frame in enumerate(frames):
+            msg = raw_image(frame, i * 0.1, "front_cam")
+            stamp = msg["header"]["stamp"]
+            writer.write_message(FRONT, schema, msg, log_time=stamp["sec"] * 10**9 + stamp["nanosec"])
+
+
+def chunk_layout(path) -> list[tuple[int, int, int]]:
+    """``(chunk start, chunk length, messages in it)`` of each chunk, from the file's own index."""
+    with open(path, "rb") as f:
+        reader = make_reader(f)
+        summary = reader.get_summary()
+        out = []
+        for ci in sorted(summary.chunk_indexes, key=lambda c: c.chunk_start_offset):
+            f.seek(ci.chunk_start_offset)
+            out.append((ci.chunk_start_offset, ci.chunk_length,
+                        sum(1 for _ in reader.iter_messages(starting_at=ci.message_start_time,
+                                                            ending_at=ci.message_end_time))))
+    return out
+
+
+@pytest.fixture()
+def damaged_log(tmp_path):
+    """A 10-frame MCAP with 2,000 bytes flipped in the middle of its second chunk (as the issue's probe did),
+    and how many frames that chunk held."""
+    frames = make_noise_clip(10, H, W, seed=5)
+    good = tmp_path / "good.mcap"
+    write_chunked(good, frames)
+    layout = chunk_layout(good)
+    assert len(layout) >= 3 and sum(n for *_, n in layout) == 10
+    start, length, lost = layout[1]
+    data = bytearray(good.read_bytes())
+    middle = start + length // 2
+    for i in range(middle - 1000, middle + 1000):
+        data[i] ^= 0x5A
+    bad = tmp_path / "bad.mcap"
+    bad.write_bytes(bytes(data))
+    return {"path": bad, "frames": frames, "chunk": start, "lost": lost, "before": layout[0][2]}
+
+
+def test_damaged_mcap_chunk_is_one_line_naming_where(export_b1, damaged_log, tmp_path, capsys):
+    from tmanet.driving_logs import LogReadError
+    from tmanet.mcap_io import read_images
+    from tmanet.video_io import open_frames
+    bad, chunk = damaged_log["path"], damaged_log["chunk"]
+    with pytest.raises(LogReadError, match=f"bad.mcap: damaged chunk at byte {chunk} \\(messages logged "):
+        list(read_images(bad, [FRONT]))
+    with pytest.raises(LogReadError, match=f"damaged chunk at byte {chunk}"):
+        list(open_frames(f"{bad}:{FRONT}"))
+    out = tmp_path / "out" / "masks.mcap"
+    out.parent.mkdir()
+    run_fails(export_b1, bad, out, "--topic", FRONT)
+    err = capsys.readouterr().err
+    assert f"damaged chunk at byte {chunk}" in err and len(err.strip().splitlines()) == 1, err
+    masks = tmp_path / "masks"  # the one-topic source: the same line
+    assert main(["run", str(export_b1), "--input", f"{bad}:{FRONT}", "--save-masks", str(masks),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"damaged chunk at byte {chunk}" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_allow_truncated_skips_a_damaged_mcap_chunk(export_b1, damaged_log, tmp_path, capsys, caplog):
+    from tmanet.mcap_io import read_images
+    from tmanet.video_io import open_frames
+    bad, frames, lost = damaged_log["path"], damaged_log["frames"], damaged_log["lost"]
+    before = damaged_log["before"]
+    got = list(read_images(bad, [FRONT], skip_damaged=True))
+    assert len(got) == 10 - lost
+    assert "frames lost" in caplog.text and f"damaged chunk at byte {damaged_log['chunk']}" in caplog.text
+    assert f": {lost} frames lost" in caplog.text
+    kept = [np.array_equal(rgb, f) for (rgb, _), f in zip(open_frames(f"{bad}:{FRONT}", allow_truncated=True),
+                                                        list(frames[:before]) + list(frames[before + lost:]))]
+    assert len(kept) == 10 - lost and all(kept)  # the frames around the damaged chunk are the recorded ones
+    masks = tmp_path / "masks"
+    assert main(["run", str(export_b1), "--input", f"{bad}:{FRONT}", "--save-masks", str(masks),
+                 "--allow-truncated", "--no-progress"]) == 0
+    assert len(list(masks.glob("*.png"))) == 10 - lost
 
 
 def test_mcap_options_that_do_not_apply(export_b1, drive, tmp_path, capsys):
@@ -445,3 +527,32 @@ def test_rclpy_node_publishes_masks(export_b1):
         client.destroy_node()
     finally:
         rclpy.try_shutdown()
+
+
+def test_damaged_ros_bags_are_one_line_or_skipped(tmp_path, caplog):
+    """2,000 bytes flipped: inside the .db3's message pages reading stops at the damage (one line naming the
+    message; --allow-truncated keeps what was read and counts the rest); at a ROS 1 bag's first record, the
+    bag is refused at open. (ROS 1 bags have no checksums: flipped pixel bytes go unnoticed.)"""
+    pytest.importorskip("rosbags", reason="the optional rosbags package (extra [rosbags], installed by make test)")
+    from tmanet.driving_logs import LogReadError
+    from tmanet.video_io import open_frames
+    frames = make_noise_clip(10, H, W, seed=3)
+    for ros1, where in ((False, 1 / 3), (True, None)):
+        path = tmp_path / ("drive.bag" if ros1 else "drive")
+        write_bag(path, ros1, [(FRONT, IMAGE, raw_image(f, i * 0.1, "front_cam")) for i, f in enumerate(frames)])
+        target = path if ros1 else next(path.glob("*.db3"))
+        data = bytearray(target.read_bytes())
+        middle = 4096 + 10 if ros1 else int(len(data) * where)
+        for i in range(middle - 1000, middle + 1000):
+            data[i] ^= 0x5A
+        target.write_bytes(bytes(data))
+        if ros1:
+            with pytest.raises(LogReadError, match="drive.bag: not a readable ROS bag"):
+                list(open_frames(f"{path}:{FRONT}", allow_truncated=True))
+            continue
+        with pytest.raises(LogReadError, match=r"drive: damaged after message \d+ \(log time \d+ ns\): database "
+                                               "disk image is malformed"):
+            list(open_frames(f"{path}:{FRONT}"))
+        kept = list(open_frames(f"{path}:{FRONT}", allow_truncated=True))
+        assert 0 < len(kept) < 10 and all(np.array_equal(g, f) for (g, _), f in zip(kept, frames))
+        assert f"stopped there, {10 - len(kept)} frames lost (--allow-truncated)" in caplog.text

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
+
 LOG_SUFFIXES = (".mcap", ".db3", ".bag")
+
+
+class LogReadError(UserError, ValueError):
+    """A driving log cannot be read (not a log, cut short, a damaged chunk or record): one line naming the file
+    and where in it (byte offset, log time). A ValueError too, as the readers' callers catch those."""
 
 
 def split_topic(source) -> tuple[Path, str | None]:
@@ -40,8 +47,8 @@ def frame_topic(path, topic: str | None) -> str:
     found = log_reader(path).image_topics(path)
     listing = ", ".join(found) or "none"
     if topic is not None and topic not in found:
-        raise ValueError(f"{path} has no image topic {topic}; its image topics: {listing}")
+        raise LogReadError(f"{path} has no image topic {topic}; its image topics: {listing}")
     if topic is None and len(found) != 1:
-        raise ValueError(f"{path} has {len(found) or 'no'} image topics ({listing}): name one as "
-                         f"{path}:/TOPIC")
+        raise LogReadError(f"{path} has {len(found) or 'no'} image topics ({listing}): name one as "
+                           f"{path}:/TOPIC")
     return topic or next(iter(found))

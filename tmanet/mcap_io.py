@@ -3,56 +3,71 @@
 Reading: :func:`image_topics` lists a file's ``sensor_msgs`` image topics, :func:`read_images` yields their
 messages decoded, in log-time order. Writing: :class:`McapImageWriter` writes ``sensor_msgs/msg/Image``
 messages under a temporary name in the destination folder and renames it into place only when complete.
-Every unreadable input (not an MCAP, truncated, a corrupt chunk) is a ValueError with one line.
+Every unreadable input (not an MCAP, truncated, a damaged chunk) is a :class:`~tmanet.driving_logs.LogReadError`
+with one line naming the file and where; ``read_images(..., skip_damaged=True)`` skips damaged chunks instead.
 """
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .driving_logs import LogReadError
 from .ros_images import IMAGE, IMAGE_TYPES, MSGDEFS
 from .safe_files import atomic_file
+
+log = logging.getLogger("tmanet")
 
 
 @contextmanager
 def _unreadable(path):
-    """The mcap reader's errors (bad magic, truncation, bad CRCs, undecodable records) as one-line ValueErrors."""
-    from mcap.exceptions import McapError
+    """Any failure of the mcap reader on this file (bad magic, truncation, bad CRCs, undecodable records,
+    decompression errors) as one line: whatever a damaged file makes a parser raise means the file is damaged."""
     try:
         yield
-    except (McapError, EOFError, OSError, ValueError, KeyError, IndexError, AssertionError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a complete, readable MCAP file ({detail})") from None
+    except LogReadError:
+        raise
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:
+        raise LogReadError(f"{path}: not a complete, readable MCAP file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 MAGIC = b"\x89MCAP0\r\n"  # at both ends of a complete MCAP file
+# A chunk holds at least one message: a 4K rgb8 image is 25 MB, so a chunk claiming more than this is damaged.
+MAX_CHUNK_BYTES = 1 << 30
 
 
 def _reader(f, path, **options):
     """A seeking reader over the open file ``f``, once both magics are in place (a recording cut short lacks
-    the closing one)."""
+    the closing one). No record may claim more bytes than the file holds."""
     from mcap.reader import SeekingReader
     head = f.read(len(MAGIC))
-    f.seek(-min(len(MAGIC), f.seek(0, os.SEEK_END)), os.SEEK_END)
+    size = f.seek(0, os.SEEK_END)
+    f.seek(-min(len(MAGIC), size), os.SEEK_END)
     tail = f.read(len(MAGIC))
     f.seek(0)
     if head != MAGIC:
-        raise ValueError(f"{path}: not an MCAP file (it does not start with the MCAP magic)")
-    if tail != MAGIC:
-        raise ValueError(f"{path}: the MCAP file ends without its footer (truncated, or still being "
-                         "recorded?): `mcap recover` rebuilds what it holds")
+        raise LogReadError(f"{path}: not an MCAP file (it does not start with the MCAP magic)")
+    if tail != MAGIC or size < 2 * len(MAGIC):
+        raise LogReadError(f"{path}: the MCAP file ends without its footer (truncated, or still being "
+                           "recorded?): `mcap recover` rebuilds what it holds")
     with _unreadable(path):
-        return SeekingReader(f, **options)
+        return SeekingReader(f, record_size_limit=size, **options)
 
 
 def _summary(reader, path):
     with _unreadable(path):
         summary = reader.get_summary()
     if summary is None:
-        raise ValueError(f"{path}: the MCAP file has no summary section (no index of its topics): "
-                         "`mcap recover` rewrites it with one")
+        raise LogReadError(f"{path}: the MCAP file has no summary section (no index of its topics): "
+                           "`mcap recover` rewrites it with one")
     return summary
 
 
@@ -78,15 +93,160 @@ def count_messages(path, topics) -> int | None:
     return sum(counts.get(cid, 0) for cid, ch in summary.channels.items() if ch.topic in topics)
 
 
-def read_images(path, topics) -> Iterator[tuple[str, int, int, object]]:
+def read_images(path, topics, skip_damaged: bool = False) -> Iterator[tuple[str, int, int, object]]:
     """``(topic, log_time, publish_time, message)`` of the image messages on ``topics``, in log-time order
-    (nanoseconds), with CRCs checked."""
+    (nanoseconds), with CRCs checked. A damaged chunk (or message) is a :class:`LogReadError` naming its byte
+    offset and log times; with ``skip_damaged`` it is skipped with a warning counting the messages lost."""
     from mcap_ros2.decoder import DecoderFactory
+    topics = set(topics)
     with open(path, "rb") as f:
         reader = _reader(f, path, validate_crcs=True, decoder_factories=[DecoderFactory()])
-        with _unreadable(path):
-            for _schema, channel, message, decoded in reader.iter_decoded_messages(topics=list(topics)):
-                yield channel.topic, message.log_time, message.publish_time, decoded
+        summary = _summary(reader, path)
+        if not summary.chunk_indexes:  # an unchunked file: the library reads it linearly
+            with _unreadable(path):
+                for _s, channel, message, decoded in reader.iter_decoded_messages(topics=sorted(topics)):
+                    yield channel.topic, message.log_time, message.publish_time, decoded
+            return
+        yield from _chunked_images(f, path, summary, topics, skip_damaged)
+
+
+def _chunked_images(f, path, summary, topics, skip_damaged):
+    """The chunks one by one, merged in log-time order (chunks may overlap in time), each read with every
+    length bounded (by the file size and :data:`MAX_CHUNK_BYTES`) before anything is allocated."""
+    import heapq
+    channels = {cid for cid, ch in summary.channels.items() if ch.topic in topics}
+    size = f.seek(0, os.SEEK_END)
+    decoders = _Decoders(summary)
+    queue = [(ci.message_start_time, ci.chunk_start_offset, -1, ci) for ci in summary.chunk_indexes
+             if not ci.message_index_offsets or channels & set(ci.message_index_offsets)]
+    heapq.heapify(queue)
+    while queue:
+        log_time, offset, index, item = heapq.heappop(queue)
+        if index >= 0:
+            topic, message = item
+            try:
+                decoded = decoders(message)
+            except Exception as e:  # a message the CRC did not cover (CRCs are optional) that will not decode
+                where = f"message at log time {message.log_time} ns in the chunk at byte {offset}"
+                _damaged(path, where, e, 1, skip_damaged)
+                continue
+            yield topic, message.log_time, message.publish_time, decoded
+            continue
+        try:
+            messages = _chunk_messages(f, size, item, channels)
+        except Exception as e:
+            where = (f"chunk at byte {item.chunk_start_offset} (messages logged {item.message_start_time}.."
+                     f"{item.message_end_time} ns)")
+            _damaged(path, where, e, _indexed_count(f, size, item, channels), skip_damaged)
+            continue
+        for i, message in enumerate(messages):
+            heapq.heappush(queue, (message.log_time, offset, i, (summary.channels[message.channel_id].topic,
+                                                                 message)))
+
+
+def _damaged(path, where, error, lost, skip_damaged):
+    if not skip_damaged:
+        raise LogReadError(f"{path}: damaged {where}: {_first_line(error)} (--allow-truncated skips the damaged "
+                           "part)")
+    lost = "an unknown number of" if lost is None else lost
+    log.warning("%s: skipped the damaged %s (%s): %s frames lost (--allow-truncated)", path, where,
+                _first_line(error), lost)
+
+
+class _Decoders:
+    """CDR decoders per channel, made on first use."""
+
+    def __init__(self, summary):
+        from mcap_ros2.decoder import DecoderFactory
+        self.summary, self.factory, self.decoders = summary, DecoderFactory(), {}
+
+    def __call__(self, message):
+        decoder = self.decoders.get(message.channel_id)
+        if decoder is None:
+            channel = self.summary.channels[message.channel_id]
+            schema = self.summary.schemas.get(channel.schema_id)
+            decoder = self.factory.decoder_for(channel.message_encoding, schema)
+            if decoder is None:
+                raise ValueError(f"no decoder for {channel.message_encoding} messages of {schema and schema.name}")
+            self.decoders[message.channel_id] = decoder
+        return decoder(message.data)
+
+
+def _read_at(f, size, offset, length) -> bytes:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"{length} bytes at byte {offset} lie beyond the end of the file ({size} bytes)")
+    f.seek(offset)
+    return f.read(length)
+
+
+def _chunk_messages(f, size, chunk_index, channels) -> list:
+    """The messages on ``channels`` of one chunk, its CRC checked."""
+    from io import BytesIO
+
+    from mcap.data_stream import ReadDataStream
+    from mcap.records import Chunk, Message
+    from mcap.stream_reader import breakup_chunk
+    record = BytesIO(_read_at(f, size, chunk_index.chunk_start_offset, chunk_index.chunk_length))
+    opcode = record.read(1)
+    if opcode != b"\x06":  # Opcode.CHUNK
+        raise ValueError(f"no chunk record there (opcode {opcode.hex() or 'none'})")
+    record.seek(9)
+    chunk = Chunk.read(ReadDataStream(record))
+    if chunk.uncompressed_size > min(MAX_CHUNK_BYTES, size * 100_000):
+        raise ValueError(f"the chunk claims {chunk.uncompressed_size} bytes uncompressed")
+    data = _decompress(chunk.compression, chunk.data, chunk.uncompressed_size)
+    plain = Chunk(compression="", data=data, message_end_time=chunk.message_end_time,
+                  message_start_time=chunk.message_start_time, uncompressed_crc=chunk.uncompressed_crc,
+                  uncompressed_size=len(data))
+    return [r for r in breakup_chunk(plain, validate_crc=True)
+            if isinstance(r, Message) and r.channel_id in channels]
+
+
+def _decompress(compression: str, data: bytes, expected: int) -> bytes:
+    """``data`` decompressed, read in 1 MB pieces up to the ``expected`` size the chunk declares (a damaged
+    frame header cannot make the decompressor allocate more)."""
+    from io import BytesIO
+    if compression == "":
+        stream = BytesIO(data)
+    elif compression == "zstd":
+        import zstandard
+        stream = zstandard.ZstdDecompressor().stream_reader(BytesIO(data))
+    elif compression == "lz4":
+        import lz4.frame
+        stream = lz4.frame.LZ4FrameFile(BytesIO(data), "rb")
+    else:
+        raise ValueError(f"unknown chunk compression {compression!r}")
+    pieces, total = [], 0
+    while total <= expected:
+        piece = stream.read(min(1 << 20, expected + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    if total != expected:
+        raise ValueError(f"the chunk decompresses to {'more than ' if total > expected else ''}{total} bytes, "
+                         f"not the {expected} it declares")
+    return b"".join(pieces)
+
+
+def _indexed_count(f, size, chunk_index, channels) -> int | None:
+    """Messages on ``channels`` in a chunk according to its message indexes (None when they are unreadable)."""
+    from io import BytesIO
+
+    from mcap.data_stream import ReadDataStream
+    from mcap.records import MessageIndex
+    try:
+        total = 0
+        for cid, offset in chunk_index.message_index_offsets.items():
+            if cid in channels:
+                record = BytesIO(_read_at(f, size, offset, min(chunk_index.message_index_length, size - offset)))
+                if record.read(1) != b"\x07":  # Opcode.MESSAGE_INDEX
+                    return None
+                record.seek(9)
+                total += len(MessageIndex.read(ReadDataStream(record)).records)
+        return total
+    except Exception:  # the index is as damaged as the chunk
+        return None
 
 
 @contextmanager

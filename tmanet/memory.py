@@ -17,9 +17,48 @@ the clock of the other rows of that step, so lockstep streams stay views after o
 """
 from __future__ import annotations
 
+import math
+import os
 from contextlib import nullcontext
 
+from .errors import UserError
 from .slots import ring_positions
+
+
+class RingTooLarge(UserError, ValueError):
+    """The memory ring would not fit in the memory it is allocated in: refused before allocating."""
+
+
+def available_bytes(probe) -> int | None:
+    """Memory free for new arrays where ``probe`` (an array of the ring's library and device) lives: the
+    GPU's free memory for a CUDA tensor, else the host's MemAvailable (None where unknown)."""
+    device = getattr(probe, "device", None)
+    if type(probe).__module__.startswith("torch") and getattr(device, "type", "cpu") == "cuda":
+        import torch
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_ring_fits(sequence_num: int, batch: int, key_shape, value_shape, zeros):
+    """Refuse, in one line and before any allocation, a ring larger than the memory available for it."""
+    probe = zeros((0,))
+    itemsize = getattr(probe, "itemsize", None) or probe.element_size()
+    per_row = (sequence_num + 1) * sequence_num * (math.prod(key_shape) + math.prod(value_shape)) * itemsize
+    need, free = per_row * batch, available_bytes(probe)
+    if free is not None and need > free:
+        raise RingTooLarge(f"the memory ring needs {need / 2**30:.2f} GiB ({batch} rows x {sequence_num + 1} "
+                           f"positions x {sequence_num} slots, keys {list(key_shape)}, values {list(value_shape)}) but "
+                           f"only {free / 2**30:.2f} GiB is available: use fewer streams or a smaller export")
 
 
 def zeros_like_backend(like, shape):
@@ -34,6 +73,7 @@ def zeros_like_backend(like, shape):
 class MemoryRing:
     def __init__(self, sequence_num: int, batch: int, key_shape, value_shape, zeros):
         """``batch`` rows (streams); ``zeros(shape)`` allocates in the backend's library (and device)."""
+        check_ring_fits(sequence_num, batch, key_shape, value_shape, zeros)
         self.sequence_num = T = sequence_num
         self.batch = batch
         self.keys = zeros((T + 1, T, batch, *key_shape))
@@ -115,6 +155,9 @@ class MemoryRing:
     def grow(self, rows: int):
         """``rows`` more rows at the end, fresh; the existing rows keep their memory and clocks (the arrays
         are reallocated: views read before are stale)."""
+        check_ring_fits(self.sequence_num, self.batch + rows, self.keys.shape[3:], self.values.shape[3:],
+                        self._zeros)
+
         def grown(store):
             out = self._zeros((*store.shape[:2], self.batch + rows, *store.shape[3:]))
             out[:, :, :self.batch] = store

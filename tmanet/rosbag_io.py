@@ -3,14 +3,18 @@ pure-Python ``rosbags`` package (optional: ``pip install 'tmanet-trt[rosbags]'``
 
 Same three functions as :mod:`tmanet.runtime.mcap_io` (``image_topics``, ``count_messages``, ``read_images``);
 :mod:`tmanet.runtime.driving_logs` picks the module for a path. Messages come in receive-time order; every
-unreadable input is a ValueError with one line.
+unreadable input is a :class:`~tmanet.driving_logs.LogReadError` with one line naming the file and where.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator
 
+from .driving_logs import LogReadError
 from .ros_images import IMAGE_TYPES
+
+log = logging.getLogger("tmanet")
 
 # ROS 1 bags name the types without "/msg/"; rosbags reports them in the ROS 2 form.
 _ROS1_NAMES = {t.replace("/msg/", "/"): t for t in IMAGE_TYPES}
@@ -23,13 +27,15 @@ def _open(path):
         from rosbags.highlevel import AnyReader
         from rosbags.typesys import Stores, get_typestore
     except ImportError:
-        raise ValueError(f"{path}: reading .db3/.bag needs the rosbags package "
+        raise LogReadError(f"{path}: reading .db3/.bag needs the rosbags package "
                          "(pip install 'tmanet-trt[rosbags]')") from None
     try:
         reader = AnyReader([path], default_typestore=get_typestore(Stores.LATEST))
         reader.open()
+    except (MemoryError, RecursionError):
+        raise
     except Exception as e:  # rosbags, sqlite and yaml errors alike: the file is not a readable bag
-        raise ValueError(f"{path}: not a readable ROS bag ({_first_line(e)})") from None
+        raise LogReadError(f"{path}: not a readable ROS bag ({_first_line(e)})") from None
     try:
         yield reader
     finally:
@@ -57,19 +63,45 @@ def count_messages(path, topics) -> int | None:
         return sum(c.msgcount for c in _image_connections(reader, topics))
 
 
-def read_images(path, topics) -> Iterator[tuple[str, int, int, object]]:
-    """``(topic, receive time, receive time, message)`` of the image messages on ``topics`` (nanoseconds)."""
+def read_images(path, topics, skip_damaged: bool = False) -> Iterator[tuple[str, int, int, object]]:
+    """``(topic, receive time, receive time, message)`` of the image messages on ``topics`` (nanoseconds).
+    A damaged record is a :class:`LogReadError` naming the message and its log time; with ``skip_damaged`` a
+    message that does not deserialize is skipped, and a damaged stretch that ends the reading (a ROS 1 chunk,
+    an sqlite page) ends it, each with a warning counting the frames lost."""
     with _open(path) as reader:
         connections = _image_connections(reader, topics)
         if not connections:
             return
+        expected = sum(c.msgcount for c in connections)
         messages = reader.messages(connections=connections)
+        read, last = 0, None
         while True:
             try:
                 connection, timestamp, raw = next(messages)
-                msg = reader.deserialize(raw, connection.msgtype)
             except StopIteration:
                 return
-            except Exception as e:  # a corrupt record part-way
-                raise ValueError(f"{path}: not a readable ROS bag ({_first_line(e)})") from None
+            except (MemoryError, RecursionError):
+                raise
+            except Exception as e:  # a damaged chunk or page: the reader cannot go on past it
+                where = f"after message {read} (log time {last} ns)" if read else "at its first message"
+                if not skip_damaged:
+                    raise LogReadError(f"{path}: damaged {where}: {_first_line(e)} (--allow-truncated keeps the "
+                                       "messages read)") from None
+                log.warning("%s: damaged %s (%s): stopped there, %d frames lost (--allow-truncated)", path,
+                            where, _first_line(e), max(0, expected - read))
+                return
+            read += 1
+            try:
+                msg = reader.deserialize(raw, connection.msgtype)
+            except (MemoryError, RecursionError):
+                raise
+            except Exception as e:  # a damaged record
+                where = f"message {read - 1} on {connection.topic} (log time {timestamp} ns)"
+                if not skip_damaged:
+                    raise LogReadError(f"{path}: damaged {where}: {_first_line(e)} (--allow-truncated skips "
+                                       "it)") from None
+                log.warning("%s: skipped the damaged %s (%s): 1 frame lost (--allow-truncated)", path, where,
+                            _first_line(e))
+                continue
+            last = timestamp
             yield connection.topic, timestamp, timestamp, msg

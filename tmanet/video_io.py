@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from tmanet.errors import UserError
-from tmanet.safe_files import PendingFile, atomic_file
+from tmanet.safe_files import OutputError, PendingFile, atomic_file
 
 log = logging.getLogger("tmanet")
 
@@ -62,7 +63,7 @@ class FrameSource:
 def open_frames(path, max_frames: int | None = None, allow_truncated: bool = False) -> FrameSource:
     """The frames of a video file, an image folder, a ``.npy`` clip or a ROS bag's image topic (at most
     ``max_frames``). ``allow_truncated``: a video cut short ends at its last good frame with a warning instead
-    of an error."""
+    of an error; for a ROS bag, damaged chunks or records are skipped with a warning counting the frames lost."""
     from .driving_logs import is_log, split_topic
     path, topic = split_topic(path)
     if not path.exists():
@@ -70,7 +71,7 @@ def open_frames(path, max_frames: int | None = None, allow_truncated: bool = Fal
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if is_log(path):
-        source = _log_topic(path, topic)
+        source = _log_topic(path, topic, allow_truncated)
     elif path.is_dir():
         source = _image_folder(path)
     elif path.suffix.lower() == ".npy":
@@ -94,11 +95,37 @@ def open_frames(path, max_frames: int | None = None, allow_truncated: bool = Fal
 
 def read_npy(path, mmap: bool = True) -> np.ndarray:
     """A ``.npy`` array (memory-mapped by default; never unpickled), or :class:`FrameSourceError` naming the
-    file when it is missing, truncated or not a ``.npy``."""
+    file when it is missing, truncated or not a ``.npy``. The header's shape x dtype is checked against the
+    file's size first, so a header claiming more than the file holds is refused before anything is allocated."""
     try:
+        _check_npy_header(path)
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise FrameSourceError(f"{path}: not a readable .npy file ({e})") from None
+    except FrameSourceError:
+        raise
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:  # the header parser's errors (ValueError, SyntaxError, tokenize.TokenError...), I/O
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FrameSourceError(f"{path}: not a readable .npy file ({detail})") from None
+
+
+def _check_npy_header(path):
+    import math
+    from numpy.lib import format as npy
+    with open(path, "rb") as f:
+        version = npy.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"unknown .npy version {version}")
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, _fortran, dtype = read_header(f)  # refuses headers over 10,000 bytes and anything but literals
+        data_start = f.tell()
+        size = f.seek(0, 2)
+    if dtype.hasobject:
+        raise FrameSourceError(f"{path}: a .npy of Python objects ({dtype}): refusing to unpickle it")
+    need = math.prod(shape) * dtype.itemsize
+    if need > size - data_start:
+        raise FrameSourceError(f"{path}: the .npy header announces {dtype} {shape} ({need} bytes) but the file "
+                               f"holds {size - data_start} bytes of data (truncated or damaged)")
 
 
 def _npy_clip(path: Path) -> FrameSource:
@@ -112,18 +139,18 @@ def _npy_clip(path: Path) -> FrameSource:
     return FrameSource(path, "npy", len(clip), None, frames)
 
 
-def _log_topic(path: Path, topic: str | None) -> FrameSource:
+def _log_topic(path: Path, topic: str | None, skip_damaged: bool = False) -> FrameSource:
     from .driving_logs import frame_topic, log_reader
     from .ros_images import field, image_to_rgb, stamp_seconds
     topic = frame_topic(path, topic)
     reader = log_reader(path)
 
     def frames():
-        for _, log_time, _, msg in reader.read_images(path, [topic]):
+        for _, log_time, _, msg in reader.read_images(path, [topic], skip_damaged=skip_damaged):
             try:
                 yield image_to_rgb(msg), stamp_seconds(field(msg, "header"))
             except ValueError as e:
-                raise ValueError(f"{path}, {topic}, message at log time {log_time} ns: {e}") from None
+                raise FrameSourceError(f"{path}, {topic}, message at log time {log_time} ns: {e}") from None
     return FrameSource(f"{path}:{topic}", "rosbag", reader.count_messages(path, [topic]), None, frames)
 
 
@@ -216,6 +243,17 @@ def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
 
 
 # -- sinks ------------------------------------------------------------------------------------------------
+@contextmanager
+def _writing(path):
+    """A failed write (a full disk, a quota, an I/O error) as one line naming the destination; the caller's
+    temporary file is discarded by its own error path, so the final name keeps what it held."""
+    try:
+        yield
+    except OSError as e:
+        detail = e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OutputError(f"{path}: cannot write it ({detail}); an older file there is left as it was") from None
+
+
 def pick_codec(preferred=("libx264", "mpeg4")) -> str:
     import av
     for name in preferred:
@@ -264,8 +302,9 @@ class VideoWriter:
             raise ValueError(f"frame {rgb.shape[1]}x{rgb.shape[0]} in a {self._stream.width}x"
                              f"{self._stream.height} video")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
+        with _writing(self.path):
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
         self.frames += 1
 
     def close(self):
@@ -273,10 +312,11 @@ class VideoWriter:
         if self._container is None:
             return
         try:
-            if self._stream is not None:
-                for packet in self._stream.encode():  # flush the encoder
-                    self._container.mux(packet)
-            self._container.close()
+            with _writing(self.path):
+                if self._stream is not None:
+                    for packet in self._stream.encode():  # flush the encoder
+                        self._container.mux(packet)
+                self._container.close()
         except BaseException:
             self.discard()
             raise
@@ -314,7 +354,7 @@ def save_mask_png(mask: np.ndarray, path, palette=None):
         pal = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
         flat[:len(pal)] = pal
         im.putpalette(flat.reshape(-1).tolist())
-    with atomic_file(path) as tmp:
+    with _writing(path), atomic_file(path) as tmp:
         im.save(tmp)
 
 
@@ -339,7 +379,8 @@ class NpyWriter:
             self.shape, self.dtype = array.shape, array.dtype
         elif array.shape != self.shape or array.dtype != self.dtype:
             raise ValueError(f"array {array.dtype} {array.shape} differs from the first {self.dtype} {self.shape}")
-        self._file.write(array.tobytes())
+        with _writing(self.path):
+            self._file.write(array.tobytes())
         self.count += 1
 
     def _header(self) -> bytes:
@@ -356,9 +397,10 @@ class NpyWriter:
         if self._file is None:
             return
         try:
-            self._file.seek(0)
-            self._file.write(self._header())
-            self._file.close()
+            with _writing(self.path):
+                self._file.seek(0)
+                self._file.write(self._header())
+                self._file.close()
         except BaseException:
             self.discard()
             raise
@@ -367,7 +409,10 @@ class NpyWriter:
 
     def discard(self):
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()  # flushing the buffer may fail again on a full disk: the file goes anyway
+            except OSError:
+                pass
             self._file = None
         self._pending.discard()
 
