@@ -1,4 +1,4 @@
-"""Execution backends of the streaming runtime: one class per engine, one small interface.
+"""Execution backends of the streaming runtime: one class per inference library, one small interface.
 
 A backend runs the two graphs of an export directory (``frame_encoder`` and ``memory_head``) and allocates
 the memory the ring buffer lives in; everything stateful (the ring, streams, slide windows) is the
@@ -8,7 +8,7 @@ segmenter's, shared by every backend. The interface (see :class:`Backend`):
   device for torch, device memory for TensorRT); the segmenter builds the :class:`MemoryRing` with it.
 - ``encode(frames)``: uint8 host frames ``[b, H, W, 3]`` -> ``(query_key, query_value, memory_key,
   memory_value)`` in backend memory. They may be preallocated buffers overwritten by the next call.
-- ``head(query_key, query_value, slot_keys, slot_values, logits)``: the T memory slots are views into the
+- ``head(query_key, query_value, slot_keys, slot_values, return_logits)``: the T memory slots are views into the
   ring (slot i = frame t-T+i); returns host ``mask [b, H, W]`` uint8 and ``logits [b, C, H, W]`` float32
   (or None when not asked for), valid until the next call.
 
@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, ExportSpec, head_input_names
+from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, ExportSpec, head_input_names
 from tmanet.onnx_session import cpu_session
 
 from .address_cache import AddressKeyedCache
@@ -37,7 +37,7 @@ class BackendUnavailable(RuntimeError):
 
 
 class Backend:
-    """Base class: what the segmenter needs from an engine. ``batch`` is the fixed engine batch or None
+    """Base class: what the segmenter needs from a backend. ``batch`` is the fixed engine batch or None
     when the export's batch is dynamic (any batch up to ``max_batch``)."""
     name = "base"
 
@@ -45,7 +45,7 @@ class Backend:
         self.export_dir = Path(export_dir)
         self.spec = spec
         self.device = device
-        self.sequence_num = spec.sequence_num
+        self.memory_frames = spec.memory_frames
         self.input_size = spec.input_size
         self.feature_size = spec.feature_size
         self.num_classes = spec.num_classes
@@ -60,7 +60,7 @@ class Backend:
     def encode(self, frames: np.ndarray):
         raise NotImplementedError
 
-    def head(self, query_key, query_value, slot_keys, slot_values, logits: bool = True):
+    def head(self, query_key, query_value, slot_keys, slot_values, return_logits: bool = True):
         raise NotImplementedError
 
     def synchronize(self):
@@ -133,7 +133,7 @@ class OrtBackend(Backend):
         self.threads = threads
         self.encoder = cpu_session(self.export_dir / FRAME_ENCODER, threads, inter_threads)
         self.memory_head = cpu_session(self.export_dir / MEMORY_HEAD, threads, inter_threads)
-        T = self.sequence_num
+        T = self.memory_frames
         self.head_inputs = head_input_names(T)
         got = [i.name for i in self.memory_head.get_inputs()]
         if got != self.head_inputs:
@@ -153,7 +153,7 @@ class OrtBackend(Backend):
         if key not in self._buffers:
             h, w = self.feature_size
             H, W = self.input_size
-            T, ck, cv = self.sequence_num, self.key_channels, self.value_channels
+            T, ck, cv = self.memory_frames, self.key_channels, self.value_channels
             shapes = ({"query_key": (b, ck, h, w), "query_value": (b, cv, h, w), "memory_key": (b, T, ck, h, w),
                        "memory_value": (b, T, cv, h, w)} if kind == "encoder" else
                       {"mask": (b, H, W), "logits": (b, self.num_classes, H, W)})
@@ -182,13 +182,13 @@ class OrtBackend(Backend):
         self.encoder.run_with_iobinding(self._binding(self.encoder, {"frames": frames}, out))
         return out["query_key"], out["query_value"], out["memory_key"], out["memory_value"]
 
-    def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
+    def head(self, query_key, query_value, slot_keys, slot_values, return_logits=True):
         out = self._outputs("head", query_key.shape[0])
         inputs = dict(zip(self.head_inputs, [query_key, query_value, *slot_keys, *slot_values]))
         binding = self._binding(self.memory_head, inputs, out)
         self.memory_head.run_with_iobinding(binding)
         self.last_head_binding = binding
-        return out["mask"], (out["logits"] if logits else None)
+        return out["mask"], (out["logits"] if return_logits else None)
 
     def close(self):
         self._bindings.clear()
@@ -357,7 +357,7 @@ class TorchBackend(Backend):
             graph.replay()
             return outputs  # static buffers, overwritten by the next call (as the interface allows)
 
-    def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
+    def head(self, query_key, query_value, slot_keys, slot_values, return_logits=True):
         inputs = (query_key, query_value, *slot_keys, *slot_values)
         with self.torch.inference_mode():
             if self.cuda_graphs:
@@ -367,7 +367,7 @@ class TorchBackend(Backend):
                 graph.replay()
             else:
                 mask, out = self._run_head(inputs)
-            return mask.cpu().numpy(), (out.cpu().numpy() if logits else None)
+            return mask.cpu().numpy(), (out.cpu().numpy() if return_logits else None)
 
     def close(self):
         self._encoder_graphs.clear()

@@ -24,6 +24,7 @@ import numpy as np
 
 from tmanet import safe_files
 from tmanet.safe_files import atomic_file
+from tmanet.manifest import load_manifest
 
 from .segmenter import STAGES, StageTimer
 
@@ -129,7 +130,7 @@ def summarize(ms) -> dict:
 
 def bench_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     """A synthetic clip at the export size: the documented smooth moving texture."""
-    from tmanet.synthetic_weights import make_noise_clip
+    from tmanet.test_clips import make_noise_clip
     return make_noise_clip(count, height, width, seed)
 
 
@@ -152,7 +153,7 @@ class OfficialProtocol:
         path = resolve_checkpoint(spec.directory, spec)
         self.model = load_model(path, ModelConfig.from_dict(spec.config)).to(device).eval()
         self.clip, self.streams, self.device = clip, streams, device
-        self.T = self.model.config.sequence_num
+        self.T = self.model.config.memory_frames
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def frame(self, t: int):
@@ -201,7 +202,6 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     opened with ``profile=True`` unless told otherwise, for its CUDA-event timings); the official protocol
     always runs in float32 eager. With ``roofline`` each engine's work (counted from its ONNX graph) is
     set against a GEMM peak probed on the same backend after the timing loop (:mod:`.roofline`)."""
-    from tmanet.export.manifest import load_manifest
     from .segmenter import StreamingSegmenter
     if frames < 1 or warmup < 0:
         raise ValueError(f"frames must be >= 1 and warmup >= 0, got {frames} and {warmup}")
@@ -239,7 +239,7 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     report = {
         "export": str(Path(export_dir).resolve()), "backend": backend, "backend_detail": described,
         "device": device, "preset": spec.preset, "input_size": [H, W],
-        "sequence_num": spec.sequence_num, "batch": spec.batch_setting, "streams": streams,
+        "sequence_num": spec.memory_frames, "batch": spec.batch_setting, "streams": streams,
         "precision": spec.precision, "backend_options": dict(backend_options or {}),
         "frames": frames, "warmup": warmup,
         **_memory_report(measured, timer, probe, rss_before, rss_loaded, gpu_before if gpu else None),
@@ -325,10 +325,10 @@ def _official_report(m: Measured, streams, n_official, official, gpu) -> dict:
     return out
 
 
-def _gemm_probe(engine, backend, device, options, threads, samples: int):
+def _gemm_probe(backend_obj, backend, device, options, threads, samples: int):
     from .roofline import GemmProbe
     precision = options.get("precision", "fp32")
-    metadata = getattr(engine, "metadata", None)   # TensorRT: the engines' build precisions
+    metadata = getattr(backend_obj, "metadata", None)   # TensorRT: the engines' build precisions
     if metadata:
         precision = "fp32" if all(v["precision"] == "fp32" for v in metadata.values()) else "fp16"
     return GemmProbe(backend, device, precision, threads, min_samples=max(5, min(samples, 20)))
@@ -340,10 +340,10 @@ def _roofline(export_dir, gemm, streams, m: Measured) -> dict:
     return roofline(work, {s: summarize(m.stages[s])["p50"] for s in ENGINE_GRAPHS}, streams, gemm.peak())
 
 
-def _sync_for(engine):
+def _sync_for(backend_obj):
     """What ends a stage: the backend's device synchronisation when it runs on a CUDA device, so work it
     enqueued asynchronously is charged to the stage that enqueued it (None on the CPU)."""
-    return engine.synchronize if str(engine.device).startswith("cuda") else None
+    return backend_obj.synchronize if str(backend_obj.device).startswith("cuda") else None
 
 
 def format_report(r: dict) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tmanet.errors import UserError
 from tmanet.safe_files import atomic_directory
+from tmanet.manifest import load_manifest
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 SEQUENCE_ID_TYPES = ("uint64", "string")
@@ -100,7 +101,6 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
     """Write model ``model_name`` into the repository ``out`` (created if needed; other models in it are left
     alone, an existing model of that name is an error). Returns the model folder. ``queue_delay_us``: how long
     the batcher may hold a request for the other sequences' frames to join its batch."""
-    from tmanet.export.manifest import load_manifest
     export_dir, out = Path(export_dir), Path(out)
     for what, value in (("--max-sequences", max_sequences), ("--idle-timeout-ms", idle_timeout_ms),
                         ("--instances", instances)):

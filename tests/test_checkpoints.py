@@ -10,9 +10,10 @@ import torch
 
 from tmanet.checkpoints import CheckpointError, load_model, save_checkpoint
 from tmanet.presets import get_preset
-from tmanet.synthetic_weights import make_noise_clip, read_manifest, state_dict_sha256
+from tmanet.test_clips import make_noise_clip
+from tmanet.synthetic_weights import read_manifest, state_dict_sha256
 
-SHAPE_FIELDS = ("depth", "base_channels", "sequence_num", "key_channels", "value_channels", "channels",
+SHAPE_FIELDS = ("depth", "base_channels", "memory_frames", "key_channels", "value_channels", "channels",
                 "num_classes", "aggregation")
 
 
@@ -24,7 +25,7 @@ def training_only(manifest):
 # -- official layout -------------------------------------------------------------------------------------
 def test_official_cityscapes_loads_without_preset(official_model, official_cityscapes_ckpt):
     cfg = official_model.config
-    assert (cfg.depth, cfg.sequence_num, cfg.key_channels, cfg.value_channels, cfg.num_classes) == (50, 2, 64, 256, 19)
+    assert (cfg.depth, cfg.memory_frames, cfg.key_channels, cfg.value_channels, cfg.num_classes) == (50, 2, 64, 256, 19)
     assert cfg == get_preset("cityscapes-r50")
     assert official_model.load_format == "mmcv" and not official_model.training
     # Every inference weight came from the file.
@@ -62,7 +63,7 @@ def test_official_camvid_loads_strictly_into_its_preset(official_camvid_ckpt):
     assert set(model.skipped_keys) == training_only("camvid")
     inferred = load_model(official_camvid_ckpt).config
     assert {f: getattr(inferred, f) for f in SHAPE_FIELDS} == {f: getattr(preset, f) for f in SHAPE_FIELDS}
-    assert inferred.sequence_num == 4 and inferred.num_classes == 12
+    assert inferred.memory_frames == 4 and inferred.num_classes == 12
     assert inferred.align_corners is False  # camvid keeps mmseg's default, unlike cityscapes
 
 
@@ -70,7 +71,7 @@ def test_wrong_preset_names_the_disagreeing_fields(official_camvid_ckpt):
     with pytest.raises(CheckpointError) as e:
         load_model(official_camvid_ckpt, preset="cityscapes-r50")
     msg = str(e.value)
-    assert "sequence_num" in msg and "num_classes" in msg and "cityscapes-r50" in msg
+    assert "memory_frames" in msg and "num_classes" in msg and "cityscapes-r50" in msg
     assert "4" in msg and "12" in msg
 
 

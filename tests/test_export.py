@@ -11,7 +11,8 @@ import torch
 
 from tmanet.checkpoints import save_checkpoint
 from tmanet.cli import main
-from tmanet.export import ExportCheckError, ManifestError, export_onnx, load_manifest
+from tmanet.export import ExportCheckError, export_onnx
+from tmanet.manifest import ManifestError, load_manifest
 from tmanet.export.onnx_export import check_against_torch, head_input_names
 
 H, W = 64, 128
@@ -42,7 +43,7 @@ def dynamic_export(tiny, tmp_path_factory):
 
 def test_graph_contract(static_export, tiny):
     cfg = tiny.config
-    T, ck, cv, h, w = cfg.sequence_num, cfg.key_channels, cfg.value_channels, H // 8, W // 8
+    T, ck, cv, h, w = cfg.memory_frames, cfg.key_channels, cfg.value_channels, H // 8, W // 8
     enc = onnx.load(static_export / "frame_encoder.onnx")
     assert [(i.name, dims(i), elem_type(i)) for i in enc.graph.input] == [("frames", [2, H, W, 3], np.uint8)]
     assert [(o.name, dims(o)) for o in enc.graph.output] == [
@@ -64,7 +65,7 @@ def test_manifest(static_export, tiny):
     assert spec.input_size == (H, W) and spec.batch == spec.max_batch == 2 and not spec.dynamic_batch
     assert spec.palette == tuple(tuple(c) for c in cfg.palette) and spec.slide_crop == tuple(cfg.slide_crop)
     assert spec.directory == static_export and type(cfg).from_dict(spec.config) == cfg
-    assert m["sequence_num"] == cfg.sequence_num and m["num_classes"] == cfg.num_classes
+    assert m["sequence_num"] == cfg.memory_frames and m["num_classes"] == cfg.num_classes
     assert m["input_size"] == [H, W] and m["feature_size"] == [H // 8, W // 8] and m["batch"] == 2
     assert m["max_batch"] == 2
     assert m["palette"] == [list(c) for c in cfg.palette] and m["class_names"] == list(cfg.class_names)

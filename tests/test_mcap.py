@@ -16,9 +16,9 @@ from PIL import Image
 
 from tmanet.cli import main
 from tmanet.runtime import StreamingSegmenter
-from tmanet.ros_images import COMPRESSED_IMAGE, IMAGE, MSGDEFS, image_fields, image_to_rgb
+from tmanet.io.ros_images import COMPRESSED_IMAGE, IMAGE, MSGDEFS, image_fields, image_to_rgb
 from tmanet.pictures import colorize
-from tmanet.synthetic_weights import make_noise_clip
+from tmanet.test_clips import make_noise_clip
 
 H, W = 64, 128           # the tiny export's size
 CAM_H, CAM_W = 80, 160   # the second camera's size (needs --resize)
@@ -199,13 +199,13 @@ def test_mcap_images_are_decoded_ahead_in_the_reading_thread(export_b1, drive, t
     """Parsing and pixel conversion run in the reading thread, ahead of the engines, as a video's decoding does."""
     import threading
 
-    import tmanet.ros_images
+    import tmanet.io.ros_images
     threads = []
 
     def recording(msg):
         threads.append(threading.current_thread().name)
         return image_to_rgb(msg)
-    monkeypatch.setattr(tmanet.ros_images, "image_to_rgb", recording)
+    monkeypatch.setattr(tmanet.io.ros_images, "image_to_rgb", recording)
     assert main(["run", str(export_b1), "--input", str(drive["path"]), "--topic", FRONT, "--topic", REAR,
                  "--resize", "--output", str(tmp_path / "masks.mcap"), "--no-progress"]) == 0
     assert threads == ["tmanet-read"] * 11
@@ -279,7 +279,7 @@ def test_mcap_options_that_do_not_apply(export_b1, drive, tmp_path, capsys):
 
 # -- an MCAP topic as a frame source (calibrate, compare, build, export checks, run to video/PNGs) -----------
 def test_an_mcap_topic_is_a_frame_source(export_b1, drive, tmp_path, capsys):
-    from tmanet.video_io import open_frames
+    from tmanet.io.video import open_frames
     frames, times = drive["front"]
     source = open_frames(f"{drive['path']}:{FRONT}", max_frames=5)
     got = list(source)

@@ -32,9 +32,9 @@ def zeros_like_backend(like, shape):
 
 
 class MemoryRing:
-    def __init__(self, sequence_num: int, batch: int, key_shape, value_shape, zeros):
+    def __init__(self, memory_frames: int, batch: int, key_shape, value_shape, zeros):
         """``batch`` rows (streams); ``zeros(shape)`` allocates in the backend's library (and device)."""
-        self.sequence_num = T = sequence_num
+        self.memory_frames = T = memory_frames
         self.batch = batch
         self.keys = zeros((T + 1, T, batch, *key_shape))
         self.values = zeros((T + 1, T, batch, *value_shape))
@@ -80,13 +80,13 @@ class MemoryRing:
                 self.clock[r] = steady[0]  # a restarted row may take any phase: join the others'
         span = self._span(rows)
         if span is not None:
-            pos, _ = ring_positions(span[1], self.sequence_num)
+            pos, _ = ring_positions(span[1], self.memory_frames)
             r0, n = span[0], len(rows)
             self.keys[pos, :, r0:r0 + n] = memory_key[:n].swapaxes(0, 1)
             self.values[pos, :, r0:r0 + n] = memory_value[:n].swapaxes(0, 1)
         else:
             for k, r in enumerate(rows):
-                pos, _ = ring_positions(self.clock[r], self.sequence_num)
+                pos, _ = ring_positions(self.clock[r], self.memory_frames)
                 self.keys[pos, :, r] = memory_key[k]
                 self.values[pos, :, r] = memory_value[k]
         for k, r in enumerate(rows):
@@ -100,10 +100,10 @@ class MemoryRing:
         span = self._span(rows)
         if span is not None:
             r0, n = span[0], len(rows)
-            _, read = ring_positions(span[1], self.sequence_num)
+            _, read = ring_positions(span[1], self.memory_frames)
             return [store[p, i, r0:r0 + n] for i, p in enumerate(read)]
-        reads = [ring_positions(self.clock[r], self.sequence_num)[1] for r in rows]
-        return [store[[read[i] for read in reads], i, rows] for i in range(self.sequence_num)]  # gathered
+        reads = [ring_positions(self.clock[r], self.memory_frames)[1] for r in rows]
+        return [store[[read[i] for read in reads], i, rows] for i in range(self.memory_frames)]  # gathered
 
     def slot_keys(self, rows=None) -> list:
         """Slots 0..T-1 (oldest first) of the frame last written to ``rows``: ``[n, Ck, h, w]`` each."""

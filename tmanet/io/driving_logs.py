@@ -29,9 +29,9 @@ def is_log(path) -> bool:
 def log_reader(path):
     """The module that reads the log at ``path``."""
     if Path(path).suffix.lower() == ".mcap":
-        from . import mcap_io
+        from tmanet.io import mcap as mcap_io
         return mcap_io
-    from . import rosbag_io
+    from tmanet.io import rosbag as rosbag_io
     return rosbag_io
 
 

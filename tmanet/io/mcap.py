@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .ros_images import IMAGE, IMAGE_TYPES, MSGDEFS
-from .safe_files import atomic_file
+from tmanet.safe_files import atomic_file
 
 
 @contextmanager
