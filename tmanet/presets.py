@@ -39,7 +39,7 @@ class ModelConfig:
     depth: int = 50
     base_channels: int = 64            # width of the first ResNet stage (64 = standard ResNet)
     output_stride: int = 8
-    memory_frames: int = 2              # T: number of memory frames
+    memory_frames: int = 2             # T: number of memory frames (on disk: sequence_num)
     key_channels: int = 64             # Ck
     value_channels: int = 256          # Cv
     channels: int = 512                # bottleneck width
@@ -91,11 +91,20 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The config as checkpoints and manifests store it: field names, except T under its on-disk key."""
         d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {ON_DISK_KEYS.get(k, k): list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """From :meth:`to_dict`'s dict (on disk, T is ``sequence_num``: old checkpoints and exports are read as
+        they are); the field name ``memory_frames`` is accepted too."""
+        d = dict(d)
+        for name, key in ON_DISK_KEYS.items():
+            if key in d:
+                if name in d and d[name] != d[key]:
+                    raise ValueError(f"{key}={d[key]} and {name}={d[name]} disagree (they are the same field)")
+                d[name] = d.pop(key)
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -105,6 +114,10 @@ class ModelConfig:
             return tuple(tup(x) for x in v) if isinstance(v, list) else v
         return cls(**{k: tup(v) for k, v in d.items()})
 
+
+# Fields stored under another key on disk: T is ``sequence_num`` in the official configs, checkpoints' configs
+# and every manifest (old exports and tmanet/data/demo_model.pth are read as they are).
+ON_DISK_KEYS = {"memory_frames": "sequence_num"}
 
 PRESETS: dict[str, ModelConfig] = {
     # configs/video/cityscapes/tmanet_r50-d8_769x769_80k_cityscapes_video.py

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tmanet.presets import ModelConfig, get_preset
+from tmanet.presets import ON_DISK_KEYS, ModelConfig, get_preset
 
 log = logging.getLogger("tmanet")
 
@@ -71,7 +71,7 @@ def resolve_config(preset_or_config, overrides=None) -> tuple[ModelConfig, str |
         changes.setdefault("palette", _default_palette(n))
     try:
         d = cfg.to_dict()
-        d.update(changes)
+        d.update({ON_DISK_KEYS.get(k, k): v for k, v in changes.items()})  # to_dict's keys: T on disk is sequence_num
         return ModelConfig.from_dict(d), name
     except (TypeError, ValueError) as e:
         raise InputError(f"bad config override {changes}: {e}") from None
