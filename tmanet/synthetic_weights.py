@@ -1,4 +1,4 @@
-"""Synthetic weights in the official TMANet checkpoint layout, and synthetic video clips.
+"""Synthetic weights in the official TMANet checkpoint layout (the standard test clip: :mod:`tmanet.test_clips`).
 
 Official checkpoints cannot ship with the toolkit, but their exact key layout can: ``tmanet/data`` holds the
 ``state_dict`` manifests of the two official configs (``key<TAB>shape<TAB>dtype`` per line, shape as

@@ -85,7 +85,7 @@ def probe_config(spec: ProbeSpec, memory_frames: int = 2):
 
 def probe_batch(spec: ProbeSpec, seeds, memory_frames: int, order: str, rng: np.random.Generator) -> dict:
     """A training batch ``dict(image, memory, label)`` (torch tensors): one random target frame t >= T of a
-    fresh clip per seed, memory picked by ``order`` (:func:`tmanet.training.trainer.memory_frame_order`)."""
+    fresh clip per seed, memory picked by ``order`` (:func:`tmanet.training.recipe.memory_frame_order`)."""
     import torch
 
     from .recipe import memory_frame_order
