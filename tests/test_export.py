@@ -1,6 +1,7 @@
 """Split ONNX export: graph contract, manifest, the ORT-vs-torch check and the CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from tmanet.checkpoints import save_checkpoint
 from tmanet.cli import main
 from tmanet.export import ExportCheckError, export_onnx
 from tmanet.manifest import ManifestError, load_manifest
+from tmanet.presets import ModelConfig
 from tmanet.export.onnx_export import check_against_torch, head_input_names
 
 H, W = 64, 128
@@ -74,6 +76,32 @@ def test_manifest(static_export, tiny):
     assert set(m["files"]) == {"frame_encoder.onnx", "memory_head.onnx"}
     assert {"torch", "onnx", "onnxruntime", "tmanet"} <= set(m["versions"])
     assert m["check"]["relative"] <= m["check"]["tolerance"] and m["check"]["mask_agreement"] == 1.0
+
+
+def test_a_manifest_written_before_the_rename_still_loads(tmp_path):
+    """T is ``memory_frames`` in code and ``sequence_num`` on disk: a manifest as tmanet 0.1 wrote it (before the
+    rename) loads with its T, and today's exports still write the old key, so older readers read them."""
+    for name, content in (("frame_encoder.onnx", b"encoder"), ("memory_head.onnx", b"head")):
+        (tmp_path / name).write_bytes(content)
+    old = {"format": "tmanet-trt-onnx/1", "sequence_num": 3, "key_channels": 8, "value_channels": 16,
+           "num_classes": 19, "input_size": [32, 64], "feature_size": [4, 8], "batch": 1, "max_batch": 1,
+           "config": {"depth": 18, "sequence_num": 3},
+           "files": {"frame_encoder.onnx": {"sha256": hashlib.sha256(b"encoder").hexdigest(), "bytes": 7},
+                     "memory_head.onnx": {"sha256": hashlib.sha256(b"head").hexdigest(), "bytes": 4}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    spec = load_manifest(tmp_path)
+    assert spec.memory_frames == 3 and spec.to_dict()["sequence_num"] == 3
+    assert ModelConfig.from_dict(spec.config).memory_frames == 3
+    del old["sequence_num"]
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ManifestError, match="field 'sequence_num' is missing"):
+        load_manifest(tmp_path)
+
+
+def test_exports_write_t_under_its_on_disk_key(static_export, tiny):
+    written = json.loads((static_export / "manifest.json").read_text())
+    assert written["sequence_num"] == tiny.config.memory_frames and "memory_frames" not in written
+    assert written["config"]["sequence_num"] == tiny.config.memory_frames and "memory_frames" not in written["config"]
 
 
 def test_manifest_detects_modified_files(tiny, tmp_path):

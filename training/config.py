@@ -33,13 +33,16 @@ def _default_palette(n: int) -> tuple:
     return tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(n))
 
 
+FIELD_OF_DISK_KEY = {key: name for name, key in ON_DISK_KEYS.items()}
+
+
 def parse_overrides(items) -> dict:
     """``["key=value", ...]`` -> dict; values are JSON (``16``, ``true``, ``[769,769]``) or plain strings."""
     out = {}
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for item in items or []:
         key, sep, value = str(item).partition("=")
-        key = key.strip()
+        key = FIELD_OF_DISK_KEY.get(key.strip(), key.strip())  # on disk T is sequence_num; both name it
         if not sep or not key:
             raise InputError(f"config override {item!r} is not key=value")
         if key not in fields:
