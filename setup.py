@@ -20,7 +20,7 @@ setup(
     description="TMANet video segmentation: checkpoints -> split ONNX -> TensorRT, with a streaming runtime",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["tmanet", "tmanet.model", "tmanet.runtime.backends"] + [f"tmanet.{p}" for p in SUBPACKAGES],
+    packages=["tmanet", "tmanet.io", "tmanet.model", "tmanet.runtime.backends"] + [f"tmanet.{p}" for p in SUBPACKAGES],
     package_dir={"tmanet": "tmanet", **{f"tmanet.{p}": p for p in SUBPACKAGES}},
     package_data={"tmanet": ["data/*"]},
     install_requires=[

@@ -20,6 +20,7 @@ from pathlib import Path
 from tmanet.export.manifest import check_replaceable
 from tmanet.lazy_exports import lazy_getattr
 from tmanet.safe_files import atomic_directory, check_output, refuse_overwriting_inputs
+from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, load_manifest
 
 log = logging.getLogger("tmanet")
 
@@ -145,7 +146,6 @@ def _checked_options(method, int8_high_precision, num, reference_batches, data_m
 
 
 def _fp32_spec(src: Path):
-    from tmanet.export.manifest import load_manifest
     spec = load_manifest(src)
     if any(p != "fp32" for p in spec.precision.values()):
         raise CalibrationError(f"{src} is not a float32 export (precision {spec.precision}): calibrate from "
@@ -196,7 +196,7 @@ def _convert_engine(engine: str, src: Path, stage: Path, work: Path, samples, co
 
 def _calibrated_manifest(spec, src: Path, stage: Path, precisions: dict, streams, engines: dict) -> dict:
     """The source manifest with the new precisions and files, and how they were made (gate: not yet)."""
-    from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, file_entries
+    from tmanet.export.manifest import file_entries
 
     from .precision import modelopt_version
     new = {k: v for k, v in spec.to_dict().items() if k not in ("check", "calibration")}
@@ -252,7 +252,6 @@ def _check_int8_keep(src: Path, precisions: dict, keep: tuple) -> dict:
 
 
 def _graph_file(engine: str) -> str:
-    from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD
     return {"frame_encoder": FRAME_ENCODER, "memory_head": MEMORY_HEAD}[engine]
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from tmanet.metrics import confusion_matrix, scores_from_confusion
+from tmanet.io.driving_logs import split_topic
+from tmanet.io.video import open_frames, read_npy
+from tmanet.manifest import load_manifest
 
 log = logging.getLogger("tmanet")
 
@@ -40,10 +43,10 @@ def precision_label(precision: dict) -> str:
 
 
 def check_compatible(ma, mb):
-    """``ma``, ``mb``: the :class:`~tmanet.export.manifest.ExportSpec` of the two exports."""
+    """``ma``, ``mb``: the :class:`~tmanet.manifest.ExportSpec` of the two exports."""
     problems = []
     for key, what in (("input_size", "input size"), ("num_classes", "classes"),
-                      ("sequence_num", "memory frames T"), ("feature_size", "feature size")):
+                      ("memory_frames", "memory frames T"), ("feature_size", "feature size")):
         a, b = getattr(ma, key), getattr(mb, key)
         if a != b:  # sizes shown as the manifest writes them, [h, w]
             problems.append(f"{what} {list(a) if isinstance(a, tuple) else a} vs "
@@ -75,7 +78,6 @@ def open_labels(source):
         return len(files), get
     if path.suffix.lower() != ".npy":
         raise CompareError(f"{path}: labels must be a .npy (F, H, W) uint8 array or a folder of PNGs")
-    from tmanet.video_io import read_npy
     labels = read_npy(path)
     if labels.ndim != 3 or labels.dtype != np.uint8:
         raise CompareError(f"{path}: labels must be uint8 (F, H, W), got {labels.dtype} {labels.shape}")
@@ -96,8 +98,6 @@ def _frame_iter(frames, num):
             raise CompareError(f"frames must be uint8 RGB (F, H, W, 3), got {frames.dtype} {frames.shape}")
         clip = frames if num is None else frames[:num]
         return len(clip), iter(clip), "<array>"
-    from tmanet.driving_logs import split_topic
-    from tmanet.video_io import open_frames
     path = Path(frames)
     if not split_topic(path)[0].exists():  # a ROS bag may name a topic: drive.mcap:/cam/front
         raise FileNotFoundError(f"frames source not found: {path}")
@@ -139,7 +139,6 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
     first ``num``) through the exports ``dir_a`` (the reference) and ``dir_b``; returns the metrics."""
     from tqdm import tqdm
 
-    from tmanet.export.manifest import load_manifest
     ma, mb = load_manifest(dir_a), load_manifest(dir_b)
     check_compatible(ma, mb)
     if num is not None and num < 1:

@@ -20,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.export.manifest import FRAME_ENCODER, ExportSpec, head_input_names
+from tmanet.manifest import FRAME_ENCODER, ExportSpec, head_input_names
 from tmanet.memory import MemoryStepper
 from tmanet.onnx_session import cpu_session
+from tmanet.io.driving_logs import split_topic
+from tmanet.io.video import open_frames
+from tmanet.model.slide import default_stride, slide_windows
 
 from .precision import (PrecisionError, attention_nodes, check_io_kept, in_module, module_names, module_of,
                         name_unnamed_nodes, quiet, read_unquantized_adds, require_modelopt, summarize, tools_log_level)
@@ -66,8 +69,6 @@ def read_clip(source, num: int | None = None) -> tuple[np.ndarray, str]:
         clip = source if num is None else source[:num]
         kind = "array"
     else:
-        from tmanet.driving_logs import split_topic
-        from tmanet.video_io import open_frames
         path = Path(source)
         if not split_topic(path)[0].exists():  # a ROS bag may name a topic: drive.mcap:/cam/front
             raise FileNotFoundError(f"frames source not found: {path}")
@@ -87,8 +88,6 @@ def frame_streams(source, input_size, spec: ExportSpec | None = None, num: int |
     """Calibration streams for an export of ``input_size`` (H, W): whole frames at the export size, slide
     windows (the runtime's default stride, from ``spec``'s slide crop and stride) for larger frames; smaller
     frames are an error."""
-    from tmanet.model.slide import slide_windows
-    from tmanet.runtime.segmenter import default_stride
     clip, kind = read_clip(source, num)
     H, W = (int(s) for s in input_size)
     fh, fw = clip.shape[1:3]
@@ -114,7 +113,7 @@ class CalibrationSamples:
     head: dict | None
     index: list
     directory: Path | None = None
-    sequence_num: int = 0
+    memory_frames: int = 0
 
     def __len__(self):
         return len(self.index)
@@ -138,7 +137,7 @@ def build_samples(export_dir, spec: ExportSpec, streams: FrameStreams, workdir=N
     a real stream and are dropped), like the runtime."""
     from tqdm import tqdm
 
-    T = spec.sequence_num
+    T = spec.memory_frames
     H, W = spec.input_size
     h, w = spec.feature_size
     ck, cv = spec.key_channels, spec.value_channels

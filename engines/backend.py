@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.export.manifest import ENCODER_OUTPUTS, HEAD_OUTPUTS, head_input_names
+from tmanet.manifest import ENCODER_OUTPUTS, HEAD_OUTPUTS, head_input_names
 from tmanet.runtime.address_cache import AddressKeyedCache
 from tmanet.runtime.backends import Backend, BackendUnavailable, Option
 
@@ -281,7 +281,7 @@ class TrtBackend(Backend):
         return metas
 
     def _check_io(self):
-        T = self.sequence_num
+        T = self.memory_frames
         enc, head = self.encoder, self.memory_head
         problems = []
         if list(enc.inputs) != ["frames"] or set(enc.outputs) != set(ENCODER_OUTPUTS):
@@ -380,9 +380,9 @@ class TrtBackend(Backend):
         current.wait_stream(self.stream)   # the segmenter's ring write (torch, current stream) comes next
         return tuple(bufs[n] for n in ENCODER_OUTPUTS)
 
-    def head(self, query_key, query_value, slot_keys, slot_values, logits: bool = True):
+    def head(self, query_key, query_value, slot_keys, slot_values, return_logits: bool = True):
         torch = self.torch
-        T = self.sequence_num
+        T = self.memory_frames
         if len(slot_keys) != T or len(slot_values) != T:
             raise ValueError(f"expected {T} memory slots, got {len(slot_keys)} keys and {len(slot_values)} values")
         b = query_key.shape[0]
@@ -407,7 +407,7 @@ class TrtBackend(Backend):
             self._enqueue_s["head"] = time.perf_counter() - t0
             self._mark("head_end")
             bufs["mask_host"].copy_(bufs["mask"], non_blocking=True)
-            if logits:
+            if return_logits:
                 bufs["logits_host"].copy_(bufs["logits"], non_blocking=True)
             self._mark("d2h_end")
         self.stream.synchronize()
@@ -415,7 +415,7 @@ class TrtBackend(Backend):
             self._collect_timing()
         mask = bufs["mask_host"].numpy()
         out = None
-        if logits:
+        if return_logits:
             out = bufs["logits_host"].numpy()
             if out.dtype != np.float32:   # an FP16-I/O engine: the interface promises float32 logits
                 out = out.astype(np.float32)

@@ -24,6 +24,8 @@ import numpy as np
 
 from tmanet.errors import UserError
 from tmanet.safe_files import PendingFile
+from tmanet.io.video import read_npy
+from tmanet.manifest import ManifestError, load_manifest
 
 from .metadata import (ENGINE_NAMES, EngineIntegrityError, current_gpu, engine_path, is_up_to_date,
                        make_engines_manifest, make_metadata, read_metadata, sidecar_path,
@@ -155,7 +157,6 @@ def load_calibration_frames(frames, input_size) -> np.ndarray:
         path = Path(frames)
         if path.suffix != ".npy":
             raise UserError(f"calibration frames must be a .npy uint8 clip (F, H, W, 3), got {path}")
-        from tmanet.video_io import read_npy
         frames = read_npy(path, mmap=False)
     frames = np.asarray(frames)
     H, W = input_size
@@ -253,7 +254,6 @@ def _describe_network(network, shapes: dict) -> dict:
 
 
 def _load_onnx_manifest(onnx_dir):
-    from tmanet.export.manifest import ManifestError, load_manifest
     try:
         return load_manifest(onnx_dir)
     except ManifestError as e:

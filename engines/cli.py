@@ -59,7 +59,7 @@ def _check_build_outputs(args):
     """The engine folder can be written and no engine file, sidecar or engines.json is one of the inputs."""
     from pathlib import Path
 
-    from tmanet.export.manifest import FRAME_ENCODER, MANIFEST, MEMORY_HEAD
+    from tmanet.manifest import FRAME_ENCODER, MANIFEST, MEMORY_HEAD
     from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
     from .metadata import ENGINE_NAMES, ENGINES_MANIFEST, engine_path, sidecar_path
@@ -79,5 +79,5 @@ def _read_clip(path):
         return path
     import numpy as np
 
-    from tmanet.video_io import open_frames
+    from tmanet.io.video import open_frames
     return np.stack([frame for frame, _ in open_frames(path, max_frames=MAX_CALIB_FRAMES)])

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from tmanet.errors import UserError
-from tmanet.export.manifest import sha256_file
+from tmanet.manifest import sha256_file
 from tmanet.safe_files import write_text, write_text_if_changed
 
 from .versioning import format_compute_capability, format_version

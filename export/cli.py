@@ -46,8 +46,8 @@ def run(args) -> int:
     if args.check_frames:
         import numpy as np
 
-        from tmanet.video_io import open_frames
-        source = open_frames(args.check_frames, max_frames=model.config.sequence_num + 2)
+        from tmanet.io.video import open_frames
+        source = open_frames(args.check_frames, max_frames=model.config.memory_frames + 2)
         frames = np.stack([frame for frame, _ in source])
         if frames.shape[1:3] != (args.height, args.width):
             raise UserError(f"--check-frames are {frames.shape[2]}x{frames.shape[1]}, the export is "

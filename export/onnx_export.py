@@ -17,8 +17,8 @@ from tmanet.memory import MemoryStepper
 from tmanet.onnx_session import cpu_session
 from tmanet.safe_files import atomic_directory
 
-from .manifest import (ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, check_replaceable,
-                       file_entries, head_input_names, library_versions, write_manifest)
+from tmanet.manifest import ENCODER_OUTPUTS, FORMAT, FRAME_ENCODER, HEAD_OUTPUTS, MEMORY_HEAD, head_input_names
+from tmanet.export.manifest import check_replaceable, file_entries, library_versions, write_manifest
 
 log = logging.getLogger("tmanet")
 
@@ -94,7 +94,7 @@ def _export_into(out: Path, model, height, width, batch, dynamic_batch, preset, 
     started = time.perf_counter()
     with torch.no_grad():
         qk, qv, mk, mv = encoder(frames)
-        T = cfg.sequence_num
+        T = cfg.memory_frames
         head_args = (qk, qv, *[mk[:, i] for i in range(T)], *[mv[:, i] for i in range(T)])
         _export(encoder, (frames,), out / FRAME_ENCODER, ["frames"], ENCODER_OUTPUTS, dynamic_batch)
         _export(head, tuple(a.contiguous() for a in head_args), out / MEMORY_HEAD, head_input_names(T),
@@ -133,18 +133,18 @@ def _export_into(out: Path, model, height, width, batch, dynamic_batch, preset, 
 
 def check_frames_for(height, width, count, seed=0) -> np.ndarray:
     """Real-looking frames for the check when the user gives none: the documented synthetic clip rule."""
-    from tmanet.synthetic_weights import make_noise_clip
+    from tmanet.test_clips import make_noise_clip
     return make_noise_clip(count, height, width, seed)
 
 
-def check_against_torch(out, encoder, head, sequence_num, frames, batch, tolerance) -> dict:
+def check_against_torch(out, encoder, head, memory_frames, frames, batch, tolerance) -> dict:
     """Stream ``frames`` through torch and ONNX Runtime side by side; compare every output."""
     height, width = head.out_size
-    frames = check_frames_for(height, width, sequence_num + 2) if frames is None else np.asarray(frames)
+    frames = check_frames_for(height, width, memory_frames + 2) if frames is None else np.asarray(frames)
     if frames.dtype != np.uint8 or frames.shape[1:] != (height, width, 3):
         raise ValueError(f"check frames must be uint8 (F, {height}, {width}, 3), got {frames.dtype} {frames.shape}")
     enc_s, head_s = cpu_session(out / FRAME_ENCODER), cpu_session(out / MEMORY_HEAD)
-    names = head_input_names(sequence_num)
+    names = head_input_names(memory_frames)
     worst = {"encoder": 0.0, "logits": 0.0}
     mask_equal = total = 0
     scale = []

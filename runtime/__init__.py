@@ -1,4 +1,5 @@
-"""tmanet.runtime: the streaming runtime (``StreamingSegmenter``), its backends, video I/O and benchmarks.
+"""tmanet.runtime: the streaming runtime (``StreamingSegmenter``), its backends, ``tmanet run`` / ``bench``, cameras
+as streams (ROS bags, the ROS 2 node) and Triton serving. The frame sources and sinks are in :mod:`tmanet.io`.
 
 Kept light: ``StreamingSegmenter`` and friends are imported on first access, and the backends import
 onnxruntime / torch only when one is created.

@@ -24,6 +24,7 @@ import numpy as np
 
 from tmanet import safe_files
 from tmanet.safe_files import atomic_file
+from tmanet.manifest import head_input_names, load_manifest
 
 from .segmenter import STAGES, StageTimer
 
@@ -129,7 +130,7 @@ def summarize(ms) -> dict:
 
 def bench_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     """A synthetic clip at the export size: the documented smooth moving texture."""
-    from tmanet.synthetic_weights import make_noise_clip
+    from tmanet.test_clips import make_noise_clip
     return make_noise_clip(count, height, width, seed)
 
 
@@ -152,7 +153,7 @@ class OfficialProtocol:
         path = resolve_checkpoint(spec.directory, spec)
         self.model = load_model(path, ModelConfig.from_dict(spec.config)).to(device).eval()
         self.clip, self.streams, self.device = clip, streams, device
-        self.T = self.model.config.sequence_num
+        self.T = self.model.config.memory_frames
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def frame(self, t: int):
@@ -213,7 +214,6 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     of a bare loop of the same two sessions (plain ``session.run`` on numpy inputs, the frame's own memory
     encodings as the slots, no runtime), timed on its own: the runtime's frames/s over the bare loop's, in one
     run and on the same machine load."""
-    from tmanet.export.manifest import load_manifest
 
     from .backends import get_backend
     from .segmenter import StreamingSegmenter
@@ -258,7 +258,7 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
     report = {
         "export": str(Path(export_dir).resolve()), "backend": backend, "backend_detail": described,
         "device": device, "preset": spec.preset, "input_size": [H, W],
-        "sequence_num": spec.sequence_num, "batch": spec.batch_setting, "streams": streams,
+        "sequence_num": spec.memory_frames, "batch": spec.batch_setting, "streams": streams,
         "precision": spec.precision, "backend_options": dict(backend_options or {}),
         "frames": frames, "warmup": warmup,
         **_memory_report(measured, timer, probe, rss_before, rss_loaded, gpu_before if gpu else None),
@@ -348,9 +348,8 @@ class BareLoop:
     without the ring, IOBinding, pre/post). ``frame(frames)`` returns the milliseconds of one frame."""
 
     def __init__(self, backend, streams: int):
-        from tmanet.export.manifest import head_input_names
         self.encoder, self.head = backend.encoder, backend.memory_head
-        self.T = backend.sequence_num
+        self.T = backend.memory_frames
         self.names = head_input_names(self.T)
 
     def frame(self, frames: np.ndarray) -> float:
@@ -422,10 +421,10 @@ def _roofline(export_dir, gemm, streams, m: Measured) -> dict:
     return roofline(work, {s: summarize(m.stages[s])["p50"] for s in ENGINE_GRAPHS}, streams, gemm.peak())
 
 
-def _sync_for(engine):
+def _sync_for(backend_obj):
     """What ends a stage: the backend's device synchronisation when it runs on a CUDA device, so work it
     enqueued asynchronously is charged to the stage that enqueued it (None on the CPU)."""
-    return engine.synchronize if str(engine.device).startswith("cuda") else None
+    return backend_obj.synchronize if str(backend_obj.device).startswith("cuda") else None
 
 
 def format_report(r: dict) -> str:

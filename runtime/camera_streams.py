@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Hashable
 
-from tmanet.ros_images import field, image_fields, image_to_rgb, stamp_seconds
+from tmanet.io.ros_images import field, image_fields, image_to_rgb, stamp_seconds
 from tmanet.pictures import colorize
 
 

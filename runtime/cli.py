@@ -108,7 +108,7 @@ def _backend_options(args) -> dict:
 
 def _open(args, **kwargs):
     from tmanet.errors import UserError
-    from tmanet.export.manifest import ManifestError
+    from tmanet.manifest import ManifestError
 
     from .backends import BackendUnavailable
     from .segmenter import StreamingSegmenter
@@ -127,9 +127,9 @@ def _check_run_outputs(args):
     from tmanet.errors import UserError
     from tmanet.safe_files import check_output, refuse_overwriting_inputs
 
-    from tmanet.video_io import WRITABLE_VIDEO_SUFFIXES
+    from tmanet.io.video import WRITABLE_VIDEO_SUFFIXES
 
-    from .run_outputs import check_mask_folder
+    from tmanet.io.run_outputs import check_mask_folder
     if args.output:
         check_output(args.output, "file", "--output")
         suffix = Path(args.output).suffix.lower()
@@ -174,10 +174,10 @@ def run_command(args) -> int:
 
     from tmanet.errors import Interrupted, UserError
 
-    from .io_threads import Prefetch, Worker, call_in_thread
-    from .run_outputs import RunOutputs
-    from tmanet.video_io import open_frames
-    from tmanet.driving_logs import is_log
+    from tmanet.io.threads import Prefetch, Worker, call_in_thread
+    from tmanet.io.run_outputs import RunOutputs
+    from tmanet.io.video import open_frames
+    from tmanet.io.driving_logs import is_log
     if is_log(args.input):
         return run_log_command(args)
     if args.topic or args.color:
@@ -269,11 +269,11 @@ def run_log_command(args) -> int:
     from tmanet.errors import UserError
 
     from .camera_streams import CameraStreams
-    from tmanet.driving_logs import log_reader
-    from tmanet.mcap_io import McapImageWriter
-    from tmanet.ros_images import image_to_rgb
+    from tmanet.io.driving_logs import log_reader
+    from tmanet.io.mcap import McapImageWriter
+    from tmanet.io.ros_images import image_to_rgb
     from .camera_streams import segment_image_message
-    from .io_threads import Prefetch
+    from tmanet.io.threads import Prefetch
     _backend_options(args)
     source, topics, output = _log_arguments(args)
     reader = log_reader(source)
@@ -325,7 +325,7 @@ def _log_arguments(args):
 
     from tmanet.errors import UserError
 
-    from tmanet.driving_logs import log_reader
+    from tmanet.io.driving_logs import log_reader
     if args.save_masks or args.save_logits or args.mode != "whole" or args.max_frames:
         raise UserError("a ROS bag input takes --topic, --output OUT.mcap, --color and --resize (whole mode; "
                         "not --save-masks, --save-logits, --mode slide or --max-frames)")
@@ -353,7 +353,7 @@ def _log_arguments(args):
 
 def bench_command(args) -> int:
     from tmanet.errors import UserError
-    from tmanet.export.manifest import ManifestError
+    from tmanet.manifest import ManifestError
 
     from .backends import BackendUnavailable
     from tmanet.safe_files import check_output, refuse_overwriting_inputs

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names, load_manifest
+from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names, load_manifest
 from tmanet.onnx_session import cpu_session
 from tmanet.safe_files import atomic_directory
 
@@ -74,14 +74,14 @@ def profile_export(export_dir, out_dir, runs: int = 20, threads: int | None = No
     """Profile both graphs of ``export_dir``; write into ``out_dir`` (replaced whole when complete) each graph's
     Chrome trace (``<engine>_trace.json``, open it in chrome://tracing or Perfetto) and ``ops.json`` (the
     tables); return the tables ``{engine: kernel_table}``."""
-    from tmanet.synthetic_weights import make_noise_clip
+    from tmanet.test_clips import make_noise_clip
     if runs < 1:
         raise ValueError(f"profile runs must be >= 1, got {runs}")
     spec = load_manifest(export_dir)
     H, W = spec.input_size
     batch = spec.batch or 1
     frames = np.repeat(make_noise_clip(1, H, W, seed), batch, 0)
-    T = spec.sequence_num
+    T = spec.memory_frames
     tables = {}
     with atomic_directory(out_dir) as stage, tempfile.TemporaryDirectory() as tmp:
         enc_table, (qk, qv, mk, mv), enc_trace = _profiled(

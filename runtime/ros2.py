@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from tmanet.ros_images import field
+from tmanet.io.ros_images import field
 
 from .camera_streams import CameraStreams, segment_image_message
 

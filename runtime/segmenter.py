@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.export.manifest import ExportSpec
-from tmanet.model.slide import pair, slide_windows
+from tmanet.manifest import ExportSpec, load_manifest
+from tmanet.model.slide import default_stride, pair, slide_windows
 from tmanet.memory import MemoryRing, MemoryStepper
 from tmanet.model.tmanet import FrameResult
 
@@ -69,16 +69,6 @@ class StageTimer:
             if self.sync is not None:
                 self.sync()
             self.last[stage] += time.perf_counter() - start
-
-
-def default_stride(input_size, slide_crop=None, slide_stride=None) -> tuple[int, int]:
-    """Slide stride for crops of the export size: the preset's stride where the export size is the preset's
-    crop (the official protocol), else the same overlap ratio (e.g. 513/769 of the crop), rounded. A crop or
-    stride not recorded (None) is the export size: windows that do not overlap."""
-    out = []
-    for size, crop, stride in zip(input_size, pair(slide_crop or input_size), pair(slide_stride or input_size)):
-        out.append(stride if size == crop else max(1, min(size, round(size * stride / crop))))
-    return out[0], out[1]
 
 
 def resize_frames(frames: np.ndarray, size) -> np.ndarray:
@@ -120,7 +110,7 @@ class StreamingSegmenter:
         self.num_streams = None if num_streams is None else int(num_streams)
         self.resize = bool(resize)
         self.align_corners = spec.align_corners
-        self.sequence_num = spec.sequence_num
+        self.memory_frames = spec.memory_frames
         self.input_size = spec.input_size
         self.num_classes = spec.num_classes
         self.class_names = list(spec.class_names)
@@ -145,10 +135,9 @@ class StreamingSegmenter:
         ``num_streams`` fixes the number of streams up front (else the first push does).
         ``resize``: whole mode takes frames of any size (see :func:`resize_frames`, :func:`rescale_logits`).
         ``backend_options`` go to the backend (e.g. ``threads=`` for ort)."""
-        from tmanet.export.manifest import load_manifest
         spec = load_manifest(directory, verify=verify)
-        engine = get_backend(backend)(Path(directory), spec, device, **backend_options)
-        return cls(engine, spec, mode=mode, stride=stride, return_logits=return_logits, max_gap=max_gap,
+        backend_obj = get_backend(backend)(Path(directory), spec, device, **backend_options)
+        return cls(backend_obj, spec, mode=mode, stride=stride, return_logits=return_logits, max_gap=max_gap,
                    num_streams=num_streams, resize=resize)
 
     # -- state --------------------------------------------------------------------------------------------
@@ -305,7 +294,7 @@ class StreamingSegmenter:
         b = self.backend.batch
         idle = b - 1 if b else 0  # a fixed batch pads a partial call with rows of no stream
         h, w = self.spec.feature_size
-        ring = MemoryRing(self.sequence_num, lanes + idle, (self.spec.key_channels, h, w),
+        ring = MemoryRing(self.memory_frames, lanes + idle, (self.spec.key_channels, h, w),
                           (self.spec.value_channels, h, w), self.backend.zeros)
         self.stepper = MemoryStepper(self.backend.encode, self._head, ring)
         self.streams, self.frame_size, self.windows = n, (H, W), windows
@@ -337,7 +326,7 @@ class StreamingSegmenter:
 
     def _head(self, query_key, query_value, slot_keys, slot_values):
         logits = self.return_logits or self.mode == "slide" or self._rescale
-        return self.backend.head(query_key, query_value, slot_keys, slot_values, logits=logits)
+        return self.backend.head(query_key, query_value, slot_keys, slot_values, return_logits=logits)
 
     def _calls(self, ids: list[int]) -> list[tuple[list[int], list[int]]]:
         """(lane rows, rows with padding) of each engine call for the pushed streams, in stream order."""
@@ -462,7 +451,7 @@ class StreamingSegmenter:
 
     def __repr__(self):
         return (f"StreamingSegmenter({self.backend.describe()}, mode={self.mode}, input {self.input_size[0]}x"
-                f"{self.input_size[1]}, T={self.sequence_num}, streams={self.streams})")
+                f"{self.input_size[1]}, T={self.memory_frames}, streams={self.streams})")
 
 
 def _is_int(value) -> bool:

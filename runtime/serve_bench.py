@@ -11,10 +11,11 @@ import time
 import numpy as np
 
 from .bench import summarize
+from tmanet.manifest import load_manifest
 
 
 def sequence_clips(streams: int, frames: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
-    from tmanet.synthetic_weights import make_noise_clip
+    from tmanet.test_clips import make_noise_clip
     return [make_noise_clip(frames, height, width, seed + s) for s in range(streams)]
 
 
@@ -81,7 +82,6 @@ def bench_triton(url: str, model: str, clips, warmup: int, first_id: int = 1) ->
 
 def bench_serving(export_dir, url: str, model: str, streams: int, frames: int, warmup: int,
                   threads=None, rounds: int = 3) -> dict:
-    from tmanet.export.manifest import load_manifest
     H, W = load_manifest(export_dir).input_size
     per_round = max(1, frames // rounds)
     measured = {"triton": [0.0, []], "in_process": [0.0, []]}

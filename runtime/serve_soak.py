@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from tmanet.manifest import load_manifest
 
 SAMPLE_EVERY_S = 0.5
 
@@ -93,7 +94,6 @@ def drive(url: str, model: str, clips, warm: int, on_warm, bar) -> None:
 def soak(export_dir, streams: int = 8, frames: int = 250, warm: int = 50, threads=None, progress=True) -> dict:
     from tqdm import tqdm
 
-    from tmanet.export.manifest import load_manifest
 
     from .serve_bench import sequence_clips
     from .triton_repo import write_triton_repo

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tmanet.errors import UserError
 from tmanet.safe_files import atomic_directory
+from tmanet.manifest import load_manifest
 
 from .backends import BackendUnavailable, get_backend
 
@@ -111,7 +112,6 @@ def write_triton_repo(export_dir, out, model_name: str = "tmanet", backend: str 
     alone, an existing model of that name is an error). Returns the model folder. ``queue_delay_us``: how long
     the batcher may hold a request for the other sequences' frames to join its batch. ``backend_options``: the
     backend's own options (as ``tmanet run`` takes them), given to every model instance."""
-    from tmanet.export.manifest import load_manifest
     export_dir, out = Path(export_dir), Path(out)
     for what, value in (("--max-sequences", max_sequences), ("--idle-timeout-ms", idle_timeout_ms),
                         ("--instances", instances)):

@@ -145,7 +145,7 @@ def make_tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def small_clip():
     """A 4-frame 64x128 synthetic clip (not set A's)."""
-    from tmanet.synthetic_weights import make_noise_clip
+    from tmanet.test_clips import make_noise_clip
     return make_noise_clip(4, 64, 128, seed=7)
 
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_model(T: int, seed: int = 0) -> TMANet:
     torch.manual_seed(seed)
-    model = init_from_scratch(TMANet(small_config().replace(sequence_num=T, **TINY)))
+    model = init_from_scratch(TMANet(small_config().replace(memory_frames=T, **TINY)))
     for m in model.modules():  # random BN statistics: a from-scratch BN is the identity, which hides mix-ups
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -85,7 +85,7 @@ def test_order_memory_numpy_and_torch():
 
 def test_training_samples_follow_the_memory_order():
     from tmanet.training.datasets import TrainTransform
-    cfg = small_config().replace(sequence_num=2)
+    cfg = small_config().replace(memory_frames=2)
     transform = TrainTransform((32, 48), seed=0)
     ds = SyntheticVideo(1, 2, size=(32, 64), frames=5, degradation=0.8, transform=transform, first_target=3)
     assert [t for _, t in ds.samples] == [3, 4]  # a common first target: the same targets for any T <= 3
@@ -110,7 +110,7 @@ def test_training_samples_follow_the_memory_order():
 def test_the_damage_map_moves_with_the_label():
     """The target frame's damage map goes through the crop/flip/resize of its label, nearest, padding intact."""
     from tmanet.training.datasets import TrainTransform
-    cfg = small_config().replace(sequence_num=2)
+    cfg = small_config().replace(memory_frames=2)
     raw = SyntheticVideo(2, 2, size=(32, 64), frames=5, degradation=1.0, first_target=3)
     plain = raw[1]
     np.testing.assert_array_equal(plain["damage"], raw.damage[0][4])  # sample 1: clip 0, target frame 4

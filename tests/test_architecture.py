@@ -2,7 +2,9 @@
 each other without cycles, and docs/ARCHITECTURE.md draws the same package graph.
 
 Every ``import`` / ``from ... import`` counts, at module level and inside functions (lazy imports are still
-dependencies), with relative imports resolved against the importing module.
+dependencies), with relative imports resolved against the importing module; so does a module named in a string
+(``importlib.import_module("tmanet.engines.backend")``, a table of module names for lazy loading): it is
+imported later, by name, and makes the same dependency.
 """
 from __future__ import annotations
 
@@ -35,8 +37,19 @@ def package_of(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] in FEATURES else CORE
 
 
+MODULE_STRING = re.compile(rf"{CORE}(\.[A-Za-z_]\w*)+")
+
+
+def is_project_module(module: str) -> bool:
+    """A dotted name that is one of the project's modules or packages (files under REPO)."""
+    parts = module.split(".")[1:]  # setup.py maps tmanet.<feature> to the folder <feature>/
+    base, rest = (REPO / parts[0], parts[1:]) if parts and parts[0] in FEATURES else (REPO / CORE, parts)
+    target = base.joinpath(*rest)
+    return target.with_suffix(".py").is_file() or (target / "__init__.py").is_file()
+
+
 def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module) of every import in the file, lazy ones included."""
+    """(line, absolute module) of every import in the file, lazy ones and module names in strings included."""
     module = module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
@@ -50,7 +63,10 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
             else:
                 target = node.module
             found.append((node.lineno, target))
-    return found
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_STRING.fullmatch(node.value)
+              and is_project_module(node.value)):
+            found.append((node.lineno, node.value))
+    return sorted(found)
 
 
 def project_files() -> list[Path]:
@@ -130,10 +146,39 @@ def test_the_reader_resolves_relative_and_lazy_imports(tmp_path, monkeypatch):
         None, "runtime", "tmanet", "export"]
 
 
+def test_the_reader_follows_module_names_in_strings(tmp_path, monkeypatch):
+    for folder, name in (("engines", "backend"), ("export", "cli"), ("tmanet", "io")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{name}.py").write_text("")
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "runtime" / "tables.py").write_text(
+        'import importlib\nBACKENDS = {"trt": ("tmanet.engines.backend", "TensorRT")}\n'
+        'def load():\n    return importlib.import_module("tmanet.export.cli")\n'
+        'NOT_MODULES = ("tmanet.engines is the TensorRT package", "tmanet.nothing_here", "tmanet.io.missing")\n'
+        'CORE = "tmanet.io"\n')
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    found = imported_modules(tmp_path / "runtime" / "tables.py")
+    assert found == [(1, "importlib"), (2, "tmanet.engines.backend"), (4, "tmanet.export.cli"), (6, "tmanet.io")]
+    assert [package_of(m) for _, m in found] == [None, "engines", "export", "tmanet"]
+
+
+def test_a_cycle_made_by_a_module_name_in_a_string_is_found(tmp_path, monkeypatch):
+    for folder in ("runtime", "engines"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "runtime" / "backends.py").write_text('LAZY = {"trt": "tmanet.engines.backend"}\n')
+    (tmp_path / "engines" / "backend.py").write_text("from tmanet.runtime.backends import LAZY\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert cycles(package_imports()) == [["engines", "runtime"]]
+
+
 def test_cycle_finder():
     assert cycles([("a", "b"), ("b", "c")]) == []
     assert cycles([("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")]) == [["a", "b", "c"]]
     assert sorted(cycles([("a", "b"), ("b", "a"), ("c", "d"), ("d", "c")])) == [["a", "b"], ["c", "d"]]
+    # any length: five packages around one ring, entered from outside, with a chord
+    ring = [("p1", "p2"), ("p2", "p3"), ("p3", "p4"), ("p4", "p5"), ("p5", "p1"), ("p2", "p4"), ("x", "p1")]
+    assert cycles(ring) == [["p1", "p2", "p3", "p4", "p5"]]
+    assert cycles(ring[:4] + ring[5:]) == []  # the ring broken: the chord alone is no cycle
 
 
 # -- the project -----------------------------------------------------------------------------------------

@@ -19,11 +19,12 @@ from tmanet.calibration.precision import (FLOAT, FLOAT16, attention_nodes, conve
                                           module_names, module_of, node_compute_types)
 from tmanet.calibration.quantize import (CalibrationDataError, SampleReader, build_samples, frame_streams,
                                          write_reference_npz)
-from tmanet.export import export_onnx, load_manifest
-from tmanet.export.manifest import MANIFEST, ManifestError, sha256_file
+from tmanet.export import export_onnx
+from tmanet.manifest import load_manifest
+from tmanet.manifest import MANIFEST, ManifestError, sha256_file
 from tmanet.metrics import confusion_matrix
 from tmanet.onnx_session import cpu_session
-from tmanet.synthetic_weights import make_noise_clip
+from tmanet.test_clips import make_noise_clip
 
 H, W = 64, 128
 R50_SIZE = (128, 256)
@@ -82,7 +83,7 @@ def test_head_samples_are_the_fp32_frame_graph_streamed_in_order(tiny_export):
     """Slot i of frame t holds frame t-T+i's encoding under slot i's weights, oldest first, clamped to the
     stream's first frame; every slide window is its own stream."""
     manifest = load_manifest(tiny_export)
-    T = manifest.sequence_num
+    T = manifest.memory_frames
     clip = make_noise_clip(5, 80, 160, seed=4)  # larger than the export: slide windows, several streams
     streams = frame_streams(clip, (H, W), manifest)
     assert len(streams.streams) > 1 and streams.frames == 5
@@ -165,7 +166,7 @@ def test_attention_nodes_cover_every_query_chunk():
 
 
 def test_frames_from_a_video(tiny_export, tmp_path):
-    from tmanet.video_io import VideoWriter
+    from tmanet.io.video import VideoWriter
     with VideoWriter(tmp_path / "clip.mp4", fps=10) as writer:
         for frame in make_noise_clip(4, H, W, seed=9):
             writer.write(frame)

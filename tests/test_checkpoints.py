@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import tmanet
 from tmanet.checkpoints import CheckpointError, load_model, save_checkpoint
-from tmanet.presets import get_preset
-from tmanet.synthetic_weights import make_noise_clip, read_manifest, state_dict_sha256
+from tmanet.presets import ModelConfig, get_preset
+from tmanet.test_clips import make_noise_clip
+from tmanet.synthetic_weights import read_manifest, state_dict_sha256
 
-SHAPE_FIELDS = ("depth", "base_channels", "sequence_num", "key_channels", "value_channels", "channels",
+SHAPE_FIELDS = ("depth", "base_channels", "memory_frames", "key_channels", "value_channels", "channels",
                 "num_classes", "aggregation")
 
 
@@ -24,7 +27,7 @@ def training_only(manifest):
 # -- official layout -------------------------------------------------------------------------------------
 def test_official_cityscapes_loads_without_preset(official_model, official_cityscapes_ckpt):
     cfg = official_model.config
-    assert (cfg.depth, cfg.sequence_num, cfg.key_channels, cfg.value_channels, cfg.num_classes) == (50, 2, 64, 256, 19)
+    assert (cfg.depth, cfg.memory_frames, cfg.key_channels, cfg.value_channels, cfg.num_classes) == (50, 2, 64, 256, 19)
     assert cfg == get_preset("cityscapes-r50")
     assert official_model.load_format == "mmcv" and not official_model.training
     # Every inference weight came from the file.
@@ -62,7 +65,7 @@ def test_official_camvid_loads_strictly_into_its_preset(official_camvid_ckpt):
     assert set(model.skipped_keys) == training_only("camvid")
     inferred = load_model(official_camvid_ckpt).config
     assert {f: getattr(inferred, f) for f in SHAPE_FIELDS} == {f: getattr(preset, f) for f in SHAPE_FIELDS}
-    assert inferred.sequence_num == 4 and inferred.num_classes == 12
+    assert inferred.memory_frames == 4 and inferred.num_classes == 12
     assert inferred.align_corners is False  # camvid keeps mmseg's default, unlike cityscapes
 
 
@@ -70,7 +73,7 @@ def test_wrong_preset_names_the_disagreeing_fields(official_camvid_ckpt):
     with pytest.raises(CheckpointError) as e:
         load_model(official_camvid_ckpt, preset="cityscapes-r50")
     msg = str(e.value)
-    assert "sequence_num" in msg and "num_classes" in msg and "cityscapes-r50" in msg
+    assert "memory_frames" in msg and "num_classes" in msg and "cityscapes-r50" in msg
     assert "4" in msg and "12" in msg
 
 
@@ -234,3 +237,30 @@ def test_generator_cli(tmp_path):
     np.testing.assert_array_equal(np.load(clip_path), make_noise_clip(3, 16, 24, 4))
     assert main(["--manifest", "nope", "--seed", "0", "--out", str(tmp_path / "x.pth")]) == 2
     assert not (tmp_path / "x.pth").exists()
+
+
+# -- T's two names -------------------------------------------------------------------------------------
+def test_config_keeps_t_as_sequence_num_on_disk(official_model):
+    cfg = official_model.config
+    d = cfg.to_dict()
+    assert d["sequence_num"] == cfg.memory_frames == 2 and "memory_frames" not in d  # what checkpoints hold
+    assert ModelConfig.from_dict(d) == cfg
+    assert ModelConfig.from_dict({**d, "memory_frames": 2}) == cfg  # the code's name is accepted too
+    d.pop("sequence_num")
+    assert ModelConfig.from_dict({**d, "memory_frames": 4}).memory_frames == 4
+    with pytest.raises(ValueError, match="sequence_num=2 and memory_frames=4 disagree"):
+        ModelConfig.from_dict({**d, "sequence_num": 2, "memory_frames": 4})
+
+
+def test_the_shipped_demo_checkpoint_keeps_loading():
+    """tmanet/data/demo_model.pth predates the rename: its config holds T under the on-disk key sequence_num."""
+    path = Path(tmanet.__file__).parent / "data" / "demo_model.pth"
+    stored = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    assert "sequence_num" in stored and "memory_frames" not in stored
+    assert load_model(path).config.memory_frames == stored["sequence_num"]
+
+
+def test_config_overrides_take_either_name_of_t():
+    from tmanet.training.config import resolve_config
+    assert resolve_config("cityscapes-r50", ["sequence_num=4"])[0].memory_frames == 4
+    assert resolve_config("cityscapes-r50", ["memory_frames=3"])[0].memory_frames == 3

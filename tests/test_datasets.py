@@ -36,7 +36,7 @@ def _cs(seq, frame):
 
 
 def test_cityscapes_samples_are_the_annotated_frames(cs_root, cs_clips):
-    ds = CityscapesVideo(cs_root, sequence_num=2)
+    ds = CityscapesVideo(cs_root, memory_frames=2)
     names = sorted(Path(s.image).name for s in ds.samples)
     assert names == sorted(_cs(q, FIRST + f) for q in (0, 1) for f in (1, 7))
     item = ds[_by_name(ds, _cs(1, FIRST + 7))]
@@ -48,7 +48,7 @@ def test_cityscapes_samples_are_the_annotated_frames(cs_root, cs_clips):
 
 @pytest.mark.parametrize("random_select", [False, True])  # range == T: both are continuous
 def test_cityscapes_memory_is_previous_frames_oldest_first(cs_root, cs_clips, random_select):
-    ds = CityscapesVideo(cs_root, sequence_num=3, random_select=random_select)
+    ds = CityscapesVideo(cs_root, memory_frames=3, random_select=random_select)
     i = _by_name(ds, _cs(0, FIRST + 7))
     item = ds[i]
     assert [Path(p).name for p in item["memory_paths"]] == [_cs(0, FIRST + f) for f in (4, 5, 6)]
@@ -59,7 +59,7 @@ def test_cityscapes_memory_is_previous_frames_oldest_first(cs_root, cs_clips, ra
 
 
 def test_cityscapes_warm_up_clamps_to_first_frame(cs_root, cs_clips):
-    ds = CityscapesVideo(cs_root, sequence_num=3, random_select=False)
+    ds = CityscapesVideo(cs_root, memory_frames=3, random_select=False)
     item = ds[_by_name(ds, _cs(1, FIRST + 1))]
     assert [Path(p).name for p in item["memory_paths"]] == [_cs(1, FIRST)] * 3
     assert all(np.array_equal(m, cs_clips[1][0][0]) for m in item["memory"])
@@ -67,7 +67,7 @@ def test_cityscapes_warm_up_clamps_to_first_frame(cs_root, cs_clips):
 
 def test_random_select_within_range_sorted_oldest_first(cs_root):
     T, R = 2, 5
-    ds = CityscapesVideo(cs_root, sequence_num=T, sequence_range=R, random_select=True, seed=3)
+    ds = CityscapesVideo(cs_root, memory_frames=T, sequence_range=R, random_select=True, seed=3)
     i = _by_name(ds, _cs(0, FIRST + 7))
     seen = set()
     for epoch in range(25):
@@ -75,17 +75,17 @@ def test_random_select_within_range_sorted_oldest_first(cs_root):
         offsets = ds.memory_offsets(i)
         assert len(offsets) == T and len(set(offsets)) == T
         assert offsets == sorted(offsets, reverse=True) and all(1 <= o <= R for o in offsets)
-        frames = ds.memory_frames(i)
+        frames = ds.memory_frame_numbers(i)
         assert frames == sorted(frames) and frames == [FIRST + 7 - o for o in offsets]
         seen.add(tuple(offsets))
     assert len(seen) >= 4  # really random, not a fixed pick
     # Reproducible: a fresh dataset with the same seed and epoch picks the same frames.
-    again = CityscapesVideo(cs_root, sequence_num=T, sequence_range=R, random_select=True, seed=3)
+    again = CityscapesVideo(cs_root, memory_frames=T, sequence_range=R, random_select=True, seed=3)
     again.set_epoch(24)
     assert again.memory_paths(i) == ds.memory_paths(i)
     # random_select=False ignores the range: continuous [t-T .. t-1].
-    fixed = CityscapesVideo(cs_root, sequence_num=T, sequence_range=R, random_select=False)
-    assert fixed.memory_frames(i) == [FIRST + 5, FIRST + 6]
+    fixed = CityscapesVideo(cs_root, memory_frames=T, sequence_range=R, random_select=False)
+    assert fixed.memory_frame_numbers(i) == [FIRST + 5, FIRST + 6]
 
 
 def test_cityscapes_errors(tmp_path, cs_root):
@@ -96,13 +96,13 @@ def test_cityscapes_errors(tmp_path, cs_root):
     with pytest.raises(ValueError, match="gtFine"):
         CityscapesVideo(tmp_path / "empty")
     with pytest.raises(ValueError):
-        CityscapesVideo(cs_root, sequence_num=3, sequence_range=2)
+        CityscapesVideo(cs_root, memory_frames=3, sequence_range=2)
 
     broken = tmp_path / "broken"
     shutil.copytree(cs_root, broken)
     gone = broken / "leftImg8bit_sequence/train/synth" / _cs(0, FIRST + 5)
     gone.unlink()
-    ds = CityscapesVideo(broken, sequence_num=3, random_select=False)
+    ds = CityscapesVideo(broken, memory_frames=3, random_select=False)
     with pytest.raises(FileNotFoundError, match=_cs(0, FIRST + 5)):
         ds[_by_name(ds, _cs(0, FIRST + 7))]
     target = broken / "leftImg8bit_sequence/train/synth" / _cs(1, FIRST + 7)
@@ -150,7 +150,7 @@ def camvid_root(tmp_path):
 
 
 def test_camvid_memory_names_keep_prefix_and_padding(camvid_root):
-    ds = CamVidVideo(camvid_root, sequence_num=2, random_select=False, frames_dir="frames")
+    ds = CamVidVideo(camvid_root, memory_frames=2, random_select=False, frames_dir="frames")
     assert len(ds) == 4
     expect = {
         "0001TP_006720.png": ["0001TP_006718.png", "0001TP_006719.png"],
@@ -168,21 +168,21 @@ def test_camvid_memory_names_keep_prefix_and_padding(camvid_root):
 
 
 def test_camvid_warm_up_clamps_to_first_existing_frame(camvid_root):
-    ds = CamVidVideo(camvid_root, sequence_num=5, random_select=False, frames_dir=camvid_root / "frames")
+    ds = CamVidVideo(camvid_root, memory_frames=5, random_select=False, frames_dir=camvid_root / "frames")
     item = ds[_by_name(ds, "0001TP_006690.png")]
     assert [Path(p).name for p in item["memory_paths"]] == [
         "0001TP_006686.png", "0001TP_006686.png", "0001TP_006687.png", "0001TP_006688.png", "0001TP_006689.png"]
 
 
 def test_camvid_label_map(camvid_root):
-    ds = CamVidVideo(camvid_root, sequence_num=1, frames_dir="frames", label_map={11: 255})
+    ds = CamVidVideo(camvid_root, memory_frames=1, frames_dir="frames", label_map={11: 255})
     label = ds[0]["label"]
     assert label[0, 0] == 255 and label[1, 1] == 3
 
 
 def test_camvid_errors(camvid_root, tmp_path):
     # Without frames_dir the memory comes from the annotated folder, where t-1 does not exist.
-    ds = CamVidVideo(camvid_root, sequence_num=2, random_select=False)
+    ds = CamVidVideo(camvid_root, memory_frames=2, random_select=False)
     with pytest.raises(FileNotFoundError, match="0001TP_006718.png"):
         ds[_by_name(ds, "0001TP_006720.png")]
     with pytest.raises(FileNotFoundError, match="missing_root"):
@@ -217,11 +217,11 @@ def camvid_official_root(tmp_path):
 def test_camvid_official_layout(camvid_official_root):
     from tmanet.training.data import parse_data
     assert parse_data(camvid_official_root).kind == "camvid"
-    ds = CamVidVideo(camvid_official_root, split="train", sequence_num=4, sequence_range=4)
+    ds = CamVidVideo(camvid_official_root, split="train", memory_frames=4, sequence_range=4)
     assert ds.layout == "official" and ds.frames_dir == camvid_official_root / "images_sequence"
     assert [Path(s.image).name for s in ds.samples] == ["0001TP_006720.png", "Seq05VD_f00002.png"]  # file order
     item = ds[0]
-    # The official sampler with sequence_range == sequence_num == 4: frames t-4..t-1, oldest first.
+    # The official sampler with sequence_range == memory_frames == 4: frames t-4..t-1, oldest first.
     assert [Path(p).name for p in item["memory_paths"]] == [f"0001TP_{n:06d}.png" for n in range(6716, 6720)]
     assert [int(m[0, 0, 0]) for m in item["memory"]] == [n % 251 for n in range(6716, 6720)]
     assert Path(item["label_path"]).name == "0001TP_006720_L.png"
@@ -324,7 +324,7 @@ def test_transform_is_deterministic_and_mmseg_scale():
 def test_dataset_with_transform_is_seeded_per_sample(cs_root):
     def build(seed):
         tf = TrainTransform(crop_size=(16, 32), ratio_range=(0.75, 1.5), photometric=True)
-        return CityscapesVideo(cs_root, sequence_num=2, sequence_range=4, transform=tf, seed=seed)
+        return CityscapesVideo(cs_root, memory_frames=2, sequence_range=4, transform=tf, seed=seed)
 
     a, b, c = build(0), build(0), build(1)
     item = a[0]

@@ -16,7 +16,7 @@ def test_demo_model_is_small_and_segments_held_out_clips():
     assert demo.DEMO_MODEL.stat().st_size < 10 * 2**20
     model = load_model(demo.DEMO_MODEL)  # native format: no preset needed
     info = json.loads(demo.DEMO_INFO.read_text())
-    assert model.config.depth == 18 and model.config.sequence_num == 2
+    assert model.config.depth == 18 and model.config.memory_frames == 2
     frames, labels = make_street_clip(ClipSpec(frames=6, height=128, width=256, degradation=0.5, seed=987_654))
     C = model.config.num_classes
     cm = np.zeros((C, C), np.int64)

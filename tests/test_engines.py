@@ -20,7 +20,7 @@ from tmanet.engines.metadata import (EngineIntegrityError, is_up_to_date, load_e
                                      sidecar_path, verify_engine_file, write_engines_manifest, write_metadata)
 from tmanet.engines.versioning import (EngineCompatibilityError, build_plan, check_compatible,
                                        format_compute_capability, parse_trt_version)
-from tmanet.export.manifest import sha256_file
+from tmanet.manifest import sha256_file
 
 H, W = 64, 128
 TRT_SENTENCE = "TensorRT is not installed: "
@@ -270,7 +270,7 @@ def test_profile_shapes_from_onnx(tmp_path):
 # -- a tiny real export --------------------------------------------------------------------------------------------
 def test_export_profiles(tiny_export):
     """The real export's inputs give the profile shapes the build would use."""
-    from tmanet.export import load_manifest
+    from tmanet.manifest import load_manifest
     m = load_manifest(tiny_export)
     h, w = m.feature_size
     enc = profile_shapes(onnx_input_shapes(tiny_export / "frame_encoder.onnx"), resolve_batch(m.batch_setting))
@@ -285,7 +285,7 @@ def test_calibration_feeds_follow_the_streaming_memory_rule(tiny_export, small_c
     """Head calibration inputs are what the head sees when streaming: slot i of frame t holds the frame encoder's
     slot-i encoding of frame max(t-T+i, 0)."""
     import onnxruntime as ort
-    from tmanet.export import load_manifest
+    from tmanet.manifest import load_manifest
     m = load_manifest(tiny_export)
     enc_feeds, head_feeds = calibration_feeds(tiny_export, m, small_clip, batch=1)
     assert len(enc_feeds) == len(small_clip)

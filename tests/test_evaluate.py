@@ -82,7 +82,7 @@ def test_evaluate_slide_mode_matches_the_official_merge(make_tiny_model, tmp_pat
     r = evaluate(tmp_path / "slide.pth", "synthetic:1", mode="slide", synthetic_size=(H, W), synthetic_frames=F,
                  all_frames=True, progress=False)
     frames, labels = val_clips(1)[0]
-    T = model.config.sequence_num
+    T = model.config.memory_frames
     padded = np.concatenate([np.repeat(frames[:1], T, 0), frames])  # warm-up: memory clamps to frame 0
     logits = model.predict_clip(padded, mode="slide")
     cm = sum(confusion_matrix(lg.argmax(0), lb, 19) for lg, lb in zip(logits, labels))

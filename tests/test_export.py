@@ -1,6 +1,7 @@
 """Split ONNX export: graph contract, manifest, the ORT-vs-torch check and the CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -11,7 +12,9 @@ import torch
 
 from tmanet.checkpoints import save_checkpoint
 from tmanet.cli import main
-from tmanet.export import ExportCheckError, ManifestError, export_onnx, load_manifest
+from tmanet.export import ExportCheckError, export_onnx
+from tmanet.manifest import ManifestError, load_manifest
+from tmanet.presets import ModelConfig
 from tmanet.export.onnx_export import check_against_torch, head_input_names
 
 H, W = 64, 128
@@ -42,7 +45,7 @@ def dynamic_export(tiny, tmp_path_factory):
 
 def test_graph_contract(static_export, tiny):
     cfg = tiny.config
-    T, ck, cv, h, w = cfg.sequence_num, cfg.key_channels, cfg.value_channels, H // 8, W // 8
+    T, ck, cv, h, w = cfg.memory_frames, cfg.key_channels, cfg.value_channels, H // 8, W // 8
     enc = onnx.load(static_export / "frame_encoder.onnx")
     assert [(i.name, dims(i), elem_type(i)) for i in enc.graph.input] == [("frames", [2, H, W, 3], np.uint8)]
     assert [(o.name, dims(o)) for o in enc.graph.output] == [
@@ -64,7 +67,7 @@ def test_manifest(static_export, tiny):
     assert spec.input_size == (H, W) and spec.batch == spec.max_batch == 2 and not spec.dynamic_batch
     assert spec.palette == tuple(tuple(c) for c in cfg.palette) and spec.slide_crop == tuple(cfg.slide_crop)
     assert spec.directory == static_export and type(cfg).from_dict(spec.config) == cfg
-    assert m["sequence_num"] == cfg.sequence_num and m["num_classes"] == cfg.num_classes
+    assert m["sequence_num"] == cfg.memory_frames and m["num_classes"] == cfg.num_classes
     assert m["input_size"] == [H, W] and m["feature_size"] == [H // 8, W // 8] and m["batch"] == 2
     assert m["max_batch"] == 2
     assert m["palette"] == [list(c) for c in cfg.palette] and m["class_names"] == list(cfg.class_names)
@@ -73,6 +76,32 @@ def test_manifest(static_export, tiny):
     assert set(m["files"]) == {"frame_encoder.onnx", "memory_head.onnx"}
     assert {"torch", "onnx", "onnxruntime", "tmanet"} <= set(m["versions"])
     assert m["check"]["relative"] <= m["check"]["tolerance"] and m["check"]["mask_agreement"] == 1.0
+
+
+def test_a_manifest_written_before_the_rename_still_loads(tmp_path):
+    """T is ``memory_frames`` in code and ``sequence_num`` on disk: a manifest as tmanet 0.1 wrote it (before the
+    rename) loads with its T, and today's exports still write the old key, so older readers read them."""
+    for name, content in (("frame_encoder.onnx", b"encoder"), ("memory_head.onnx", b"head")):
+        (tmp_path / name).write_bytes(content)
+    old = {"format": "tmanet-trt-onnx/1", "sequence_num": 3, "key_channels": 8, "value_channels": 16,
+           "num_classes": 19, "input_size": [32, 64], "feature_size": [4, 8], "batch": 1, "max_batch": 1,
+           "config": {"depth": 18, "sequence_num": 3},
+           "files": {"frame_encoder.onnx": {"sha256": hashlib.sha256(b"encoder").hexdigest(), "bytes": 7},
+                     "memory_head.onnx": {"sha256": hashlib.sha256(b"head").hexdigest(), "bytes": 4}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    spec = load_manifest(tmp_path)
+    assert spec.memory_frames == 3 and spec.to_dict()["sequence_num"] == 3
+    assert ModelConfig.from_dict(spec.config).memory_frames == 3
+    del old["sequence_num"]
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ManifestError, match="field 'sequence_num' is missing"):
+        load_manifest(tmp_path)
+
+
+def test_exports_write_t_under_its_on_disk_key(static_export, tiny):
+    written = json.loads((static_export / "manifest.json").read_text())
+    assert written["sequence_num"] == tiny.config.memory_frames and "memory_frames" not in written
+    assert written["config"]["sequence_num"] == tiny.config.memory_frames and "memory_frames" not in written["config"]
 
 
 def test_manifest_detects_modified_files(tiny, tmp_path):

@@ -21,9 +21,10 @@ import torch
 
 from tmanet.checkpoints import CheckpointError, load_model, save_checkpoint
 from tmanet.cli import main
-from tmanet.export import ExportCheckError, ManifestError, export_onnx, load_manifest
+from tmanet.export import ExportCheckError, export_onnx
+from tmanet.manifest import ManifestError, load_manifest
 from tmanet.runtime import StreamingSegmenter
-from tmanet.video_io import open_frames
+from tmanet.io.video import open_frames
 
 H, W = 64, 128
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_run_refuses_every_spelling_of_its_input(export_b1, small_clip, tmp_path
     for out in ("clip.npy", "./clip.npy", str(tmp_path / "sub" / ".." / "clip.npy"), "hard.npy", "soft.npy"):
         fails_cleanly(["run", export_b1, "-i", "clip.npy", "--save-logits", out], capsys, tmp_path,
                       "is the input clip.npy: refusing to overwrite it")
-    from tmanet.video_io import VideoWriter
+    from tmanet.io.video import VideoWriter
     with VideoWriter(tmp_path / "drive.mp4", fps=10) as video:
         for frame in small_clip:
             video.write(frame)
@@ -146,7 +147,7 @@ def test_failed_reexport_keeps_the_old_export(make_tiny_model, export_b1, tmp_pa
 
 # -- wrong results without an error ---------------------------------------------------------------------------
 def test_shared_segmenter_two_threads(export_b1):
-    from tmanet.synthetic_weights import make_noise_clip
+    from tmanet.test_clips import make_noise_clip
     clips = [make_noise_clip(12, H, W, seed=s) for s in (1, 2)]
     results = [[], []]
     start = threading.Barrier(2)
@@ -424,7 +425,7 @@ def long_clip(tmp_path_factory):
     """A .npy clip long enough that a run is still going when the test kills it (a sparse file: cheap)."""
     path = tmp_path_factory.mktemp("long") / "long.npy"
     clip = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(20000, H, W, 3))
-    from tmanet.synthetic_weights import make_noise_clip
+    from tmanet.test_clips import make_noise_clip
     clip[:4] = make_noise_clip(4, H, W, seed=5)
     clip.flush()
     del clip

@@ -5,7 +5,7 @@ raise *our* error types, never another exception, and never allocate beyond a bo
 
 Our error types (what the CLI prints as one line, exit 2): :class:`tmanet.errors.UserError` and its subclasses
 (``FrameSourceError``, ``TruncatedVideoError``, ``LogReadError``, ``RingTooLarge``) and
-:class:`tmanet.export.manifest.ManifestError`. A bare ValueError, KeyError, protobuf/zstd/sqlite error or
+:class:`tmanet.manifest.ManifestError`. A bare ValueError, KeyError, protobuf/zstd/sqlite error or
 MemoryError escaping is a bug.
 
 Allocations are measured with tracemalloc (Python objects, bytes and numpy buffers: what a header claiming a
@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tmanet.errors import UserError
-from tmanet.export.manifest import ManifestError, load_manifest
-from tmanet.synthetic_weights import make_noise_clip
-from tmanet.video_io import open_frames, read_npy
+from tmanet.manifest import ManifestError, load_manifest
+from tmanet.test_clips import make_noise_clip
+from tmanet.io.video import open_frames, read_npy
 
 OURS = (UserError, ManifestError)
 FUZZ = settings(deadline=None, derandomize=True, database=None,
@@ -214,7 +214,7 @@ def small_mcap(tmp_path_factory) -> bytes:
 
 def read_log(path, topic):
     """Everything a run does with a log: topics, counts, messages (strict and skipping), frames."""
-    from tmanet.driving_logs import log_reader
+    from tmanet.io.driving_logs import log_reader
     reader = log_reader(path)
     reader.image_topics(path)
     reader.count_messages(path, [topic])

@@ -17,7 +17,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["tmanet", "tmanet.model", "tmanet.export", "tmanet.engines", "tmanet.runtime", "tmanet.training",
            "tmanet.calibration", "tmanet.synthetic_weights", "tmanet.memory", "tmanet.slots",
-           "tmanet.ros_images", "tmanet.mcap_io", "tmanet.driving_logs", "tmanet.runtime.ros2"]
+           "tmanet.io.ros_images", "tmanet.io.mcap", "tmanet.io.driving_logs", "tmanet.runtime.ros2"]
 # Generated or local state that a source checkout may hold but a build must not depend on.
 IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                 ".hypothesis", "tests", "demo_out")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tmanet.runtime.io_threads import Prefetch, Worker
+from tmanet.io.threads import Prefetch, Worker
 
 
 def test_prefetch_yields_every_item_in_order_then_stays_exhausted():
@@ -112,7 +112,7 @@ def test_a_stop_request_ends_a_wait_on_a_blocked_input():
 
 
 def test_call_in_thread_returns_or_raises_what_the_call_does():
-    from tmanet.runtime.io_threads import call_in_thread
+    from tmanet.io.threads import call_in_thread
     assert call_in_thread(sum, [1, 2, 3]) == 6
     with pytest.raises(ValueError, match="bad input"):
         call_in_thread(lambda: (_ for _ in ()).throw(ValueError("bad input")))

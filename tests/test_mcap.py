@@ -16,9 +16,9 @@ from PIL import Image
 
 from tmanet.cli import main
 from tmanet.runtime import StreamingSegmenter
-from tmanet.ros_images import COMPRESSED_IMAGE, IMAGE, MSGDEFS, image_fields, image_to_rgb
+from tmanet.io.ros_images import COMPRESSED_IMAGE, IMAGE, MSGDEFS, image_fields, image_to_rgb
 from tmanet.pictures import colorize
-from tmanet.synthetic_weights import make_noise_clip
+from tmanet.test_clips import make_noise_clip
 
 H, W = 64, 128           # the tiny export's size
 CAM_H, CAM_W = 80, 160   # the second camera's size (needs --resize)
@@ -199,13 +199,13 @@ def test_mcap_images_are_decoded_ahead_in_the_reading_thread(export_b1, drive, t
     """Parsing and pixel conversion run in the reading thread, ahead of the engines, as a video's decoding does."""
     import threading
 
-    import tmanet.ros_images
+    import tmanet.io.ros_images
     threads = []
 
     def recording(msg):
         threads.append(threading.current_thread().name)
         return image_to_rgb(msg)
-    monkeypatch.setattr(tmanet.ros_images, "image_to_rgb", recording)
+    monkeypatch.setattr(tmanet.io.ros_images, "image_to_rgb", recording)
     assert main(["run", str(export_b1), "--input", str(drive["path"]), "--topic", FRONT, "--topic", REAR,
                  "--resize", "--output", str(tmp_path / "masks.mcap"), "--no-progress"]) == 0
     assert threads == ["tmanet-read"] * 11
@@ -324,9 +324,9 @@ def damaged_log(tmp_path):
 
 
 def test_damaged_mcap_chunk_is_one_line_naming_where(export_b1, damaged_log, tmp_path, capsys):
-    from tmanet.driving_logs import LogReadError
-    from tmanet.mcap_io import read_images
-    from tmanet.video_io import open_frames
+    from tmanet.io.driving_logs import LogReadError
+    from tmanet.io.mcap import read_images
+    from tmanet.io.video import open_frames
     bad, chunk = damaged_log["path"], damaged_log["chunk"]
     with pytest.raises(LogReadError, match=f"bad.mcap: damaged chunk at byte {chunk} \\(messages logged "):
         list(read_images(bad, [FRONT]))
@@ -345,8 +345,8 @@ def test_damaged_mcap_chunk_is_one_line_naming_where(export_b1, damaged_log, tmp
 
 
 def test_allow_truncated_skips_a_damaged_mcap_chunk(export_b1, damaged_log, tmp_path, capsys, caplog):
-    from tmanet.mcap_io import read_images
-    from tmanet.video_io import open_frames
+    from tmanet.io.mcap import read_images
+    from tmanet.io.video import open_frames
     bad, frames, lost = damaged_log["path"], damaged_log["frames"], damaged_log["lost"]
     before = damaged_log["before"]
     got = list(read_images(bad, [FRONT], skip_damaged=True))
@@ -374,7 +374,7 @@ def test_mcap_options_that_do_not_apply(export_b1, drive, tmp_path, capsys):
 
 # -- an MCAP topic as a frame source (calibrate, compare, build, export checks, run to video/PNGs) -----------
 def test_an_mcap_topic_is_a_frame_source(export_b1, drive, tmp_path, capsys):
-    from tmanet.video_io import open_frames
+    from tmanet.io.video import open_frames
     frames, times = drive["front"]
     source = open_frames(f"{drive['path']}:{FRONT}", max_frames=5)
     got = list(source)
@@ -534,8 +534,8 @@ def test_damaged_ros_bags_are_one_line_or_skipped(tmp_path, caplog):
     message; --allow-truncated keeps what was read and counts the rest); at a ROS 1 bag's first record, the
     bag is refused at open. (ROS 1 bags have no checksums: flipped pixel bytes go unnoticed.)"""
     pytest.importorskip("rosbags", reason="the optional rosbags package (extra [rosbags], installed by make test)")
-    from tmanet.driving_logs import LogReadError
-    from tmanet.video_io import open_frames
+    from tmanet.io.driving_logs import LogReadError
+    from tmanet.io.video import open_frames
     frames = make_noise_clip(10, H, W, seed=3)
     for ros1, where in ((False, 1 / 3), (True, None)):
         path = tmp_path / ("drive.bag" if ros1 else "drive")

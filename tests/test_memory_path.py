@@ -39,7 +39,7 @@ def test_one_training_step_reaches_every_memory_encoder_and_the_read(tiny_config
     trainer.step(batch)
 
     assert len(reads) == 1 and reads[0].grad.abs().sum() > 0
-    T = tiny_config.sequence_num
+    T = tiny_config.memory_frames
     for conv in ("memory_key_conv", "memory_value_conv"):
         for layer in (0, 1):
             for slot in range(T):  # every slot's own weights
@@ -167,7 +167,7 @@ def test_read_locality_tells_a_positional_read_from_a_uniform_one(tiny_config):
     model = TMANet(tiny_config).eval()
     clip = _clip_with_a_destroyed_half()
     h, w = 8, 16
-    T = tiny_config.sequence_num
+    T = tiny_config.memory_frames
 
     code = 40.0 * torch.eye(h * w).reshape(1, h * w, h, w)  # key channel c is 40 at cell c, 0 elsewhere
     head = model.decode_head

@@ -11,7 +11,8 @@ from tmanet.model.slide import slide_windows
 from tmanet.model import tma_head
 from tmanet.model.tma_head import fused_read, memory_read
 from tmanet.presets import get_preset
-from tmanet.synthetic_weights import make_noise_clip, read_manifest
+from tmanet.test_clips import make_noise_clip
+from tmanet.synthetic_weights import read_manifest
 
 
 def assert_close(actual, expected, rel=1e-4, what=""):
@@ -31,7 +32,7 @@ def test_split_equals_official_forward(make_tiny_model, aggregation, query_chunk
     model = make_tiny_model(seed=3, aggregation=aggregation, place_read=place)
     if place:  # the projection carries weight, so the place read is part of what the split must reproduce
         assert model.decode_head.place_proj.weight.abs().min() > 0
-    T = model.config.sequence_num
+    T = model.config.memory_frames
     H, W = 64, 96
     clip = make_noise_clip(T + 2, H, W, seed=11)
     frames = torch.from_numpy(clip)
@@ -165,7 +166,7 @@ def test_memory_head_never_fuses_inside_an_onnx_export(make_tiny_model, monkeypa
     _, head = model.split((64, 128))
     calls = []
     monkeypatch.setattr(tma_head, "fused_read", lambda *a: calls.append(1))  # declines, as on the CPU
-    T, ck, cv = model.config.sequence_num, model.config.key_channels, model.config.value_channels
+    T, ck, cv = model.config.memory_frames, model.config.key_channels, model.config.value_channels
     inputs = [torch.randn(1, ck, 8, 16), torch.randn(1, cv, 8, 16)] + \
              [torch.randn(1, ck, 8, 16) for _ in range(T)] + [torch.randn(1, cv, 8, 16) for _ in range(T)]
     head(*inputs)
@@ -213,7 +214,7 @@ def reference_windows(H, W, crop, stride):
 ])
 def test_slide_mode_equals_per_window_reference(make_tiny_model, H, W, crop, stride):
     model = make_tiny_model(seed=4)
-    T = model.config.sequence_num
+    T = model.config.memory_frames
     clip = make_noise_clip(T + 2, H, W, seed=21)
     windows = reference_windows(H, W, crop, stride)
     assert slide_windows(H, W, crop, stride) == windows

@@ -9,7 +9,7 @@ import pytest
 
 from tmanet.cli import main
 from tmanet.runtime import StreamingSegmenter
-from tmanet.synthetic_weights import make_noise_clip
+from tmanet.test_clips import make_noise_clip
 
 ov = pytest.importorskip("openvino", reason="OpenVINO ships x86/Arm wheels only (pip install 'tmanet-trt[openvino]')")
 

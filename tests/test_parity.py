@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import max_abs, top2_margin
-from tmanet.synthetic_weights import make_noise_clip, official_layout_state_dict, read_manifest, state_dict_sha256
+from tmanet.test_clips import make_noise_clip
+from tmanet.synthetic_weights import official_layout_state_dict, read_manifest, state_dict_sha256
 
 ATOL = 1e-3          # set A's recommended float32 tolerance (rtol 0)
 MASK_MARGIN = 2e-3   # masks must agree wherever the golden top-2 margin is at least this
@@ -81,7 +82,7 @@ def streamed(official_model, set_a):
 
 
 def test_stream_matches_predict_clip_and_golden(official_model, streamed, predicted, set_a):
-    T = official_model.config.sequence_num
+    T = official_model.config.memory_frames
     assert len(streamed) == len(set_a["clip"])
     assert [r.index for r in streamed] == list(range(len(set_a["clip"])))
     vs_predict, vs_golden = [], []
@@ -106,7 +107,7 @@ def warmup_memory(t: int, T: int) -> list[int]:
 
 def test_stream_warmup_clamps_to_first_frame(official_model, streamed, set_a):
     clip = set_a["clip"]
-    T = official_model.config.sequence_num
+    T = official_model.config.memory_frames
     deltas = []
     for t in range(T):
         # A clip whose first T frames are the clamped memory of frame t and whose last frame is t: the

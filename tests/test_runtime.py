@@ -17,8 +17,8 @@ from tmanet.model import FrameResult
 from tmanet.runtime import StreamingSegmenter
 from tmanet.runtime.backends import BACKENDS, BackendUnavailable, get_backend, register_backend
 from tmanet.runtime.backends.ort import OrtBackend
-from tmanet.runtime.segmenter import default_stride
-from tmanet.synthetic_weights import make_noise_clip
+from tmanet.model.slide import default_stride
+from tmanet.test_clips import make_noise_clip
 
 ATOL = 1e-3          # set A: float32 tolerance recommended by the reference (rtol 0)
 MASK_MARGIN = 2e-3   # set A: masks must agree where the golden top-2 margin is at least this
@@ -84,7 +84,7 @@ def test_whole_matches_predict_clip_and_warm_up(export_b1, tiny_model, clips, ba
     results = [seg.push(f) for f in clip]
     assert all(isinstance(r, FrameResult) for r in results)
     got = np.stack([r.logits for r in results])
-    T = tiny_model.config.sequence_num
+    T = tiny_model.config.memory_frames
     assert max_abs(got[T:], tiny_model.predict_clip(clip)) <= TINY_ATOL
     assert max_abs(got, stream_logits(tiny_model, clip)) <= TINY_ATOL  # warm-up frames: first frame copied
     for r in results:
@@ -264,7 +264,7 @@ class ReferenceStreams:
 
     def __init__(self, model, pool):
         self.encoder, self.head = model.split((H, W))
-        self.T = model.config.sequence_num
+        self.T = model.config.memory_frames
         with torch.no_grad():
             self.enc = [self.encoder(torch.from_numpy(f[None])) for f in pool]
         self.cache = {}
@@ -339,7 +339,7 @@ def test_slide_matches_predict_clip(export_b1, tiny_model, backend):
     out = [seg.push(f) for f in clip]
     assert seg.windows == [(0, 64, 0, 128), (0, 64, 32, 160), (16, 80, 0, 128), (16, 80, 32, 160)]
     assert len(seg.last_calls) == 4  # batch-1 export: one window per engine call, each its own ring row
-    T = tiny_model.config.sequence_num
+    T = tiny_model.config.memory_frames
     expected = tiny_model.predict_clip(clip, mode="slide", crop=(H, W), stride=stride)
     got = np.stack([r.logits for r in out[T:]])
     assert got.shape == expected.shape == (len(clip) - T, 19, 80, 160)
@@ -352,7 +352,7 @@ def test_slide_matches_predict_clip(export_b1, tiny_model, backend):
 def test_slide_batches_windows_and_streams(export_b2, export_dyn, tiny_model):
     clips = [make_noise_clip(3, 64, 200, seed=6), make_noise_clip(3, 64, 200, seed=8)]  # 3 windows per frame
     stride = (64, 64)
-    T = tiny_model.config.sequence_num
+    T = tiny_model.config.memory_frames
     expected = [tiny_model.predict_clip(c, mode="slide", crop=(H, W), stride=stride)[0] for c in clips]
     for directory, chunks in ((export_b2, 3), (export_dyn, 1)):  # 6 lanes: 3 chunks of 2, or one of 6
         seg = StreamingSegmenter.open(directory, mode="slide", stride=stride, return_logits=True)
@@ -407,7 +407,7 @@ def test_ort_head_reads_the_ring_in_place(export_b1, clips):
     assert max_abs(changed[0], last.logits) > 1e-2
     # ... and it is exactly what a plain (copying) run on the ring's current slot contents gives.
     from tmanet.slots import ring_positions
-    _, read = ring_positions(ring.clock[0] - 1, ring.sequence_num)
+    _, read = ring_positions(ring.clock[0] - 1, ring.memory_frames)
     feeds = {"query_key": backend._outputs("encoder", 1)["query_key"].copy(),
              "query_value": backend._outputs("encoder", 1)["query_value"].copy()}
     for i, p in enumerate(read):
@@ -438,7 +438,7 @@ def test_ort_sessions_do_not_spin(export_b1):
 def test_ort_bindings_are_made_once_per_ring_phase(export_b1, clips):
     """The head's IOBindings are keyed by the slot addresses: T+1 ring phases, then only reuse."""
     seg = StreamingSegmenter.open(export_b1)
-    T = seg.spec.sequence_num
+    T = seg.spec.memory_frames
     frames = np.concatenate(clips)
     made = []
     for f in frames[:T + 1]:

@@ -15,7 +15,7 @@ from tmanet.errors import UserError
 from tmanet.runtime import StreamingSegmenter
 from tmanet.runtime.serve import TritonServer, free_ports
 from tmanet.runtime.triton_repo import write_triton_repo
-from tmanet.synthetic_weights import make_noise_clip
+from tmanet.test_clips import make_noise_clip
 
 # A plain import: `make test` installs the serve extra, so a missing client is a broken install, not a skip.
 import tritonclient.grpc as grpcclient  # noqa: E402

@@ -109,7 +109,7 @@ def test_memory_ring_matches_reference(xp, T, batch, ops):
         mk, mv = encodings(t, batch, T, xp)
         if ring is None:
             ring = MemoryRing.like(mk, mv)
-            assert (ring.sequence_num, ring.batch) == (T, batch)
+            assert (ring.memory_frames, ring.batch) == (T, batch)
         ring.write(mk, mv)
         keys, values = ring.slot_keys(), ring.slot_values()
         assert len(keys) == len(values) == T

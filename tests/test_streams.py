@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tmanet.runtime import StreamingSegmenter
-from tmanet.synthetic_weights import make_noise_clip
+from tmanet.test_clips import make_noise_clip
 
 H, W = 64, 128
 TINY_ATOL = 1e-4

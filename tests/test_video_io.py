@@ -8,8 +8,8 @@ from PIL import Image
 
 from tmanet.cli import main
 from tmanet.pictures import colorize, legend_width, overlay, render
-from tmanet.video_io import NpyWriter, VideoWriter, open_frames, save_mask_png
-from tmanet.synthetic_weights import make_noise_clip
+from tmanet.io.video import NpyWriter, VideoWriter, open_frames, save_mask_png
+from tmanet.test_clips import make_noise_clip
 
 H, W = 64, 128
 

@@ -115,7 +115,7 @@ def infer_shape_fields(sd) -> dict:
         found["base_channels"] = s[0]
     slots = {int(m.group(1)) for k in sd if (m := re.match(r"decode_head\.memory_key_conv\.0\.(\d+)\.", k))}
     if slots:
-        found["sequence_num"] = max(slots) + 1
+        found["memory_frames"] = max(slots) + 1
     if (s := shape("decode_head.query_key_conv.0.conv.weight")):
         found["key_channels"] = s[0]
     if (s := shape("decode_head.query_value_conv.0.conv.weight")):
@@ -249,7 +249,7 @@ def load_state(model: TMANet, sd, source="checkpoint"):
 
 
 def describe(cfg: ModelConfig) -> str:
-    return (f"(ResNet-{cfg.depth} width {cfg.base_channels}, T={cfg.sequence_num}, Ck={cfg.key_channels}, "
+    return (f"(ResNet-{cfg.depth} width {cfg.base_channels}, T={cfg.memory_frames}, Ck={cfg.key_channels}, "
             f"Cv={cfg.value_channels}, {cfg.num_classes} classes{', place read' if cfg.place_read else ''})")
 
 

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     # Only our logger speaks at INFO: the exporter's libraries are chatty at that level.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("tmanet").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from tmanet.export import ExportCheckError, ManifestError
+    from tmanet.export import ExportCheckError
+    from tmanet.manifest import ManifestError
 
     from .checkpoints import CheckpointError
     from .errors import UserError

@@ -62,12 +62,13 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from tmanet.checkpoints import load_model
-    from tmanet.export import export_onnx, load_manifest
+    from tmanet.export import export_onnx
+    from tmanet.manifest import load_manifest
     from tmanet.runtime import StreamingSegmenter
     from tmanet.safe_files import atomic_file, write_json
     from tmanet.runtime.bench import format_report, run_bench
     from tmanet.pictures import render
-    from tmanet.video_io import VideoWriter
+    from tmanet.io.video import VideoWriter
     from tmanet.metrics import FlipCounter, confusion_matrix, scores_from_confusion
     from tmanet.training.synthetic import ClipSpec, make_street_clip
     torch.set_num_threads(2)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     say(f"[1/5] checkpoint: {ckpt}\n      {what}")
     model = load_model(ckpt)
     cfg = model.config
-    T = cfg.sequence_num
+    T = cfg.memory_frames
     say(f"      ResNet-{cfg.depth} width {cfg.base_channels}, T={T}, Ck={cfg.key_channels}, Cv={cfg.value_channels}, "
         f"{cfg.num_classes} classes")
     frames, labels = make_street_clip(ClipSpec(frames=a.frames, height=a.height, width=a.width, degradation=0.5,

@@ -49,15 +49,15 @@ def available_bytes(probe) -> int | None:
         return None
 
 
-def check_ring_fits(sequence_num: int, batch: int, key_shape, value_shape, zeros):
+def check_ring_fits(memory_frames: int, batch: int, key_shape, value_shape, zeros):
     """Refuse, in one line and before any allocation, a ring larger than the memory available for it."""
     probe = zeros((0,))
     itemsize = getattr(probe, "itemsize", None) or probe.element_size()
-    per_row = (sequence_num + 1) * sequence_num * (math.prod(key_shape) + math.prod(value_shape)) * itemsize
+    per_row = (memory_frames + 1) * memory_frames * (math.prod(key_shape) + math.prod(value_shape)) * itemsize
     need, free = per_row * batch, available_bytes(probe)
     if free is not None and need > free:
-        raise RingTooLarge(f"the memory ring needs {need / 2**30:.2f} GiB ({batch} rows x {sequence_num + 1} "
-                           f"positions x {sequence_num} slots, keys {list(key_shape)}, values {list(value_shape)}) but "
+        raise RingTooLarge(f"the memory ring needs {need / 2**30:.2f} GiB ({batch} rows x {memory_frames + 1} "
+                           f"positions x {memory_frames} slots, keys {list(key_shape)}, values {list(value_shape)}) but "
                            f"only {free / 2**30:.2f} GiB is available: use fewer streams or a smaller export")
 
 
@@ -71,10 +71,10 @@ def zeros_like_backend(like, shape):
 
 
 class MemoryRing:
-    def __init__(self, sequence_num: int, batch: int, key_shape, value_shape, zeros):
+    def __init__(self, memory_frames: int, batch: int, key_shape, value_shape, zeros):
         """``batch`` rows (streams); ``zeros(shape)`` allocates in the backend's library (and device)."""
-        check_ring_fits(sequence_num, batch, key_shape, value_shape, zeros)
-        self.sequence_num = T = sequence_num
+        check_ring_fits(memory_frames, batch, key_shape, value_shape, zeros)
+        self.memory_frames = T = memory_frames
         self.batch = batch
         self.keys = zeros((T + 1, T, batch, *key_shape))
         self.values = zeros((T + 1, T, batch, *value_shape))
@@ -120,13 +120,13 @@ class MemoryRing:
                 self.clock[r] = steady[0]  # a restarted row may take any phase: join the others'
         span = self._span(rows)
         if span is not None:
-            pos, _ = ring_positions(span[1], self.sequence_num)
+            pos, _ = ring_positions(span[1], self.memory_frames)
             r0, n = span[0], len(rows)
             self.keys[pos, :, r0:r0 + n] = memory_key[:n].swapaxes(0, 1)
             self.values[pos, :, r0:r0 + n] = memory_value[:n].swapaxes(0, 1)
         else:
             for k, r in enumerate(rows):
-                pos, _ = ring_positions(self.clock[r], self.sequence_num)
+                pos, _ = ring_positions(self.clock[r], self.memory_frames)
                 self.keys[pos, :, r] = memory_key[k]
                 self.values[pos, :, r] = memory_value[k]
         for k, r in enumerate(rows):
@@ -140,10 +140,10 @@ class MemoryRing:
         span = self._span(rows)
         if span is not None:
             r0, n = span[0], len(rows)
-            _, read = ring_positions(span[1], self.sequence_num)
+            _, read = ring_positions(span[1], self.memory_frames)
             return [store[p, i, r0:r0 + n] for i, p in enumerate(read)]
-        reads = [ring_positions(self.clock[r], self.sequence_num)[1] for r in rows]
-        return [store[[read[i] for read in reads], i, rows] for i in range(self.sequence_num)]  # gathered
+        reads = [ring_positions(self.clock[r], self.memory_frames)[1] for r in rows]
+        return [store[[read[i] for read in reads], i, rows] for i in range(self.memory_frames)]  # gathered
 
     def slot_keys(self, rows=None) -> list:
         """Slots 0..T-1 (oldest first) of the frame last written to ``rows``: ``[n, Ck, h, w]`` each."""
@@ -155,7 +155,7 @@ class MemoryRing:
     def grow(self, rows: int):
         """``rows`` more rows at the end, fresh; the existing rows keep their memory and clocks (the arrays
         are reallocated: views read before are stale)."""
-        check_ring_fits(self.sequence_num, self.batch + rows, self.keys.shape[3:], self.values.shape[3:],
+        check_ring_fits(self.memory_frames, self.batch + rows, self.keys.shape[3:], self.values.shape[3:],
                         self._zeros)
 
         def grown(store):

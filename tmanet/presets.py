@@ -39,7 +39,7 @@ class ModelConfig:
     depth: int = 50
     base_channels: int = 64            # width of the first ResNet stage (64 = standard ResNet)
     output_stride: int = 8
-    sequence_num: int = 2              # T: number of memory frames
+    memory_frames: int = 2             # T: number of memory frames (on disk: sequence_num)
     key_channels: int = 64             # Ck
     value_channels: int = 256          # Cv
     channels: int = 512                # bottleneck width
@@ -66,8 +66,8 @@ class ModelConfig:
             problems.append(f"aggregation {self.aggregation!r} is not 'concat' or 'sum'")
         if not isinstance(self.place_read, bool):
             problems.append(f"place_read must be true or false, got {self.place_read!r}")
-        if self.sequence_num < 1:
-            problems.append(f"sequence_num must be >= 1, got {self.sequence_num}")
+        if self.memory_frames < 1:
+            problems.append(f"memory_frames must be >= 1, got {self.memory_frames}")
         if len(self.class_names) != self.num_classes or len(self.palette) != self.num_classes:
             problems.append(f"{self.num_classes} classes but {len(self.class_names)} names and "
                             f"{len(self.palette)} palette colours")
@@ -91,11 +91,20 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The config as checkpoints and manifests store it: field names, except T under its on-disk key."""
         d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {ON_DISK_KEYS.get(k, k): list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """From :meth:`to_dict`'s dict (on disk, T is ``sequence_num``: old checkpoints and exports are read as
+        they are); the field name ``memory_frames`` is accepted too."""
+        d = dict(d)
+        for name, key in ON_DISK_KEYS.items():
+            if key in d:
+                if name in d and d[name] != d[key]:
+                    raise ValueError(f"{key}={d[key]} and {name}={d[name]} disagree (they are the same field)")
+                d[name] = d.pop(key)
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -106,16 +115,20 @@ class ModelConfig:
         return cls(**{k: tup(v) for k, v in d.items()})
 
 
+# Fields stored under another key on disk: T is ``sequence_num`` in the official configs, checkpoints' configs
+# and every manifest (old exports and tmanet/data/demo_model.pth are read as they are).
+ON_DISK_KEYS = {"memory_frames": "sequence_num"}
+
 PRESETS: dict[str, ModelConfig] = {
     # configs/video/cityscapes/tmanet_r50-d8_769x769_80k_cityscapes_video.py
-    "cityscapes-r50": ModelConfig(depth=50, sequence_num=2, num_classes=19, align_corners=True,
+    "cityscapes-r50": ModelConfig(depth=50, memory_frames=2, num_classes=19, align_corners=True,
                                   slide_crop=(769, 769), slide_stride=(513, 513)),
     # configs/video/camvid/tmanet_r50-d8_640x640_80k_camvid_video.py (align_corners keeps the base default)
-    "camvid-r50": ModelConfig(depth=50, sequence_num=4, num_classes=12, align_corners=False,
+    "camvid-r50": ModelConfig(depth=50, memory_frames=4, num_classes=12, align_corners=False,
                               class_names=CAMVID_CLASSES, palette=CAMVID_PALETTE,
                               slide_crop=(640, 640), slide_stride=(512, 512)),
     # Edge GPUs (Jetson): ResNet-18 at output stride 8, T=2, a lighter head.
-    "cityscapes-r18": ModelConfig(depth=18, sequence_num=2, key_channels=64, value_channels=128, channels=256,
+    "cityscapes-r18": ModelConfig(depth=18, memory_frames=2, key_channels=64, value_channels=128, channels=256,
                                   aux_channels=128, num_classes=19, align_corners=True,
                                   slide_crop=(769, 769), slide_stride=(513, 513)),
 }

@@ -1,4 +1,4 @@
-"""Synthetic weights in the official TMANet checkpoint layout, and synthetic video clips.
+"""Synthetic weights in the official TMANet checkpoint layout (the standard test clip: :mod:`tmanet.test_clips`).
 
 Official checkpoints cannot ship with the toolkit, but their exact key layout can: ``tmanet/data`` holds the
 ``state_dict`` manifests of the two official configs (``key<TAB>shape<TAB>dtype`` per line, shape as
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .safe_files import atomic_file
+from tmanet.test_clips import make_noise_clip
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 # Manifest files shipped in tmanet/data, by dataset and by the preset they belong to.
@@ -43,7 +43,6 @@ MANIFEST_ALIASES = {"cityscapes-r50": "cityscapes", "camvid-r50": "camvid"}
 
 CHECKPOINT_NOTE = "synthetic weights in the official TMANet checkpoint layout"
 DAMPED_GAIN = 0.3
-CLIP_SHIFT = (2, 3)  # (dy, dx) pixels per frame: consecutive frames are the same texture, moved
 
 
 def manifest_path(name_or_path) -> Path:
@@ -149,26 +148,6 @@ def state_dict_sha256(sd) -> str:
         h.update(key.encode("utf-8"))
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def make_noise_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
-    """uint8 RGB ``(frames, height, width, 3)``: two octaves of smooth noise (cells of 16 and 4 px) mixed
-    0.7/0.3 and stretched to 0..255; frame t is the window at offset (2t, 3t) of one canvas."""
-    if min(frames, height, width) < 1:
-        raise ValueError(f"frames, height and width must be >= 1, got {frames}, {height}, {width}")
-    dy, dx = CLIP_SHIFT
-    ch, cw = height + dy * (frames - 1), width + dx * (frames - 1)
-    g = torch.Generator().manual_seed(int(seed))
-    coarse = torch.rand((1, 3, ch // 16 + 2, cw // 16 + 2), generator=g)
-    fine = torch.rand((1, 3, ch // 4 + 2, cw // 4 + 2), generator=g)
-    canvas = (0.7 * F.interpolate(coarse, size=(ch, cw), mode="bilinear", align_corners=True)
-              + 0.3 * F.interpolate(fine, size=(ch, cw), mode="bilinear", align_corners=True))
-    canvas = (canvas - canvas.min()) / (canvas.max() - canvas.min())
-    canvas = (canvas * 255).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)  # CH, CW, 3
-    # C-contiguous like a decoded video (stacking the permuted canvas's windows keeps their channel-first
-    # strides, which would make every runtime push pay a strided copy of the frame).
-    return np.ascontiguousarray(np.stack([canvas[t * dy:t * dy + height, t * dx:t * dx + width].numpy()
-                                          for t in range(frames)]))
 
 
 def main(argv=None) -> int:

@@ -49,7 +49,7 @@ ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 @dataclass(frozen=True)
 class Variant:
     name: str
-    sequence_num: int
+    memory_frames: int
     memory_order: str  # one of config.MEMORY_ORDERS
 
     @property
@@ -111,7 +111,7 @@ def predict_clip(model, frames, order: str, score_from: int, batch: int = 4) -> 
     import torch
 
     from .recipe import memory_frame_order
-    T = model.config.sequence_num
+    T = model.config.memory_frames
     clip = torch.from_numpy(np.ascontiguousarray(frames))
     targets = list(range(score_from, len(frames)))
     masks = []
@@ -194,7 +194,7 @@ def cross_orders(v: Variant) -> list[str]:
     the other: what a runtime with the wrong slot rule gives). A single-frame model gets real memory."""
     if v.memory_order == "current":
         return ["oldest_first"]
-    return ["current"] + ([_SWAP[v.memory_order]] if v.sequence_num >= 2 else [])
+    return ["current"] + ([_SWAP[v.memory_order]] if v.memory_frames >= 2 else [])
 
 
 # -- the experiment ------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
     """Train and score every variant (see the module doc) into ``out_dir``: one training folder per variant
     (``out_dir/<slug>/``: a stopped run resumes from its ``latest.pth``, a finished one is reused),
     ``ablation.json`` and ``ablation.md``. ``config`` defaults to :func:`small_config` (its
-    ``sequence_num`` is set per variant). ``baseline`` (default: ``single-frame`` when present, else the
+    ``memory_frames`` is set per variant). ``baseline`` (default: ``single-frame`` when present, else the
     first variant) is what the per-clip differences compare against. ``cross`` also scores every trained
     variant under the memory orders of :func:`cross_orders`. ``train_from`` is the first training target
     frame (default: the largest T; give the same value to compare runs with other variant sets).
@@ -226,7 +226,7 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
     for v in variants:
         check_memory_order(v.memory_order)
     clip_size, crop = parse_pair(clip_size, "clip size"), parse_pair(crop, "crop")
-    max_t = max(v.sequence_num for v in variants)
+    max_t = max(v.memory_frames for v in variants)
     score_from = max_t if score_from is None else int(score_from)
     if score_from < max_t:
         raise InputError(f"score_from ({score_from}) must be >= the largest T ({max_t}): every variant must see "
@@ -261,9 +261,9 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
     result = {"settings": settings, "variants": []}
     for k, v in enumerate(variants):
         run_dir = out / v.slug
-        log.info("variant %d/%d %s: T=%d, memory %s -> %s", k + 1, len(variants), v.name, v.sequence_num,
+        log.info("variant %d/%d %s: T=%d, memory %s -> %s", k + 1, len(variants), v.name, v.memory_frames,
                  v.memory_order, run_dir)
-        vconfig = config.replace(sequence_num=v.sequence_num)
+        vconfig = config.replace(memory_frames=v.memory_frames)
         wanted = {"data": f"synthetic:{train_clips}", "iters": iters, "batch": batch, "lr": lr, "crop": list(crop),
                   "seed": seed, "synthetic_size": list(clip_size), "synthetic_frames": clip_frames,
                   "memory_order": v.memory_order, "synthetic_degradation": degradation,
@@ -286,7 +286,7 @@ def run_ablation(out_dir, variants=DEFAULT_VARIANTS, iters: int = 500, batch: in
             log.info("%s evaluated with %s memory: mIoU %.4f", v.name, order, other[order]["miou"])
         last = _last_log(run_dir)
         result["variants"].append({
-            "name": v.name, "sequence_num": v.sequence_num, "memory_order": v.memory_order, "run": str(run_dir),
+            "name": v.name, "sequence_num": v.memory_frames, "memory_order": v.memory_order, "run": str(run_dir),
             "train": {"seconds": round(summary["seconds"] + sum(h.get("seconds", 0) for h in _history(run_dir)), 1),
                       "steady_iters_per_second": summary["steady_iters_per_second"],
                       "iters": summary["end_iter"], "samples": summary["samples"],

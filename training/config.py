@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tmanet.presets import ModelConfig, get_preset
+from tmanet.presets import ON_DISK_KEYS, ModelConfig, get_preset
 
 log = logging.getLogger("tmanet")
 
@@ -33,13 +33,16 @@ def _default_palette(n: int) -> tuple:
     return tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(n))
 
 
+FIELD_OF_DISK_KEY = {key: name for name, key in ON_DISK_KEYS.items()}
+
+
 def parse_overrides(items) -> dict:
     """``["key=value", ...]`` -> dict; values are JSON (``16``, ``true``, ``[769,769]``) or plain strings."""
     out = {}
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for item in items or []:
         key, sep, value = str(item).partition("=")
-        key = key.strip()
+        key = FIELD_OF_DISK_KEY.get(key.strip(), key.strip())  # on disk T is sequence_num; both name it
         if not sep or not key:
             raise InputError(f"config override {item!r} is not key=value")
         if key not in fields:
@@ -71,7 +74,7 @@ def resolve_config(preset_or_config, overrides=None) -> tuple[ModelConfig, str |
         changes.setdefault("palette", _default_palette(n))
     try:
         d = cfg.to_dict()
-        d.update(changes)
+        d.update({ON_DISK_KEYS.get(k, k): v for k, v in changes.items()})  # to_dict's keys: T on disk is sequence_num
         return ModelConfig.from_dict(d), name
     except (TypeError, ValueError) as e:
         raise InputError(f"bad config override {changes}: {e}") from None

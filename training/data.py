@@ -64,19 +64,19 @@ class SyntheticVideo:
     destroyed (:func:`~tmanet.training.synthetic.make_street_clip_with_damage`). Targets are frames ``first_target``
     (default T) to the end; a common ``first_target`` gives models of different T the same targets."""
 
-    def __init__(self, count: int, sequence_num: int, size=(256, 512), frames: int = 12, split: str = "train",
+    def __init__(self, count: int, memory_frames: int, size=(256, 512), frames: int = 12, split: str = "train",
                  degradation: float = 0.5, transform=None, seed: int = 0, progress: bool = False,
                  first_target: int | None = None):
         from tqdm import tqdm
 
         from .synthetic import ClipSpec, make_street_clip_with_damage
-        if frames <= sequence_num:
-            raise InputError(f"synthetic clips need more than T={sequence_num} frames, got {frames}")
-        first = sequence_num if first_target is None else int(first_target)
-        if not sequence_num <= first < frames:
-            raise InputError(f"the first synthetic target frame must lie in T={sequence_num}..{frames - 1} "
+        if frames <= memory_frames:
+            raise InputError(f"synthetic clips need more than T={memory_frames} frames, got {frames}")
+        first = memory_frames if first_target is None else int(first_target)
+        if not memory_frames <= first < frames:
+            raise InputError(f"the first synthetic target frame must lie in T={memory_frames}..{frames - 1} "
                              f"(a full memory, inside the {frames}-frame clip), got {first_target}")
-        self.sequence_num = int(sequence_num)
+        self.memory_frames = int(memory_frames)
         self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
@@ -100,7 +100,7 @@ class SyntheticVideo:
         """``dict(image, memory, label, damage)``: ``damage`` marks the target frame's destroyed pixels."""
         c, t = self.samples[index]
         frames, labels = self.clips[c]
-        image, memory, label, damage = frames[t], frames[t - self.sequence_num:t], labels[t], self.damage[c][t]
+        image, memory, label, damage = frames[t], frames[t - self.memory_frames:t], labels[t], self.damage[c][t]
         if self.transform is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             image, memory, label, damage = self.transform(image, memory, label, rng=rng, damage=damage)
@@ -115,7 +115,7 @@ def open_dataset(data, config: ModelConfig, split: str = "train", transform=None
     """The dataset behind ``--data`` for ``split``: samples ``dict(image (H,W,3), memory (T,H,W,3) oldest first,
     label (H,W))``, uint8. Problems with the data become :class:`InputError`."""
     spec = data if isinstance(data, DataSpec) else parse_data(data)
-    T = config.sequence_num
+    T = config.memory_frames
     try:
         if spec.kind == "synthetic":
             from .synthetic import SYNTHETIC_CLASSES
@@ -128,8 +128,8 @@ def open_dataset(data, config: ModelConfig, split: str = "train", transform=None
                                   progress=progress, first_target=synthetic_first_target)
         from .datasets import CamVidVideo, CityscapesVideo
         if spec.kind == "cityscapes":
-            return CityscapesVideo(spec.root, split, sequence_num=T, transform=transform, seed=seed)
-        return CamVidVideo(spec.root, split, sequence_num=T, frames_dir=frames_dir, transform=transform, seed=seed)
+            return CityscapesVideo(spec.root, split, memory_frames=T, transform=transform, seed=seed)
+        return CamVidVideo(spec.root, split, memory_frames=T, frames_dir=frames_dir, transform=transform, seed=seed)
     except InputError:
         raise
     except (ValueError, FileNotFoundError) as e:

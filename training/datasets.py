@@ -1,6 +1,6 @@
 """Video segmentation loaders for the file layouts used by the official TMANet code.
 
-Each sample is an annotated target frame plus ``sequence_num`` earlier frames of the same
+Each sample is an annotated target frame plus ``memory_frames`` earlier frames of the same
 sequence (the temporal memory), ordered OLDEST FIRST: memory ``[t-T, ..., t-1]``, the frame just
 before the target last. With ``random_select`` and ``sequence_range > T`` the offsets are a random
 T-subset of ``1..sequence_range`` sorted descending (still oldest first), as in the official
@@ -67,13 +67,13 @@ class _VideoDataset:
 
     samples: list[_Sample]
 
-    def _init_common(self, sequence_num, sequence_range, random_select, transform, seed, label_map):
-        if sequence_num < 0:
-            raise ValueError(f"sequence_num must be >= 0, got {sequence_num}")
-        sequence_range = sequence_num if sequence_range is None else sequence_range
-        if sequence_range < sequence_num:
-            raise ValueError(f"sequence_range ({sequence_range}) must be >= sequence_num ({sequence_num})")
-        self.sequence_num = int(sequence_num)
+    def _init_common(self, memory_frames, sequence_range, random_select, transform, seed, label_map):
+        if memory_frames < 0:
+            raise ValueError(f"memory_frames must be >= 0, got {memory_frames}")
+        sequence_range = memory_frames if sequence_range is None else sequence_range
+        if sequence_range < memory_frames:
+            raise ValueError(f"sequence_range ({sequence_range}) must be >= memory_frames ({memory_frames})")
+        self.memory_frames = int(memory_frames)
         self.sequence_range = int(sequence_range)
         self.random_select = bool(random_select)
         self.transform = transform
@@ -103,13 +103,13 @@ class _VideoDataset:
 
     def memory_offsets(self, index: int) -> list[int]:
         """Offsets of the memory frames from the target, descending (= oldest frame first)."""
-        T, R = self.sequence_num, self.sequence_range
+        T, R = self.memory_frames, self.sequence_range
         if not self.random_select or R == T:
             return list(range(T, 0, -1))
         picked = self._rng(index, 0).choice(np.arange(1, R + 1), size=T, replace=False)
         return sorted((int(o) for o in picked), reverse=True)
 
-    def memory_frames(self, index: int) -> list[int]:
+    def memory_frame_numbers(self, index: int) -> list[int]:
         """Frame numbers of the memory, oldest first, clamped to the sequence's first frame."""
         s = self.samples[index]
         frames = [s.frame - o for o in self.memory_offsets(index)]
@@ -119,7 +119,7 @@ class _VideoDataset:
 
     def memory_paths(self, index: int) -> list[Path]:
         s = self.samples[index]
-        return [s.memory_path(f) for f in self.memory_frames(index)]
+        return [s.memory_path(f) for f in self.memory_frame_numbers(index)]
 
     def _load_label(self, path: Path) -> np.ndarray:
         label = read_label(path)
@@ -185,10 +185,10 @@ class CityscapesVideo(_VideoDataset):
 
     _IMG = re.compile(r"^(?P<city>.+)_(?P<seq>\d+)_(?P<num>\d+)_leftImg8bit\.png$")
 
-    def __init__(self, root, split: str = "train", sequence_num: int = 2, sequence_range: int | None = None,
+    def __init__(self, root, split: str = "train", memory_frames: int = 2, sequence_range: int | None = None,
                  random_select: bool = True, transform=None, seed: int = 0, *,
                  label_suffix: str = "_gtFine_labelTrainIds.png", label_map: Mapping[int, int] | None = None):
-        self._init_common(sequence_num, sequence_range, random_select, transform, seed, label_map)
+        self._init_common(memory_frames, sequence_range, random_select, transform, seed, label_map)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"Cityscapes root {self.root} does not exist")
@@ -237,10 +237,10 @@ class CamVidVideo(_VideoDataset):
 
     _NAME = re.compile(r"^(?P<seq>.+)_(?P<prefix>[A-Za-z]*)(?P<num>\d+)\.png$")
 
-    def __init__(self, root, split: str = "train", sequence_num: int = 4, sequence_range: int | None = None,
+    def __init__(self, root, split: str = "train", memory_frames: int = 4, sequence_range: int | None = None,
                  random_select: bool = True, frames_dir=None, transform=None, seed: int = 0, *,
                  label_map: Mapping[int, int] | None = None):
-        self._init_common(sequence_num, sequence_range, random_select, transform, seed, label_map)
+        self._init_common(memory_frames, sequence_range, random_select, transform, seed, label_map)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"CamVid root {self.root} does not exist")

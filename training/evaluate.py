@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tmanet.export.manifest import ExportSpec
+from tmanet.manifest import ExportSpec, ManifestError, load_manifest
 from tmanet.metrics import FlipCounter, confusion_matrix, region_scores, scores_from_confusion
 
 # Which frames the memory slots see in evaluation: "real" (the clip's previous frames, the deployed rule) or
@@ -38,7 +38,7 @@ def spec_for_model(model, height: int, width: int, checkpoint=None) -> ExportSpe
     """The :class:`ExportSpec` the runtime reads, for a model that was not exported (the torch backend on a
     checkpoint): what ``export_onnx`` would record at this size, batch 1, with no graph files."""
     cfg = model.config
-    return ExportSpec(cfg.sequence_num, cfg.key_channels, cfg.value_channels, cfg.num_classes, (height, width),
+    return ExportSpec(cfg.memory_frames, cfg.key_channels, cfg.value_channels, cfg.num_classes, (height, width),
                       feature_size(cfg, height, width), batch=1, max_batch=1,
                       precision={"frame_encoder": "fp32", "memory_head": "fp32"}, files={},
                       class_names=tuple(cfg.class_names), palette=tuple(tuple(c) for c in cfg.palette),
@@ -63,7 +63,6 @@ class Predictor:
         self._segmenters: dict[tuple, object] = {}
         self._tmp = None
         if self.source.is_dir():
-            from tmanet.export.manifest import ManifestError, load_manifest
             try:
                 self.spec = load_manifest(self.source)
             except ManifestError as e:
@@ -132,8 +131,8 @@ class Predictor:
         if self.backend == "torch":  # the model itself behind the runtime: no export needed
             from tmanet.runtime.backends.torch import TorchBackend
             spec = spec_for_model(self.model, h, w, self.source)
-            engine = TorchBackend(self.source.parent, spec, self.device, model=self.model, **opts)
-            return StreamingSegmenter(engine, spec, mode=self.mode, stride=self.stride, max_gap=None)
+            backend_obj = TorchBackend(self.source.parent, spec, self.device, model=self.model, **opts)
+            return StreamingSegmenter(backend_obj, spec, mode=self.mode, stride=self.stride, max_gap=None)
         from tmanet.export import export_onnx  # a checkpoint on a backend that reads ONNX: a temporary export
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tmanet-eval-")
@@ -191,7 +190,7 @@ def evaluate(source, data, mode: str = "whole", backend: str | None = None, devi
         raise InputError(f"memory source must be one of {', '.join(MEMORY_SOURCES)}, got {memory_source!r}")
     predictor = Predictor(source, mode, backend, device, threads, stride, backend_options)
     cfg = predictor.config
-    T = cfg.sequence_num
+    T = cfg.memory_frames
     C = cfg.num_classes
     cm = np.zeros((C, C), np.int64)
     cm_degraded = np.zeros((C, C), np.int64)

@@ -75,33 +75,33 @@ def probe_clip(spec: ProbeSpec, seed: int) -> tuple[np.ndarray, np.ndarray, np.n
     return frames, np.repeat(label[None], spec.frames, 0), blanked
 
 
-def probe_config(spec: ProbeSpec, sequence_num: int = 2):
+def probe_config(spec: ProbeSpec, memory_frames: int = 2):
     """The probe's network: the ablation's narrow ResNet-18 TMANet with ``spec.classes`` classes."""
     from .ablation import small_config
     from .config import resolve_config
-    config, _ = resolve_config(small_config().replace(sequence_num=sequence_num), {"num_classes": spec.classes})
+    config, _ = resolve_config(small_config().replace(memory_frames=memory_frames), {"num_classes": spec.classes})
     return config
 
 
-def probe_batch(spec: ProbeSpec, seeds, sequence_num: int, order: str, rng: np.random.Generator) -> dict:
+def probe_batch(spec: ProbeSpec, seeds, memory_frames: int, order: str, rng: np.random.Generator) -> dict:
     """A training batch ``dict(image, memory, label)`` (torch tensors): one random target frame t >= T of a
-    fresh clip per seed, memory picked by ``order`` (:func:`tmanet.training.trainer.memory_frame_order`)."""
+    fresh clip per seed, memory picked by ``order`` (:func:`tmanet.training.recipe.memory_frame_order`)."""
     import torch
 
     from .recipe import memory_frame_order
     images, memories, labels = [], [], []
     for seed in seeds:
         frames, label, _ = probe_clip(spec, int(seed))
-        t = int(rng.integers(sequence_num, spec.frames))
+        t = int(rng.integers(memory_frames, spec.frames))
         images.append(frames[t])
-        memories.append(frames[memory_frame_order(t, sequence_num, order)])
+        memories.append(frames[memory_frame_order(t, memory_frames, order)])
         labels.append(label[t])
     return {"image": torch.from_numpy(np.stack(images)), "memory": torch.from_numpy(np.stack(memories)),
             "label": torch.from_numpy(np.stack(labels).astype(np.int64))}
 
 
 def train_probe(spec: ProbeSpec, order: str, iters: int = 600, batch: int = 8, lr: float = 0.02,
-                sequence_num: int = 2, seed: int = 0, progress: bool = False, config=None):
+                memory_frames: int = 2, seed: int = 0, progress: bool = False, config=None):
     """A from-scratch TMANet (the trainer's initialisation, SGD step and poly schedule) trained with memory
     ``order`` on mosaic clips, a fresh clip for every sample: with a fixed set of clips the network learns
     each clip's hidden cells by heart (training loss far below chance on them, little gain on held-out clips)
@@ -114,13 +114,13 @@ def train_probe(spec: ProbeSpec, order: str, iters: int = 600, batch: int = 8, l
 
     from .recipe import Trainer, init_from_scratch, make_optimizer, poly_lr
     torch.manual_seed(seed)
-    model = init_from_scratch(TMANet(config or probe_config(spec, sequence_num)))
+    model = init_from_scratch(TMANet(config or probe_config(spec, memory_frames)))
     trainer = Trainer(model, make_optimizer(model, lr), "cpu")
     rng = np.random.default_rng([seed, 0xBA7C4])
     losses = []
     for it in tqdm(range(iters), desc=f"train ({order})", unit="it", disable=not progress, leave=False):
         seeds = [seed * 2 ** 32 + it * batch + k for k in range(batch)]  # below PROBE_SEED_VAL for seed < 256
-        losses.append(trainer.step(probe_batch(spec, seeds, sequence_num, order, rng), poly_lr(it, iters, lr)).loss)
+        losses.append(trainer.step(probe_batch(spec, seeds, memory_frames, order, rng), poly_lr(it, iters, lr)).loss)
     return model.eval(), float(np.mean(losses[-20:]))
 
 
@@ -129,7 +129,7 @@ def score_probe(model, clips, order: str) -> dict:
     the current frame hides) and ``visible`` (the rest), each ``{miou, pixel_accuracy, pixels}``."""
     from .ablation import predict_clip
     from tmanet.metrics import confusion_matrix, region_scores
-    T, C = model.config.sequence_num, model.config.num_classes
+    T, C = model.config.memory_frames, model.config.num_classes
     cm_blank, cm_all = np.zeros((C, C), np.int64), np.zeros((C, C), np.int64)
     for frames, labels, blanked in clips:
         masks = predict_clip(model, frames, order, T)
@@ -140,17 +140,17 @@ def score_probe(model, clips, order: str) -> dict:
 
 
 def run_probe(spec: ProbeSpec = ProbeSpec(), iters: int = 600, batch: int = 8, lr: float = 0.02,
-              eval_clips: int = 16, sequence_num: int = 2, seed: int = 0, progress: bool = False,
+              eval_clips: int = 16, memory_frames: int = 2, seed: int = 0, progress: bool = False,
               config=None) -> dict:
     """Train the memory and the single-frame network and score them (see the module doc)."""
-    config = config or probe_config(spec, sequence_num)
+    config = config or probe_config(spec, memory_frames)
     clips = [probe_clip(spec, PROBE_SEED_VAL + i) for i in range(eval_clips)]
     result = {"spec": asdict(spec), "iters": iters, "batch": batch, "lr": lr, "eval_clips": eval_clips,
-              "sequence_num": sequence_num, "seed": seed, "config": config.to_dict(), "runs": {}}
+              "sequence_num": memory_frames, "seed": seed, "config": config.to_dict(), "runs": {}}
     for name, train_order, test_orders in (("memory", "oldest_first", ("oldest_first", "current")),
                                            ("single-frame", "current", ("current",))):
         started = time.perf_counter()
-        model, loss = train_probe(spec, train_order, iters, batch, lr, sequence_num, seed, progress, config)
+        model, loss = train_probe(spec, train_order, iters, batch, lr, memory_frames, seed, progress, config)
         seconds = time.perf_counter() - started
         for order in test_orders:
             result["runs"][f"{name}, {order.replace('_', '-')} at test"] = {
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--eval-clips", type=int, default=16)
-    p.add_argument("--sequence-num", type=int, default=2, help="T of the memory network")
+    p.add_argument("--memory-frames", "--sequence-num", type=int, default=2, help="T of the memory network")
     p.add_argument("--size", default="64,128", help="clip size H,W")
     p.add_argument("--grid", default="2,4", help="mosaic cells: rows,columns")
     p.add_argument("--frames", type=int, default=6, help="frames per clip")
@@ -193,15 +193,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         (h, w), grid = parse_pair(args.size, "--size"), parse_pair(args.grid, "--grid")
-        if args.frames <= args.sequence_num or h < grid[0] or w < grid[1]:
-            raise InputError(f"clips need more than T={args.sequence_num} frames and at least one pixel per cell")
+        if args.frames <= args.memory_frames or h < grid[0] or w < grid[1]:
+            raise InputError(f"clips need more than T={args.memory_frames} frames and at least one pixel per cell")
         spec = ProbeSpec(frames=args.frames, height=h, width=w, grid=grid)
-        config, _ = resolve_config(probe_config(spec, args.sequence_num), args.config_override)
+        config, _ = resolve_config(probe_config(spec, args.memory_frames), args.config_override)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = run_probe(spec, iters=args.iters, batch=args.batch, lr=args.lr, eval_clips=args.eval_clips,
-                       sequence_num=args.sequence_num, seed=args.seed, progress=True, config=config)
+                       memory_frames=args.memory_frames, seed=args.seed, progress=True, config=config)
     print(format_probe(result))
     if args.out:
         print(f"wrote {write_json(Path(args.out) / 'probe.json', result)}")

@@ -25,7 +25,7 @@ def frame_read_weights(model, feats, t: int):
     """Attention weights ``[h*w, T, h, w]`` of frame ``t``'s queries over its memory frames t-T..t-1
     (oldest first), from backbone features ``feats`` ``[F, C, h, w]`` of the clip."""
     from tmanet.model.tma_head import read_weights
-    head, T = model.decode_head, model.config.sequence_num
+    head, T = model.decode_head, model.config.memory_frames
     query_key, _ = head.encode_query(feats[t:t + 1])
     memory_keys, _ = head.encode_memory([feats[t - T + i:t - T + i + 1] for i in range(T)])
     h, w = feats.shape[-2:]
@@ -52,7 +52,7 @@ def read_locality(model, clips, radius: int = 1, destroyed_share: float = 0.5) -
     feature cell is ``destroyed`` when at least ``destroyed_share`` of its pixels were, ``intact`` when none."""
     import torch
     import torch.nn.functional as F
-    T = model.config.sequence_num
+    T = model.config.memory_frames
     sums = {r: {"queries": 0, "window_mass": 0.0, "uniform_mass": 0.0, "entropy": 0.0} for r in REGIONS}
     positions = None
     model.eval()
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
             refuse_overwriting_inputs([args.json], [args.checkpoint])
         torch.set_num_threads(args.threads)
         model = load_model(args.checkpoint)
-        if args.frames <= model.config.sequence_num:
-            raise InputError(f"clips need more than T={model.config.sequence_num} frames")
+        if args.frames <= model.config.memory_frames:
+            raise InputError(f"clips need more than T={model.config.memory_frames} frames")
         clips = eval_clips(args.clips, parse_pair(args.size, "--size"), args.frames, args.degradation)
         result = {"checkpoint": args.checkpoint, "clips": args.clips, "size": list(parse_pair(args.size)),
                   "degradation": args.degradation, **read_locality(model, clips, args.radius)}

@@ -77,13 +77,13 @@ def init_from_scratch(model: TMANet) -> TMANet:
 
 
 
-def memory_frame_order(t: int, sequence_num: int, order: str = "oldest_first", start: int = 0) -> list[int]:
+def memory_frame_order(t: int, memory_frames: int, order: str = "oldest_first", start: int = 0) -> list[int]:
     """The frame each memory slot 0..T-1 reads for frame ``t`` of a clip that begins at ``start``, under
     ``order``; indices before ``start`` clamp to it (the warm-up rule)."""
     order = check_memory_order(order)
-    official = memory_frame_indices(t, start, sequence_num)  # raises for t before start
+    official = memory_frame_indices(t, start, memory_frames)  # raises for t before start
     if order == "current":
-        return [t] * sequence_num
+        return [t] * memory_frames
     return official[::-1] if order == "newest_first" else official
 
 

@@ -8,7 +8,7 @@ everything stateful (the ring, streams, slide windows) is the segmenter's, share
   device for torch, device memory for TensorRT); the segmenter builds the :class:`MemoryRing` with it.
 - ``encode(frames)``: uint8 host frames ``[b, H, W, 3]`` -> ``(query_key, query_value, memory_key,
   memory_value)`` in backend memory. They may be preallocated buffers overwritten by the next call.
-- ``head(query_key, query_value, slot_keys, slot_values, logits)``: the T memory slots are views into the
+- ``head(query_key, query_value, slot_keys, slot_values, return_logits)``: the T memory slots are views into the
   ring (slot i = frame t-T+i); returns host ``mask [b, H, W]`` uint8 and ``logits [b, C, H, W]`` float32
   (or None when not asked for), valid until the next call.
 """
@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from tmanet.export.manifest import ExportSpec
+from tmanet.manifest import ExportSpec
 
 log = logging.getLogger("tmanet")
 
@@ -76,7 +76,7 @@ class GemmKernel:
 
 
 class Backend:
-    """Base class: what the segmenter needs from an engine. ``batch`` is the fixed engine batch or None
+    """Base class: what the segmenter needs from a backend. ``batch`` is the fixed engine batch or None
     when the export's batch is dynamic (any batch up to ``max_batch``).
 
     Class attributes a backend sets (the registry and every command read them before opening one):
@@ -95,7 +95,7 @@ class Backend:
         self.export_dir = Path(export_dir)
         self.spec = spec
         self.device = device
-        self.sequence_num = spec.sequence_num
+        self.memory_frames = spec.memory_frames
         self.input_size = spec.input_size
         self.feature_size = spec.feature_size
         self.num_classes = spec.num_classes
@@ -117,7 +117,7 @@ class Backend:
     def encode(self, frames: np.ndarray):
         raise NotImplementedError
 
-    def head(self, query_key, query_value, slot_keys, slot_values, logits: bool = True):
+    def head(self, query_key, query_value, slot_keys, slot_values, return_logits: bool = True):
         raise NotImplementedError
 
     def gemm_kernel(self) -> GemmKernel:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
+from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
 
 from .base import THREADS, Backend, BackendUnavailable, GemmKernel, Option
 
@@ -52,7 +52,7 @@ class OpenVinoBackend(Backend):
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.encoder = self.core.compile_model(str(self.export_dir / FRAME_ENCODER), "CPU", self.config)
         self.memory_head = self.core.compile_model(str(self.export_dir / MEMORY_HEAD), "CPU", self.config)
-        self.head_inputs = head_input_names(self.sequence_num)
+        self.head_inputs = head_input_names(self.memory_frames)
         got = [i.get_any_name() for i in self.memory_head.inputs]
         if got != self.head_inputs:
             raise ValueError(f"{self.export_dir / MEMORY_HEAD}: inputs {got}, expected {self.head_inputs}")
@@ -88,10 +88,10 @@ class OpenVinoBackend(Backend):
         return tuple(self._run(self._encoder_request, {"frames": frames},
                                ("query_key", "query_value", "memory_key", "memory_value")))
 
-    def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
+    def head(self, query_key, query_value, slot_keys, slot_values, return_logits=True):
         inputs = dict(zip(self.head_inputs, [query_key, query_value, *slot_keys, *slot_values]))
         mask, out = self._run(self._head_request, inputs, ("mask", "logits"))
-        return mask, (out if logits else None)
+        return mask, (out if return_logits else None)
 
     def close(self):
         self._encoder_request = self._head_request = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tmanet.export.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
+from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
 from tmanet.onnx_session import cpu_session
 
 from ..address_cache import AddressKeyedCache
@@ -35,7 +35,7 @@ class OrtBackend(Backend):
         self.threads = threads
         self.encoder = cpu_session(self.export_dir / FRAME_ENCODER, threads, inter_threads)
         self.memory_head = cpu_session(self.export_dir / MEMORY_HEAD, threads, inter_threads)
-        T = self.sequence_num
+        T = self.memory_frames
         self.head_inputs = head_input_names(T)
         got = [i.name for i in self.memory_head.get_inputs()]
         if got != self.head_inputs:
@@ -59,7 +59,7 @@ class OrtBackend(Backend):
         if key not in self._buffers:
             h, w = self.feature_size
             H, W = self.input_size
-            T, ck, cv = self.sequence_num, self.key_channels, self.value_channels
+            T, ck, cv = self.memory_frames, self.key_channels, self.value_channels
             shapes = ({"query_key": (b, ck, h, w), "query_value": (b, cv, h, w), "memory_key": (b, T, ck, h, w),
                        "memory_value": (b, T, cv, h, w)} if kind == "encoder" else
                       {"mask": (b, H, W), "logits": (b, self.num_classes, H, W)})
@@ -88,13 +88,13 @@ class OrtBackend(Backend):
         self.encoder.run_with_iobinding(self._binding(self.encoder, {"frames": frames}, out))
         return out["query_key"], out["query_value"], out["memory_key"], out["memory_value"]
 
-    def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
+    def head(self, query_key, query_value, slot_keys, slot_values, return_logits=True):
         out = self._outputs("head", query_key.shape[0])
         inputs = dict(zip(self.head_inputs, [query_key, query_value, *slot_keys, *slot_values]))
         binding = self._binding(self.memory_head, inputs, out)
         self.memory_head.run_with_iobinding(binding)
         self.last_head_binding = binding
-        return out["mask"], (out["logits"] if logits else None)
+        return out["mask"], (out["logits"] if return_logits else None)
 
     def close(self):
         self._bindings.clear()

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tmanet.export.manifest import ExportSpec
+from tmanet.manifest import ExportSpec
 
 from ..address_cache import AddressKeyedCache
 from .base import THREADS, Backend, BackendUnavailable, Option, log
@@ -196,7 +196,7 @@ class TorchBackend(Backend):
             graph.replay()
             return outputs  # static buffers, overwritten by the next call (as the interface allows)
 
-    def head(self, query_key, query_value, slot_keys, slot_values, logits=True):
+    def head(self, query_key, query_value, slot_keys, slot_values, return_logits=True):
         inputs = (query_key, query_value, *slot_keys, *slot_values)
         with self.torch.inference_mode():
             if self.cuda_graphs:
@@ -206,7 +206,7 @@ class TorchBackend(Backend):
                 graph.replay()
             else:
                 mask, out = self._run_head(inputs)
-            return mask.cpu().numpy(), (out.cpu().numpy() if logits else None)
+            return mask.cpu().numpy(), (out.cpu().numpy() if return_logits else None)
 
     def close(self):
         self._encoder_graphs.clear()

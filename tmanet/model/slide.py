@@ -25,3 +25,13 @@ def slide_windows(height: int, width: int, crop, stride) -> list[tuple[int, int,
             y2, x2 = min(gy * hs + hc, height), min(gx * ws + wc, width)
             windows.append((max(y2 - hc, 0), y2, max(x2 - wc, 0), x2))
     return windows
+
+
+def default_stride(input_size, slide_crop=None, slide_stride=None) -> tuple[int, int]:
+    """Slide stride for crops of the export size: the preset's stride where the export size is the preset's
+    crop (the official protocol), else the same overlap ratio (e.g. 513/769 of the crop), rounded. A crop or
+    stride not recorded (None) is the export size: windows that do not overlap."""
+    out = []
+    for size, crop, stride in zip(input_size, pair(slide_crop or input_size), pair(slide_stride or input_size)):
+        out.append(stride if size == crop else max(1, min(size, round(size * stride / crop))))
+    return out[0], out[1]

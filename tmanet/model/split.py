@@ -66,7 +66,7 @@ class FrameEncoder(nn.Module):
         super().__init__()
         cfg = model.config
         head = model.decode_head
-        self.sequence_num = T = cfg.sequence_num
+        self.memory_frames = T = cfg.memory_frames
         self.key_channels, self.value_channels = cfg.key_channels, cfg.value_channels
         self.register_buffer("mean", model.mean.clone())
         self.register_buffer("std", model.std.clone())
@@ -89,12 +89,12 @@ class FrameEncoder(nn.Module):
         x = ((frames.float().permute(0, 3, 1, 2) - self.mean.float()) / self.std.float()).to(self.mean.dtype)
         feat = self.backbone(x)[1]
         reduced = F.relu(self.reduce(feat))
-        n_key = (self.sequence_num + 1) * self.key_channels
+        n_key = (self.memory_frames + 1) * self.key_channels
         keys = F.relu(self.key_conv(reduced[:, :n_key]))
         values = F.relu(self.value_conv(reduced[:, n_key:]))
         b, _, h, w = keys.shape
-        keys = keys.reshape(b, self.sequence_num + 1, self.key_channels, h, w)
-        values = values.reshape(b, self.sequence_num + 1, self.value_channels, h, w)
+        keys = keys.reshape(b, self.memory_frames + 1, self.key_channels, h, w)
+        values = values.reshape(b, self.memory_frames + 1, self.value_channels, h, w)
         return keys[:, 0], values[:, 0], keys[:, 1:], values[:, 1:]
 
 
@@ -103,7 +103,7 @@ class MemoryHead(nn.Module):
         super().__init__()
         cfg = model.config
         head = model.decode_head
-        self.sequence_num = cfg.sequence_num
+        self.memory_frames = cfg.memory_frames
         self.aggregation = cfg.aggregation
         self.align_corners = cfg.align_corners
         self.out_size = tuple(int(s) for s in out_size)
@@ -119,7 +119,7 @@ class MemoryHead(nn.Module):
     def forward(self, query_key, query_value, *memory):
         """``memory`` = memory_key_0..T-1 then memory_value_0..T-1 (slot i = frame t-T+i).
         Returns mask ``[B,H,W]`` uint8 and logits ``[B,C,H,W]`` float32 at the input size."""
-        T = self.sequence_num
+        T = self.memory_frames
         if len(memory) != 2 * T:
             raise ValueError(f"expected {2 * T} memory tensors (T keys then T values), got {len(memory)}")
         fused = self.fused_attention and not torch.onnx.is_in_onnx_export()

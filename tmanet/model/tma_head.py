@@ -26,18 +26,18 @@ class ConvModule(nn.Module):
 class SequenceConv(nn.ModuleList):
     """One ConvModule per memory slot: slot i has its own weights (keys ``{i}.conv.*``)."""
 
-    def __init__(self, cin, cout, kernel_size, sequence_num):
-        super().__init__([ConvModule(cin, cout, kernel_size) for _ in range(sequence_num)])
+    def __init__(self, cin, cout, kernel_size, memory_frames):
+        super().__init__([ConvModule(cin, cout, kernel_size) for _ in range(memory_frames)])
 
     def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [m(x) for m, x in zip(self, xs)]
 
 
-def encoder(cin, cout, sequence_num=None):
-    """1x1 then 3x3 ConvModule; per-slot weights when ``sequence_num`` is given."""
-    if sequence_num is None:
+def encoder(cin, cout, memory_frames=None):
+    """1x1 then 3x3 ConvModule; per-slot weights when ``memory_frames`` is given."""
+    if memory_frames is None:
         return nn.Sequential(ConvModule(cin, cout, 1), ConvModule(cout, cout, 3))
-    return nn.Sequential(SequenceConv(cin, cout, 1, sequence_num), SequenceConv(cout, cout, 3, sequence_num))
+    return nn.Sequential(SequenceConv(cin, cout, 1, memory_frames), SequenceConv(cout, cout, 3, memory_frames))
 
 
 def memory_read(query_key: torch.Tensor, memory_keys: Sequence[torch.Tensor],
@@ -136,16 +136,16 @@ def fused_read(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) 
 
 
 class TMAHead(nn.Module):
-    def __init__(self, in_channels, sequence_num, key_channels, value_channels, channels, num_classes,
+    def __init__(self, in_channels, memory_frames, key_channels, value_channels, channels, num_classes,
                  aggregation="concat", dropout=0.1, query_chunk=None, place_read=False):
         super().__init__()
-        self.sequence_num = sequence_num
+        self.memory_frames = memory_frames
         self.aggregation = aggregation
         self.query_chunk = query_chunk
         # Registration order follows the official checkpoints' key order.
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-        self.memory_key_conv = encoder(in_channels, key_channels, sequence_num)
-        self.memory_value_conv = encoder(in_channels, value_channels, sequence_num)
+        self.memory_key_conv = encoder(in_channels, key_channels, memory_frames)
+        self.memory_value_conv = encoder(in_channels, value_channels, memory_frames)
         self.query_key_conv = encoder(in_channels, key_channels)
         self.query_value_conv = encoder(in_channels, value_channels)
         agg_channels = value_channels * 2 if aggregation == "concat" else value_channels
@@ -162,13 +162,13 @@ class TMAHead(nn.Module):
 
     def encode_memory(self, feats: Sequence[torch.Tensor]):
         """``feats[i]`` is the backbone output of memory slot i (frame t-T+i, oldest first)."""
-        if len(feats) != self.sequence_num:
-            raise ValueError(f"expected {self.sequence_num} memory frames, got {len(feats)}")
+        if len(feats) != self.memory_frames:
+            raise ValueError(f"expected {self.memory_frames} memory frames, got {len(feats)}")
         return self.memory_key_conv(feats), self.memory_value_conv(feats)
 
     def encode_all_slots(self, feat):
         """One frame's memory key/value under every slot's weights: ``[B, T, C, h, w]`` each."""
-        feats = [feat] * self.sequence_num
+        feats = [feat] * self.memory_frames
         keys, values = self.encode_memory(feats)
         return torch.stack(keys, 1), torch.stack(values, 1)
 

@@ -39,7 +39,7 @@ class TMANet(nn.Module):
         self.config = config
         c = config
         self.backbone = ResNetV1c(c.depth, c.base_channels, c.output_stride)
-        self.decode_head = TMAHead(c.in_channels, c.sequence_num, c.key_channels, c.value_channels, c.channels,
+        self.decode_head = TMAHead(c.in_channels, c.memory_frames, c.key_channels, c.value_channels, c.channels,
                                    c.num_classes, c.aggregation, c.dropout, place_read=c.place_read)
         self.auxiliary_head = (FCNHead(c.aux_in_channels, c.aux_channels, c.num_classes, c.dropout)
                                if with_aux else None)
@@ -75,7 +75,7 @@ class TMANet(nn.Module):
         (per window in slide mode) instead of 1+T times. Slide mode uses the official windows and merge
         (sum of window logits / per-pixel count); crop and stride default to the preset's."""
         cfg = self.config
-        T = cfg.sequence_num
+        T = cfg.memory_frames
         frames = check_clip(frames, T + 1)
         num, H, W, _ = frames.shape
         windows = self._windows(mode, H, W, crop, stride)

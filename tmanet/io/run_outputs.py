@@ -9,7 +9,7 @@ from pathlib import Path
 from tmanet.errors import UserError
 from tmanet.safe_files import PendingDirectory
 from tmanet.pictures import render
-from tmanet.video_io import NpyWriter, VideoWriter, save_mask_png
+from tmanet.io.video import NpyWriter, VideoWriter, save_mask_png
 
 MASK_NAME = re.compile(r"\d{6}\.png")
 

@@ -3,7 +3,7 @@
 Reading: :func:`image_topics` lists a file's ``sensor_msgs`` image topics, :func:`read_images` yields their
 messages decoded, in log-time order. Writing: :class:`McapImageWriter` writes ``sensor_msgs/msg/Image``
 messages under a temporary name in the destination folder and renames it into place only when complete.
-Every unreadable input (not an MCAP, truncated, a damaged chunk) is a :class:`~tmanet.driving_logs.LogReadError`
+Every unreadable input (not an MCAP, truncated, a damaged chunk) is a :class:`~tmanet.io.driving_logs.LogReadError`
 with one line naming the file and where; ``read_images(..., skip_damaged=True)`` skips damaged chunks instead.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterator
 
 from .driving_logs import LogReadError
 from .ros_images import IMAGE, IMAGE_TYPES, MSGDEFS
-from .safe_files import atomic_file
+from tmanet.safe_files import atomic_file
 
 log = logging.getLogger("tmanet")
 

@@ -1,9 +1,9 @@
 """ROS 2 ``.db3`` bags (a file or a rosbag2 folder) and ROS 1 ``.bag`` files as image-message sources, with the
 pure-Python ``rosbags`` package (optional: ``pip install 'tmanet-trt[rosbags]'``).
 
-Same three functions as :mod:`tmanet.runtime.mcap_io` (``image_topics``, ``count_messages``, ``read_images``);
-:mod:`tmanet.runtime.driving_logs` picks the module for a path. Messages come in receive-time order; every
-unreadable input is a :class:`~tmanet.driving_logs.LogReadError` with one line naming the file and where.
+Same three functions as :mod:`tmanet.io.mcap` (``image_topics``, ``count_messages``, ``read_images``);
+:mod:`tmanet.io.driving_logs` picks the module for a path. Messages come in receive-time order; every
+unreadable input is a :class:`~tmanet.io.driving_logs.LogReadError` with one line naming the file and where.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Driving logs (ROS bags) as sources of camera images: MCAP through :mod:`tmanet.runtime.mcap_io`, ROS 2
-``.db3`` (a file or a rosbag2 folder) and ROS 1 ``.bag`` through :mod:`tmanet.runtime.rosbag_io`. Both offer
+"""Driving logs (ROS bags) as sources of camera images: MCAP through :mod:`tmanet.io.mcap`, ROS 2
+``.db3`` (a file or a rosbag2 folder) and ROS 1 ``.bag`` through :mod:`tmanet.io.rosbag`. Both offer
 ``image_topics(path)``, ``count_messages(path, topics)`` and ``read_images(path, topics)``.
 
 A path may name one topic after a colon, ``drive.mcap:/cam/front/image_raw`` (ROS topics start with '/').
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+from tmanet.errors import UserError
 
 LOG_SUFFIXES = (".mcap", ".db3", ".bag")
 
@@ -36,10 +36,10 @@ def is_log(path) -> bool:
 def log_reader(path):
     """The module that reads the log at ``path``."""
     if Path(path).suffix.lower() == ".mcap":
-        from . import mcap_io
-        return mcap_io
-    from . import rosbag_io
-    return rosbag_io
+        from . import mcap
+        return mcap
+    from . import rosbag
+    return rosbag
 
 
 def frame_topic(path, topic: str | None) -> str:
