@@ -439,7 +439,7 @@ def test_compare_errors(tiny_export, clip_file, tmp_path, monkeypatch):
     with pytest.raises(ManifestError, match="field 'input_size' says 32, but frame_encoder.onnx's input frames"):
         compare_exports(tiny_export, other, clip_file, progress=False)  # a manifest the graphs contradict
     # compare's own check of two exports' sizes: stand in for an export of another size without making one
-    monkeypatch.setattr("tmanet.export.manifest.check_graphs", lambda spec, directory: None)
+    monkeypatch.setattr("tmanet.manifest.check_graphs", lambda spec, directory: None)
     with pytest.raises(CompareError, match=r"input size \[64, 128\] vs \[32, 64\].*classes 19 vs 12"):
         compare_exports(tiny_export, other, clip_file, progress=False)
     monkeypatch.undo()
