@@ -471,6 +471,9 @@ def format_roofline(roof: dict) -> list[str]:
     for name in ENGINE_GRAPHS:
         e = roof[name]
         lines.append(f"{name:<14}{e['gflop']:>12.2f}{e['tflops'] * 1e3:>10.1f}{100 * e['fraction_of_peak']:>8.1f}%")
+    if any(roof[name]["fraction_of_peak"] > 1 for name in ENGINE_GRAPHS):
+        lines.append("  (above 100 %: the peak is one square fp32 GEMM; an engine's convolutions can run faster kernels "
+                     "(Winograd, fused, lower precision) or be counted on a busier moment of the machine)")
     return lines
 
 

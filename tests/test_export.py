@@ -89,13 +89,13 @@ def test_a_manifest_written_before_the_rename_still_loads(tmp_path):
            "files": {"frame_encoder.onnx": {"sha256": hashlib.sha256(b"encoder").hexdigest(), "bytes": 7},
                      "memory_head.onnx": {"sha256": hashlib.sha256(b"head").hexdigest(), "bytes": 4}}}
     (tmp_path / "manifest.json").write_text(json.dumps(old))
-    spec = load_manifest(tmp_path)
+    spec = load_manifest(tmp_path, verify=False)  # the fields alone: the files are stand-ins, not graphs
     assert spec.memory_frames == 3 and spec.to_dict()["sequence_num"] == 3
     assert ModelConfig.from_dict(spec.config).memory_frames == 3
     del old["sequence_num"]
     (tmp_path / "manifest.json").write_text(json.dumps(old))
     with pytest.raises(ManifestError, match="field 'sequence_num' is missing"):
-        load_manifest(tmp_path)
+        load_manifest(tmp_path, verify=False)
 
 
 def test_exports_write_t_under_its_on_disk_key(static_export, tiny):
