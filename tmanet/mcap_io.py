@@ -78,15 +78,27 @@ def count_messages(path, topics) -> int | None:
     return sum(counts.get(cid, 0) for cid, ch in summary.channels.items() if ch.topic in topics)
 
 
-def read_images(path, topics) -> Iterator[tuple[str, int, int, object]]:
+def read_images(path, topics, start: int | None = None, end: int | None = None
+                ) -> Iterator[tuple[str, int, int, object]]:
     """``(topic, log_time, publish_time, message)`` of the image messages on ``topics``, in log-time order
-    (nanoseconds), with CRCs checked."""
+    (nanoseconds), with CRCs checked; only those with ``start <= log_time < end`` where given (the file's
+    index skips the chunks outside)."""
     from mcap_ros2.decoder import DecoderFactory
     with open(path, "rb") as f:
         reader = _reader(f, path, validate_crcs=True, decoder_factories=[DecoderFactory()])
         with _unreadable(path):
-            for _schema, channel, message, decoded in reader.iter_decoded_messages(topics=list(topics)):
+            for _schema, channel, message, decoded in reader.iter_decoded_messages(
+                    topics=list(topics), start_time=start, end_time=end):
                 yield channel.topic, message.log_time, message.publish_time, decoded
+
+
+def log_times(path, topics) -> list[tuple[int, str]]:
+    """``(log_time, topic)`` of every message on ``topics`` in log-time order, without decoding any."""
+    with open(path, "rb") as f:
+        reader = _reader(f, path, validate_crcs=True)
+        with _unreadable(path):
+            return [(message.log_time, channel.topic)
+                    for _schema, channel, message in reader.iter_messages(topics=list(topics))]
 
 
 @contextmanager

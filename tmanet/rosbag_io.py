@@ -57,13 +57,15 @@ def count_messages(path, topics) -> int | None:
         return sum(c.msgcount for c in _image_connections(reader, topics))
 
 
-def read_images(path, topics) -> Iterator[tuple[str, int, int, object]]:
-    """``(topic, receive time, receive time, message)`` of the image messages on ``topics`` (nanoseconds)."""
+def read_images(path, topics, start: int | None = None, end: int | None = None
+                ) -> Iterator[tuple[str, int, int, object]]:
+    """``(topic, receive time, receive time, message)`` of the image messages on ``topics`` (nanoseconds);
+    only those with ``start <= receive time < end`` where given."""
     with _open(path) as reader:
         connections = _image_connections(reader, topics)
         if not connections:
             return
-        messages = reader.messages(connections=connections)
+        messages = reader.messages(connections=connections, start=start, stop=end)
         while True:
             try:
                 connection, timestamp, raw = next(messages)
@@ -73,3 +75,14 @@ def read_images(path, topics) -> Iterator[tuple[str, int, int, object]]:
             except Exception as e:  # a corrupt record part-way
                 raise ValueError(f"{path}: not a readable ROS bag ({_first_line(e)})") from None
             yield connection.topic, timestamp, timestamp, msg
+
+
+def log_times(path, topics) -> list[tuple[int, str]]:
+    """``(receive time, topic)`` of every image message on ``topics`` in time order, without deserializing."""
+    with _open(path) as reader:
+        connections = _image_connections(reader, topics)
+        try:
+            return [(timestamp, connection.topic)
+                    for connection, timestamp, _ in reader.messages(connections=connections)] if connections else []
+        except Exception as e:  # a corrupt record part-way
+            raise ValueError(f"{path}: not a readable ROS bag ({_first_line(e)})") from None
