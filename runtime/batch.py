@@ -34,6 +34,7 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from tmanet.errors import UserError
 
 DONE_FILE = "done.json"
 IN_FLIGHT_PER_WORKER = 2  # a queued chunk per worker: it never waits for the driver between chunks
+REVIVE_TRIES, REVIVE_PAUSE_S = 600, 0.2  # how long a dead worker may take to come back (~2 min)
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
@@ -374,9 +376,11 @@ class _InputState:
 def start_ray(config: BatchConfig):
     """Connect to ``config.ray_address``, or start an embedded Ray on this machine bound to 127.0.0.1.
     Returns the ray module and whether this call started (so must stop) it."""
-    if config.ray_address is None:
-        # Ray's switch for a single-machine instance: every server binds to the loopback address (read when
-        # ray is imported; without it Ray listens on all interfaces under the host's address).
+    host = (config.ray_address or "127.0.0.1").rpartition(":")[0] or config.ray_address
+    if config.ray_address is None or host == "localhost" or host.startswith("127."):
+        # Ray's switch for a single-machine instance: this process and the servers it starts use the loopback
+        # address (read when ray is imported; without it Ray binds all interfaces and names this machine by its
+        # network address, which a cluster on 127.0.0.1 does not know).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import logging
 
@@ -384,6 +388,7 @@ def start_ray(config: BatchConfig):
     if ray.is_initialized():
         return ray, False
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if config.ray_address is None:
             cpus = max(os.cpu_count() or 1, (config.workers or 1) * config.threads_per_worker)
@@ -392,6 +397,8 @@ def start_ray(config: BatchConfig):
             ray.init(address=config.ray_address, **common)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot reach the Ray cluster at {config.ray_address}: {str(e).splitlines()[0]}") from None
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init's handler exits at once; ours unwinds (cleanup)
     return ray, True
 
 
@@ -500,11 +507,14 @@ def run_batch(config: BatchConfig) -> dict:
         in_flight = {}  # ref -> (chunk, worker index)
         load = [0] * count
         attempts = {}
+        reviving = {}  # ref of ready() -> worker index: Ray restarts a dead actor; it gets work when back
+        revive_tries = [0] * count
 
         def submit():
             while queue:
-                worker = min(range(count), key=load.__getitem__)
-                if load[worker] >= IN_FLIGHT_PER_WORKER:
+                alive = [w for w in range(count) if all(w != r for r in reviving.values())]
+                worker = min(alive, key=load.__getitem__, default=None)
+                if worker is None or load[worker] >= IN_FLIGHT_PER_WORKER:
                     return
                 chunk = queue.popleft()
                 state = states[chunk.name]
@@ -531,11 +541,26 @@ def run_batch(config: BatchConfig) -> dict:
             finished = summary["done"] + len(summary["failed"])
             bar.set_postfix_str(f"inputs {finished}/{len(todo)}", refresh=False)
 
+        def revive(worker: int):
+            if all(worker != r for r in reviving.values()):
+                reviving[actors[worker].ready.remote()] = worker
+
         submit()
         progress()
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        while in_flight or (queue and reviving):
+            ready, _ = ray.wait([*in_flight, *reviving], num_returns=1, timeout=1.0)
             for ref in ready:
+                if ref in reviving:
+                    worker = reviving.pop(ref)
+                    try:
+                        ray.get(ref)
+                        revive_tries[worker] = 0
+                    except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError):
+                        revive_tries[worker] += 1
+                        if revive_tries[worker] < REVIVE_TRIES:  # still restarting: ask again shortly
+                            time.sleep(REVIVE_PAUSE_S)
+                            revive(worker)
+                    continue
                 chunk, worker = in_flight.pop(ref)
                 load[worker] -= 1
                 state = states[chunk.name]
@@ -543,6 +568,7 @@ def run_batch(config: BatchConfig) -> dict:
                 try:
                     result = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as e:
+                    revive(worker)  # no more work to it until Ray has restarted it
                     key = (chunk.name, chunk.number)
                     attempts[key] = attempts.get(key, 0) + 1
                     if attempts[key] > config.retries:
@@ -571,6 +597,8 @@ def run_batch(config: BatchConfig) -> dict:
                         fail(state, _error_line(e))
                 progress()
             submit()
+        for chunk in queue:  # every worker lost for good (a cluster that cannot restart them)
+            fail(states[chunk.name], "no worker left to run it (every worker died and none restarted)")
     finally:
         if bar is not None:
             bar.close()
