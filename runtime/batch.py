@@ -440,7 +440,8 @@ def run_batch(config: BatchConfig) -> dict:
             raise UserError(f"inputs {names[name]} and {item} would both write {out / name}: rename one")
         names[name] = item
     summary = {"inputs": len(items), "done": 0, "skipped": 0, "failed": [], "whole": [], "frames": 0,
-               "seconds": 0.0, "frames_per_second": 0.0, "workers": 0, "retries": 0}
+               "seconds": 0.0, "frames_per_second": 0.0, "workers": 0, "retries": 0,
+               "startup_seconds": 0.0}
 
     # Skip what is done; the rest, largest first.
     todo = []
@@ -501,6 +502,7 @@ def run_batch(config: BatchConfig) -> dict:
             cause = getattr(e, "cause", None) or e
             raise UserError(f"a worker cannot open {config.export_dir}: {_error_line(cause)}") from None
         summary["workers"] = count
+        summary["startup_seconds"] = round(time.perf_counter() - started, 3)  # planning, Ray, workers ready
 
         total = sum(c.frames or 0 for c in queue)
         bar = tqdm(total=total, desc="tmanet batch", unit="frame", disable=not config.progress)
