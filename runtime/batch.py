@@ -159,7 +159,7 @@ def plan_input(item: str, name: str, stage: str, chunk_frames: int | None, memor
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if topic is None and is_log(path):
-        return _plan_log(item, name, stage, chunk_frames, memory, log_reader(path))
+        return _plan_log(path, item, name, stage, chunk_frames, memory, log_reader(path))
     source = open_frames(item)
     kind, count = source.kind, source.count
     whole = None
@@ -187,14 +187,14 @@ def plan_input(item: str, name: str, stage: str, chunk_frames: int | None, memor
     return plan
 
 
-def _plan_log(item, name, stage, chunk_frames, memory, reader) -> Plan:
+def _plan_log(path, item, name, stage, chunk_frames, memory, reader) -> Plan:
     """Log-time ranges of about ``chunk_frames`` messages (all cameras together), cut between distinct log
     times; each camera warms up from its own T-th message before the range."""
-    topics = list(reader.image_topics(item))
+    topics = list(reader.image_topics(path))
     if not topics:
         raise UserError(f"{item}: no image topics")
-    times = reader.log_times(item, topics) if chunk_frames else None
-    count = len(times) if times is not None else reader.count_messages(item, topics)
+    times = reader.log_times(path, topics) if chunk_frames else None
+    count = len(times) if times is not None else reader.count_messages(path, topics)
     plan = Plan(name, item, "log", count)
     if not chunk_frames or not times:
         plan.chunks.append(Chunk(name, item, "log", 0, stage, count, topics=topics))
@@ -285,7 +285,7 @@ def _segment_log(seg, chunk: Chunk) -> int:
     from .io_threads import Prefetch
     warm_from = chunk.warm_from or {}
     start = min(warm_from.values(), default=chunk.begin)
-    messages = log_reader(chunk.item).read_images(chunk.item, chunk.topics, start, chunk.end)
+    messages = log_reader(chunk.item).read_images(Path(chunk.item), chunk.topics, start, chunk.end)
 
     def decoded():  # in the reading thread, as tmanet run; a camera's messages before its warm-up are skipped
         for topic, log_time, publish_time, msg in messages:

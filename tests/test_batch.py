@@ -227,19 +227,45 @@ def test_ray_address_runs_the_same_job_on_a_cluster(export_b1, clips, reference,
         same_files(out / clip.name / "masks", reference[clip.name])
 
 
-def test_an_mcap_with_two_cameras_equals_run(export_b1, drive, tmp_path):  # noqa: F811
-    ref = tmp_path / "ref.mcap"
-    assert main(["run", str(export_b1), "--input", str(drive["path"]), "--topic", FRONT, "--topic", REAR,
-                 "--resize", "--output", str(ref), "--threads", "1", "--no-progress"]) == 0
+def as_bag(mcap_path, folder) -> Path:
+    """The same messages as a ROS 2 rosbag2 folder (.db3), written by rosbags."""
+    from test_mcap import write_bag
+
+    from tmanet.ros_images import COMPRESSED_IMAGE, IMAGE
+    messages = []
+    for topic, items in read_mcap(mcap_path).items():
+        for _, m in items:
+            header = {"stamp": {"sec": m.header.stamp.sec, "nanosec": m.header.stamp.nanosec},
+                      "frame_id": m.header.frame_id}
+            if hasattr(m, "encoding"):
+                messages.append((topic, IMAGE, {"header": header, "height": m.height, "width": m.width,
+                                                "encoding": m.encoding, "is_bigendian": m.is_bigendian,
+                                                "step": m.step, "data": bytes(m.data)}))
+            else:
+                messages.append((topic, COMPRESSED_IMAGE, {"header": header, "format": m.format,
+                                                           "data": bytes(m.data)}))
+    messages.sort(key=lambda m: (m[2]["header"]["stamp"]["sec"], m[2]["header"]["stamp"]["nanosec"]))
+    write_bag(folder, False, messages)
+    return folder
+
+
+def test_ros_bags_with_two_cameras_equal_run(export_b1, drive, tmp_path):  # noqa: F811
+    """An MCAP and the same drive as a ROS 2 .db3 folder, in chunks of 3 messages (log-time ranges)."""
+    pytest.importorskip("rosbags")
+    bag = as_bag(drive["path"], tmp_path / "drive_bag")
     out = tmp_path / "out"
-    code, summary = batch(export_b1, [drive["path"]], out, "--chunk-frames", "3", "--resize", "--workers", "2")
-    assert code == 0 and summary["done"] == 1 and summary["frames"] == 11
-    assert json.loads((out / "drive.mcap" / "done.json").read_text())["chunks"] == 4
-    want, got = read_mcap(ref), read_mcap(out / "drive.mcap" / "masks.mcap")
-    assert sorted(got) == sorted(want) == [f"{FRONT}/mask", f"{REAR}/mask"]
-    for topic in want:
-        assert len(got[topic]) == len(want[topic])
-        for (t1, a), (t2, b) in zip(got[topic], want[topic]):
-            assert (t1, a.header.stamp.sec, a.header.stamp.nanosec, a.header.frame_id, a.encoding) == \
-                (t2, b.header.stamp.sec, b.header.stamp.nanosec, b.header.frame_id, b.encoding)
-            assert bytes(a.data) == bytes(b.data)
+    code, summary = batch(export_b1, [drive["path"], bag], out, "--chunk-frames", "3", "--resize", "--workers", "2")
+    assert code == 0 and summary["done"] == 2 and summary["frames"] == 22
+    for source, name in ((drive["path"], "drive.mcap"), (bag, "drive_bag")):
+        ref = tmp_path / f"{name}.ref.mcap"
+        assert main(["run", str(export_b1), "--input", str(source), "--topic", FRONT, "--topic", REAR,
+                     "--resize", "--output", str(ref), "--threads", "1", "--no-progress"]) == 0
+        assert json.loads((out / name / "done.json").read_text())["chunks"] == 4
+        want, got = read_mcap(ref), read_mcap(out / name / "masks.mcap")
+        assert sorted(got) == sorted(want) == [f"{FRONT}/mask", f"{REAR}/mask"]
+        for topic in want:
+            assert len(got[topic]) == len(want[topic])
+            for (t1, a), (t2, b) in zip(got[topic], want[topic]):
+                assert (t1, a.header.stamp.sec, a.header.stamp.nanosec, a.header.frame_id, a.encoding) == \
+                    (t2, b.header.stamp.sec, b.header.stamp.nanosec, b.header.frame_id, b.encoding)
+                assert bytes(a.data) == bytes(b.data)
