@@ -54,6 +54,8 @@ setup(
         "serve": ["tritonclient[grpc,http]"],
         # ROS 2 .db3 and ROS 1 .bag input of `tmanet run` (MCAP needs only the required mcap packages).
         "rosbags": ["rosbags>=0.10"],
+        # `tmanet batch`: many recordings on Ray actors (an embedded local Ray, or a cluster).
+        "batch": ["ray>=2.50"],
     },
     entry_points={
         "console_scripts": ["tmanet=tmanet.cli:main"],

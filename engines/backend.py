@@ -226,6 +226,7 @@ class TrtBackend(Backend):
     options = (Option("--cuda-graphs", "cuda_graphs", "replay the engines as captured CUDA graphs (on by default)",
                       needs="a CUDA backend"),)
     bench_options = {"profile": True}   # CUDA-event timings per engine
+    devices = ("cuda",)
 
     def __init__(self, export_dir, spec, device="cuda", engine_dir=None, cuda_graphs: bool = True,
                  profile: bool = False, threads: int | None = None):

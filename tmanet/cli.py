@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "tmanet.export.cli",        # export
     "tmanet.runtime.cli",       # run, bench
     "tmanet.runtime.serve_cli",  # triton-repo, serve, serve-bench
+    "tmanet.runtime.batch_cli",  # batch
     "tmanet.calibration.cli",   # calibrate, compare
     "tmanet.engines.cli",       # build
     "tmanet.training.cli",      # train, eval, eval-compare

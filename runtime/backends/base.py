@@ -80,12 +80,13 @@ class Backend:
     when the export's batch is dynamic (any batch up to ``max_batch``).
 
     Class attributes a backend sets (the registry and every command read them before opening one):
-    ``name`` (``--backend NAME``), ``summary`` (one line for ``--help``), ``options`` (its command-line
+    ``name`` (``--backend NAME``), ``summary`` (one line for ``--help``), ``devices``, ``options`` (its command-line
     options, :class:`Option`), ``reads_onnx`` (it runs the export's ONNX files as they are, so a checkpoint can
     be evaluated on it through a temporary export), ``measures_torch_cuda_memory`` (the bench reads its device
     memory from torch's allocator), ``bench_options`` (options the bench opens it with by default)."""
     name = "base"
     summary = ""
+    devices: tuple[str, ...] = ("cpu",)   # the device kinds it runs on ("cpu", "cuda")
     options: tuple[Option, ...] = ()
     reads_onnx = False
     measures_torch_cuda_memory = False

@@ -56,6 +56,7 @@ class TorchBackend(Backend):
     name = "torch"
     summary = "PyTorch, the reference (CPU or CUDA; needs the checkpoint named in the manifest)"
     measures_torch_cuda_memory = True
+    devices = ("cpu", "cuda")
     options = (
         THREADS,
         Option("--precision", "precision", "fp16 runs both graphs in half precision (weights, activations and the "

@@ -1,6 +1,7 @@
 """Driving logs (ROS bags) as sources of camera images: MCAP through :mod:`tmanet.io.mcap`, ROS 2
 ``.db3`` (a file or a rosbag2 folder) and ROS 1 ``.bag`` through :mod:`tmanet.io.rosbag`. Both offer
-``image_topics(path)``, ``count_messages(path, topics)`` and ``read_images(path, topics)``.
+``image_topics(path)``, ``count_messages(path, topics)``, ``read_images(path, topics, skip_damaged, start,
+end)`` and ``log_times(path, topics)``.
 
 A path may name one topic after a colon, ``drive.mcap:/cam/front/image_raw`` (ROS topics start with '/').
 """

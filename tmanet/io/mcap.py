@@ -93,10 +93,12 @@ def count_messages(path, topics) -> int | None:
     return sum(counts.get(cid, 0) for cid, ch in summary.channels.items() if ch.topic in topics)
 
 
-def read_images(path, topics, skip_damaged: bool = False) -> Iterator[tuple[str, int, int, object]]:
+def read_images(path, topics, skip_damaged: bool = False, start: int | None = None, end: int | None = None
+                ) -> Iterator[tuple[str, int, int, object]]:
     """``(topic, log_time, publish_time, message)`` of the image messages on ``topics``, in log-time order
-    (nanoseconds), with CRCs checked. A damaged chunk (or message) is a :class:`LogReadError` naming its byte
-    offset and log times; with ``skip_damaged`` it is skipped with a warning counting the messages lost."""
+    (nanoseconds), with CRCs checked; only those with ``start <= log_time < end`` where given (the chunks
+    outside are not read). A damaged chunk (or message) is a :class:`LogReadError` naming its byte offset and
+    log times; with ``skip_damaged`` it is skipped with a warning counting the messages lost."""
     from mcap_ros2.decoder import DecoderFactory
     topics = set(topics)
     with open(path, "rb") as f:
@@ -104,21 +106,24 @@ def read_images(path, topics, skip_damaged: bool = False) -> Iterator[tuple[str,
         summary = _summary(reader, path)
         if not summary.chunk_indexes:  # an unchunked file: the library reads it linearly
             with _unreadable(path):
-                for _s, channel, message, decoded in reader.iter_decoded_messages(topics=sorted(topics)):
+                for _s, channel, message, decoded in reader.iter_decoded_messages(
+                        topics=sorted(topics), start_time=start, end_time=end):
                     yield channel.topic, message.log_time, message.publish_time, decoded
             return
-        yield from _chunked_images(f, path, summary, topics, skip_damaged)
+        yield from _chunked_images(f, path, summary, topics, skip_damaged, start, end)
 
 
-def _chunked_images(f, path, summary, topics, skip_damaged):
+def _chunked_images(f, path, summary, topics, skip_damaged, start=None, end=None):
     """The chunks one by one, merged in log-time order (chunks may overlap in time), each read with every
     length bounded (by the file size and :data:`MAX_CHUNK_BYTES`) before anything is allocated."""
     import heapq
     channels = {cid for cid, ch in summary.channels.items() if ch.topic in topics}
     size = f.seek(0, os.SEEK_END)
     decoders = _Decoders(summary)
+    lo, hi = (-1 if start is None else start), (float("inf") if end is None else end)
     queue = [(ci.message_start_time, ci.chunk_start_offset, -1, ci) for ci in summary.chunk_indexes
-             if not ci.message_index_offsets or channels & set(ci.message_index_offsets)]
+             if (not ci.message_index_offsets or channels & set(ci.message_index_offsets))
+             and ci.message_end_time >= lo and ci.message_start_time < hi]
     heapq.heapify(queue)
     while queue:
         log_time, offset, index, item = heapq.heappop(queue)
@@ -140,8 +145,9 @@ def _chunked_images(f, path, summary, topics, skip_damaged):
             _damaged(path, where, e, _indexed_count(f, size, item, channels), skip_damaged)
             continue
         for i, message in enumerate(messages):
-            heapq.heappush(queue, (message.log_time, offset, i, (summary.channels[message.channel_id].topic,
-                                                                 message)))
+            if lo <= message.log_time < hi:
+                heapq.heappush(queue, (message.log_time, offset, i, (summary.channels[message.channel_id].topic,
+                                                                     message)))
 
 
 def _damaged(path, where, error, lost, skip_damaged):
@@ -247,6 +253,15 @@ def _indexed_count(f, size, chunk_index, channels) -> int | None:
         return total
     except Exception:  # the index is as damaged as the chunk
         return None
+
+
+def log_times(path, topics) -> list[tuple[int, str]]:
+    """``(log_time, topic)`` of every message on ``topics`` in log-time order, without decoding any."""
+    with open(path, "rb") as f:
+        reader = _reader(f, path, validate_crcs=True)
+        with _unreadable(path):
+            return [(message.log_time, channel.topic)
+                    for _schema, channel, message in reader.iter_messages(topics=list(topics))]
 
 
 @contextmanager

@@ -63,8 +63,10 @@ def count_messages(path, topics) -> int | None:
         return sum(c.msgcount for c in _image_connections(reader, topics))
 
 
-def read_images(path, topics, skip_damaged: bool = False) -> Iterator[tuple[str, int, int, object]]:
-    """``(topic, receive time, receive time, message)`` of the image messages on ``topics`` (nanoseconds).
+def read_images(path, topics, skip_damaged: bool = False, start: int | None = None, end: int | None = None
+                ) -> Iterator[tuple[str, int, int, object]]:
+    """``(topic, receive time, receive time, message)`` of the image messages on ``topics`` (nanoseconds);
+    only those with ``start <= receive time < end`` where given.
     A damaged record is a :class:`LogReadError` naming the message and its log time; with ``skip_damaged`` a
     message that does not deserialize is skipped, and a damaged stretch that ends the reading (a ROS 1 chunk,
     an sqlite page) ends it, each with a warning counting the frames lost."""
@@ -73,7 +75,7 @@ def read_images(path, topics, skip_damaged: bool = False) -> Iterator[tuple[str,
         if not connections:
             return
         expected = sum(c.msgcount for c in connections)
-        messages = reader.messages(connections=connections)
+        messages = reader.messages(connections=connections, start=start, stop=end)
         read, last = 0, None
         while True:
             try:
@@ -105,3 +107,14 @@ def read_images(path, topics, skip_damaged: bool = False) -> Iterator[tuple[str,
                 continue
             last = timestamp
             yield connection.topic, timestamp, timestamp, msg
+
+
+def log_times(path, topics) -> list[tuple[int, str]]:
+    """``(receive time, topic)`` of every image message on ``topics`` in time order, without deserializing."""
+    with _open(path) as reader:
+        connections = _image_connections(reader, topics)
+        try:
+            return [(timestamp, connection.topic)
+                    for connection, timestamp, _ in reader.messages(connections=connections)] if connections else []
+        except Exception as e:  # a damaged record part-way
+            raise LogReadError(f"{path}: not a readable ROS bag ({_first_line(e)})") from None

@@ -47,12 +47,26 @@ class FrameSource:
     """Iterable of ``(frame, timestamp)``; ``count`` (frames, None if unknown), ``fps`` (None if unknown),
     ``kind`` and ``path`` describe it."""
 
-    def __init__(self, path, kind, count, fps, iterate):
+    def __init__(self, path, kind, count, fps, iterate, read_range=None):
         self.path, self.kind, self.count, self.fps = Path(path), kind, count, fps
         self._iterate = iterate
+        self._read_range = read_range
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, float | None]]:
         return self._iterate()
+
+    @property
+    def seekable(self) -> bool:
+        """Whether :meth:`range` enters the source directly (a ``.npy`` clip, an image folder)."""
+        return self._read_range is not None
+
+    def range(self, start: int, stop: int) -> Iterator[tuple[np.ndarray, float | None]]:
+        """Frames ``start..stop-1``, the same as iterating and keeping those; entered directly where the source
+        is :attr:`seekable` (else the frames before ``start`` are read and dropped)."""
+        if self._read_range is not None:
+            return self._read_range(start, stop)
+        from itertools import islice
+        return islice(iter(self), start, stop)
 
     def __len__(self):
         if self.count is None:
@@ -133,10 +147,10 @@ def _npy_clip(path: Path) -> FrameSource:
     if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
         raise FrameSourceError(f"{path}: expected a uint8 RGB clip (F, H, W, 3), got {clip.dtype} {clip.shape}")
 
-    def frames():
-        for f in clip:
+    def frames(start=0, stop=None):
+        for f in clip[start:stop]:
             yield np.ascontiguousarray(f), None
-    return FrameSource(path, "npy", len(clip), None, frames)
+    return FrameSource(path, "npy", len(clip), None, frames, read_range=frames)
 
 
 def _log_topic(path: Path, topic: str | None, skip_damaged: bool = False) -> FrameSource:
@@ -159,10 +173,10 @@ def _image_folder(path: Path) -> FrameSource:
     if not files:
         raise FrameSourceError(f"{path}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in this folder")
 
-    def frames():
+    def frames(start=0, stop=None):
         from PIL import Image
         size = None
-        for f in files:
+        for f in files[start:stop]:
             try:
                 with Image.open(f) as im:
                     frame = np.array(im.convert("RGB"))  # a writable copy (asarray would be read-only)
@@ -174,7 +188,7 @@ def _image_folder(path: Path) -> FrameSource:
                 raise FrameSourceError(f"{f}: {frame.shape[1]}x{frame.shape[0]} image in a folder of "
                                        f"{size[1]}x{size[0]} frames (all frames must have one size)")
             yield frame, None
-    return FrameSource(path, "images", len(files), None, frames)
+    return FrameSource(path, "images", len(files), None, frames, read_range=frames)
 
 
 def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
@@ -240,6 +254,95 @@ def _video(path: Path, allow_truncated: bool = False) -> FrameSource:
                 raise TruncatedVideoError(message + " (--allow-truncated keeps the frames read)")
             log.warning("%s; kept the %d frames read (--allow-truncated)", message, good)
     return FrameSource(path, "video", count, fps, frames)
+
+
+# -- entering a video part-way (tmanet batch: chunks of one video decoded in parallel) --------------------
+SEEKABLE_VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm")  # containers with a keyframe index
+
+
+class VideoIndex:
+    """The presentation timestamps of a video's frames in display order (``pts``, the stream's time base) and
+    its keyframes' (``keyframes``), from one pass over the packets (demuxed, not decoded)."""
+
+    def __init__(self, pts: list[int], keyframes: list[int], announced: int | None):
+        self.pts, self.keyframes, self.announced = pts, keyframes, announced
+
+    def why_not_seekable(self, path) -> str | None:
+        """None when frame ``i`` of sequential decoding is exactly the frame with ``pts[i]`` and every frame
+        can be reached from a keyframe at or before it; else the reason, in a few words."""
+        if Path(path).suffix.lower() not in SEEKABLE_VIDEO_SUFFIXES:
+            return f"{Path(path).suffix or 'this'} container has no keyframe index"
+        if not self.pts or not self.keyframes or self.keyframes[0] != self.pts[0]:
+            return "the video does not start with a keyframe"
+        if len(set(self.pts)) != len(self.pts):
+            return "frames without distinct timestamps"
+        if self.announced is not None and self.announced != len(self.pts):
+            return f"the header announces {self.announced} frames, {len(self.pts)} found (damaged?)"
+        return None
+
+
+def video_index(path) -> VideoIndex:
+    """The :class:`VideoIndex` of the first video stream of ``path`` (FrameSourceError when unreadable)."""
+    import av
+    pts, keyframes = [], []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise FrameSourceError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            announced = stream.frames or None
+            for packet in container.demux(stream):
+                if packet.size == 0 or packet.is_discard:  # the flush packet, or cut by an edit list
+                    continue
+                if packet.pts is None:
+                    return VideoIndex([], [], announced)  # not indexable: why_not_seekable says so
+                pts.append(packet.pts)
+                if packet.is_keyframe:
+                    keyframes.append(packet.pts)
+    except av.error.FFmpegError as e:
+        raise FrameSourceError(f"{path}: cannot read as a video ({e})") from None
+    return VideoIndex(sorted(pts), sorted(keyframes), announced)
+
+
+def read_video_frames(path, index: VideoIndex, start: int, stop: int) -> Iterator[tuple[np.ndarray, float]]:
+    """Frames ``start..stop-1`` of a video as sequential decoding yields them (``open_frames``), entered by
+    seeking to a keyframe at or before frame ``start`` and decoding forward. Each decoded frame is checked
+    against the index (a seek that landed too late tries the keyframe before, finally the file's start), so a
+    frame is never mistaken for another; a frame missing or corrupt is a FrameSourceError."""
+    import av
+    want = index.pts[start:stop]
+    if not want:
+        return
+    candidates = [k for k in reversed(index.keyframes) if k <= want[0]]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "SLICE"  # as open_frames: the same frames whatever the thread timing
+        for target in candidates:
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+            decoded = container.decode(stream)
+            first = None
+            for frame in decoded:
+                if frame.pts is not None and frame.pts >= want[0]:
+                    first = frame
+                    break
+            if first is not None and first.pts == want[0]:
+                break
+        else:
+            raise FrameSourceError(f"{path}: frame {start} (pts {want[0]}) cannot be reached by seeking")
+        frame, k = first, 0
+        while True:
+            if frame.pts != want[k] or frame.is_corrupt:
+                raise FrameSourceError(f"{path}: frame {start + k} decoded as pts {frame.pts}, expected "
+                                       f"{want[k]}{' (corrupt)' if frame.is_corrupt else ''}")
+            yield frame.to_ndarray(format="rgb24"), frame.time
+            k += 1
+            if k == len(want):
+                return
+            try:
+                frame = next(decoded)
+            except (StopIteration, av.error.FFmpegError) as e:
+                raise FrameSourceError(f"{path}: the video ends after frame {start + k - 1} ({e or 'end'}), "
+                                       f"{len(index.pts)} frames indexed") from None
 
 
 # -- sinks ------------------------------------------------------------------------------------------------
