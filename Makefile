@@ -12,7 +12,7 @@ $(STAMP): setup.py requirements/cpu.txt requirements/quant.txt requirements/serv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/quant.txt -r requirements/serve.txt  # quant includes cpu.txt (the torch pin)
 	$(PY) -m pip install --quiet --no-deps -r requirements/tritonserver.txt  # the tritonserver binary only
-	$(PY) -m pip install --quiet -e ".[test,quant,rosbags,serve]"
+	$(PY) -m pip install --quiet -e ".[test,quant,rosbags,serve,openvino]"
 	touch $(STAMP)
 
 venv: $(STAMP)

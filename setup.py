@@ -44,6 +44,8 @@ setup(
         "serve": ["tritonclient[grpc,http]"],
         # ROS 2 .db3 and ROS 1 .bag input of `tmanet run` (MCAP needs only the required mcap packages).
         "rosbags": ["rosbags>=0.10"],
+        # OpenVINO on the CPU: `python -m tmanet.calibration.cpu_bench` times it beside ONNX Runtime.
+        "openvino": ["openvino>=2024.0"],
     },
     entry_points={"console_scripts": ["tmanet=tmanet.cli:main"]},
 )
