@@ -71,7 +71,9 @@ def ov_runner(core, path: Path, precision: str | None, threads: int | None):
 
 
 def ov_default_precision(core) -> str:
-    return str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    """OpenVINO's default inference precision on this CPU ('bf16' with AVX-512 BF16 / AMX, else 'f32')."""
+    hint = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
 
 class Variant:
