@@ -368,9 +368,11 @@ def test_r50_int8_head_gate(modelopt, r50_export, r50_clips, tmp_path):
 
 
 def test_trained_demo_model_full_int8_gate(modelopt, tmp_path):
-    """Full INT8 of a trained model (the shipped demo model, 128x256) passes the 99 % gate with the default
-    recipe, and keeping the residual shortcuts high precision beats ModelOpt's own placement (README: 99.2 %
-    against 98.2 % at 256x512)."""
+    """Full INT8 of a trained model (the shipped demo model, 128x256) passes the 99 % gate on the worst of four
+    unseen clips with the default recipe, and keeping the residual shortcuts high precision beats ModelOpt's own
+    placement (README: 99.2 % against 98.2 % at 256x512)."""
+    from tmanet.calibration.compare import compare_clips
+    from tmanet.calibration.gate_clips import unseen_clips
     from tmanet.checkpoints import load_model
     from tmanet.demo import DEMO_MODEL
     from tmanet.training.synthetic import ClipSpec
@@ -378,13 +380,14 @@ def test_trained_demo_model_full_int8_gate(modelopt, tmp_path):
     size = (128, 256)
     src = export_onnx(load_model(DEMO_MODEL), tmp_path / "fp32", *size, check=False)
     calib, _ = make_street_clip(ClipSpec(frames=32, height=size[0], width=size[1], degradation=0.5, seed=11))
-    gate_frames, _ = make_street_clip(ClipSpec(frames=24, height=size[0], width=size[1], degradation=0.5, seed=2026))
-    agreement = {}
+    clips = unseen_clips(*size, frames=8)
+    worst = {}
     for quantize_residual in (False, True):
-        manifest = calibrate(src, tmp_path / f"int8_{quantize_residual}", calib, precision="int8",
-                             quantize_residual=quantize_residual, gate_frames=gate_frames, progress=False)
-        agreement[quantize_residual] = manifest["calibration"]["gate"]["pixel_agreement"]
-    assert agreement[False] >= 0.99 and agreement[False] > agreement[True], agreement
+        out = tmp_path / f"int8_{quantize_residual}"
+        calibrate(src, out, calib, precision="int8", quantize_residual=quantize_residual, gate=False,
+                  progress=False)
+        worst[quantize_residual] = compare_clips(src, out, clips, progress=False)["worst_clip_agreement"]
+    assert worst[False] >= 0.99 and worst[False] > worst[True], worst
 
 
 # -- compare ------------------------------------------------------------------------------------------------
