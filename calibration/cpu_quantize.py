@@ -17,6 +17,7 @@ instructions on Arm):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -101,7 +102,7 @@ def quantize_cpu_int8(src, dst, reader, ranges: RangeCache, keep_modules=(), kee
     plan = cpu_plan(source, keep_modules, keep_nodes)
     if reader is not None:
         reader.rewind()
-    with quiet(), _ort_quant_logs_quiet():
+    with quiet(), _ort_quant_logs_quiet(), ort_unpatched():
         quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(CPU_QUANTIZED_OPS), per_channel=True, reduce_range=False,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -160,6 +161,46 @@ def quantize_cpu_engines(src: Path, stage: Path, work: Path, samples, streams, e
         info["sweep"] = None if found is None else found.to_dict()
         done[e] = info
     return done
+
+
+# ONNX Runtime quantization classes whose methods ModelOpt replaces for its own PTQ, process-wide and for good,
+# once it has quantized anything (modelopt.onnx.quantization.ort_patching): module -> class names.
+_PATCHED = {"calibrate": ("CalibraterBase", "MinMaxCalibrater", "HistogramCalibrater", "HistogramCollector"),
+            "qdq_quantizer": ("QDQQuantizer",), "base_quantizer": ("BaseQuantizer",)}
+
+
+@contextlib.contextmanager
+def ort_unpatched():
+    """ONNX Runtime's own quantization code for the duration of the block, where ModelOpt patched it in this
+    process (its per-batch histogram collection breaks percentile and entropy ranges: "Histogram has not been
+    collected"); ModelOpt's patches are put back afterwards. The originals come from a private copy of each module."""
+    import importlib
+    import importlib.util
+    restore = []
+    for module_name, classes in _PATCHED.items():
+        module = importlib.import_module(f"onnxruntime.quantization.{module_name}")
+        patched = [(module, name) for name, v in vars(module).items()
+                   if callable(v) and getattr(v, "__module__", "").startswith("modelopt")]
+        patched += [(getattr(module, c), name) for c in classes for name, v in vars(getattr(module, c)).items()
+                    if callable(v) and getattr(v, "__module__", "").startswith("modelopt")]
+        if not patched:
+            continue
+        spec = importlib.util.find_spec(module.__name__)
+        fresh = importlib.util.module_from_spec(spec)
+        fresh.__package__ = module.__package__
+        spec.loader.exec_module(fresh)
+        for owner, name in patched:
+            source = fresh if owner is module else getattr(fresh, owner.__name__)
+            restore.append((owner, name, vars(owner)[name]))
+            if name in vars(source):
+                setattr(owner, name, vars(source)[name])
+            else:  # ModelOpt added it over an inherited method
+                delattr(owner, name)
+    try:
+        yield
+    finally:
+        for owner, name, value in restore:
+            setattr(owner, name, value)
 
 
 class _ort_quant_logs_quiet:

@@ -677,3 +677,18 @@ def test_cpu_bench_times_every_variant_in_one_run(tiny_export, tmp_path, monkeyp
     assert cpu_bench.main([*args, "--json", str(out)]) == 0
     assert "OpenVINO: not installed (pip install openvino)" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["times_ms"]) == {"ort fp32", "ort cpu-int8"}
+
+
+def test_cpu_target_after_modelopt_in_one_process(modelopt, tiny_export, tmp_path):
+    """ModelOpt patches ONNX Runtime's calibrators for good once it ran; the cpu target still calibrates its
+    percentile ranges with ONNX Runtime's own code, and ModelOpt's patches are back for the next trt run."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+    clip = make_noise_clip(4, H, W, seed=6)
+    calibrate(tiny_export, tmp_path / "trt", clip, precision="int8", gate=False, progress=False)
+    patched = HistogramCalibrater.collect_data
+    assert patched.__module__.startswith("modelopt")  # what made the cpu target fail before
+    cpu = calibrate(tiny_export, tmp_path / "cpu", clip, precision="int8", target="cpu", sweep=False, gate=False,
+                    progress=False)
+    assert cpu["calibration"]["engines"]["frame_encoder"]["quantize_linear"] > 0
+    assert HistogramCalibrater.collect_data is patched
+    calibrate(tiny_export, tmp_path / "trt2", clip, precision="int8", gate=False, progress=False)
