@@ -6,8 +6,13 @@ and on the memory encodings they produce when streamed in order (:mod:`.quantize
 float32 export directory into a new one with the same file names and contract (I/O types unchanged, so every
 runtime backend reads it as is) and checks it against the float32 export on ONNX Runtime (:mod:`.compare`).
 
-Needs the ``quant`` extra (nvidia-modelopt, onnx-graphsurgeon, onnxconverter-common, ml_dtypes, lief,
-onnxslim); imports stay lazy so the rest of the toolkit works without it.
+Two INT8 targets: ``trt`` (ModelOpt's Q/DQ placement, what TensorRT fuses) and ``cpu`` (ONNX Runtime's own
+static quantization, what its CPU integer kernels fuse, with a per-layer sensitivity sweep: :mod:`.cpu_quantize`,
+:mod:`.cpu_sweep`). The gate never runs on calibration frames: it takes ``gate_frames`` or holds back the last
+quarter of the frames given.
+
+The ``trt`` target and FP16 need the ``quant`` extra (nvidia-modelopt, onnx-graphsurgeon, onnxconverter-common,
+ml_dtypes, lief, onnxslim); imports stay lazy so the rest of the toolkit works without it.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, load_manifest
 log = logging.getLogger("tmanet")
 
 ENGINES = ("frame_encoder", "memory_head")
+QUANT_TARGETS = ("trt", "cpu")  # whose kernels the INT8 Q/DQ placement is made for
+HELD_BACK_FRACTION = 4           # without gate frames, the last 1/4 of the frames are the gate's
 
 _LAZY = {
     "convert_fp16": "precision", "attention_nodes": "precision", "PrecisionError": "precision",
@@ -83,59 +90,107 @@ class _Conversion:
     data_max: float
     reference_batches: int
     batch: int                   # the graphs' batch
+    target: str = "trt"          # trt: ModelOpt Q/DQ for TensorRT; cpu: ONNX Runtime QDQ for its CPU kernels
+    sweep: bool = True           # cpu: choose the float32 layers by the sensitivity sweep
+    threads: int | None = None
 
 
 def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str | None = None,
               frame_precision: str | None = None, head_precision: str | None = None,
-              keep_attention_fp32: bool = True, method: str = "entropy", int8_high_precision: str = "fp16",
+              keep_attention_fp32: bool = True, method: str | None = None, int8_high_precision: str | None = None,
               quantize_residual: bool = False, int8_keep=(), data_max: float | None = None,
               reference_batches: int = 8, gate: bool = True, gate_frames=None, gate_num: int | None = None,
-              overwrite: bool = False, threads: int | None = None, progress: bool = True) -> dict:
+              overwrite: bool = False, threads: int | None = None, progress: bool = True, target: str = "trt",
+              sweep: bool = True) -> dict:
     """Write the float32 export ``src_dir`` at new per-engine precisions into ``out_dir`` and return its
     manifest (``manifest["calibration"]["gate"]`` holds the comparison with ``src_dir`` when ``gate``).
 
     ``frames``: video / image folder / ``.npy`` clip / uint8 array, the first ``num`` frames (default 64) are
-    the calibration data (frames larger than the export are cut into the runtime's slide windows).
+    the calibration data (frames larger than the export are cut into the runtime's slide windows); without
+    ``gate_frames`` the last quarter of them is held back for the gate and not calibrated on.
+    ``target``: 'trt' (ModelOpt Q/DQ, TensorRT's placement) or 'cpu' (ONNX Runtime QDQ for its CPU integer
+    kernels, INT8 only; ``sweep`` chooses its float32 layers by a per-layer sensitivity sweep).
     ``keep_attention_fp32``: the memory read's MatMul/Softmax stay float32 in float16 graphs. ``method``:
-    INT8 range calibration, 'entropy' or 'max'. ``int8_high_precision``: what INT8 graphs run unquantized
+    INT8 range calibration, 'entropy' (trt default) or 'max'; the cpu target also 'percentile' (its default). ``int8_high_precision``: what INT8 graphs run unquantized
     parts in ('fp16' or 'fp32'). ``quantize_residual``: quantize the residual shortcuts (identity additions,
     downsample convolutions) too, ModelOpt's default placement; off: they stay high precision.
     ``int8_keep``: torch module paths (e.g. 'backbone.layer1') left unquantized in the INT8 graphs.
     ``data_max``: AutoCast keeps nodes with larger float32 values in float32.
     ``reference_batches``: batches for AutoCast's float32 reference run. The gate streams ``gate_frames``
-    (default: the calibration frames) through both exports. On error nothing is left behind in ``out_dir``.
+    (default: the held-back frames) through both exports. On error nothing is left behind in ``out_dir``.
     """
     from tmanet.export.manifest import write_manifest
 
     from .precision import require_modelopt
     from .quantize import engine_batch, frame_streams
     precisions = resolve_precisions(precision, frame_precision, head_precision)
-    num, data_max = _checked_options(method, int8_high_precision, num, reference_batches, data_max)
+    int8_high_precision = _checked_target(target, precisions, int8_high_precision, quantize_residual)
+    method = method or ("percentile" if target == "cpu" else "entropy")
+    num, data_max = _checked_options(method, int8_high_precision, num, reference_batches, data_max, target)
     src, out = Path(src_dir), Path(out_dir)
     spec = _fp32_spec(src)
     _check_out(src, out, overwrite, (frames, gate_frames))
-    require_modelopt()
+    if target == "trt" or "fp16" in precisions.values():
+        require_modelopt()
     conversion = _Conversion(precisions, keep_attention_fp32, method, int8_high_precision, quantize_residual,
                              _check_int8_keep(src, precisions, tuple(int8_keep)), data_max, reference_batches,
-                             engine_batch(spec))
+                             engine_batch(spec), target, sweep, threads)
     streams = frame_streams(frames, spec.input_size, spec, num)
+    held_back = None
+    if gate and gate_frames is None:
+        streams, held_back = hold_back(streams)
     with atomic_directory(out) as stage:  # the previous out_dir stays whole until the new one is complete
         engines = _convert_engines(src, stage, spec, streams, conversion, progress)
-        new = _calibrated_manifest(spec, src, stage, precisions, streams, engines)
+        new = _calibrated_manifest(spec, src, stage, precisions, streams, engines, target)
         write_manifest(stage, new)
         if gate:
-            new["calibration"]["gate"] = _gate(src, stage, out, streams, gate_frames, gate_num, threads, progress)
+            new["calibration"]["gate"] = _gate(src, stage, out, held_back, gate_frames, gate_num, threads,
+                                               progress)
             write_manifest(stage, new)
     new["directory"] = str(out)
     return new
 
 
-def _checked_options(method, int8_high_precision, num, reference_batches, data_max) -> tuple[int, float]:
+def _checked_target(target, precisions, int8_high_precision, quantize_residual) -> str:
+    """The INT8 high precision for ``target`` (fp16 for trt unless given; cpu: always fp32), after checking
+    that the options fit the target."""
+    if target not in QUANT_TARGETS:
+        raise CalibrationError(f"target must be one of {QUANT_TARGETS}, got {target!r}")
+    if target == "trt":
+        return int8_high_precision or "fp16"
+    if "fp16" in precisions.values():
+        raise CalibrationError("--target cpu writes INT8 for ONNX Runtime's CPU kernels (they have no fast "
+                               "float16): give each engine int8 or fp32")
+    if int8_high_precision == "fp16" or quantize_residual:
+        raise CalibrationError("--target cpu keeps its unquantized layers and the residual additions float32: "
+                               "--int8-high-precision fp16 and --quantize-residual are TensorRT-target options")
+    return "fp32"
+
+
+def hold_back(streams):
+    """(calibration streams, gate clip): the last quarter of the frames (at least one) are held back for the
+    gate, so it never measures frames the calibration saw."""
+    from .quantize import FrameStreams
+    if streams.frames < 2:
+        raise CalibrationError(f"{streams.frames} frame: the gate needs frames the calibration did not see; give "
+                               "more frames (the last quarter is held back) or --gate-frames")
+    held = max(1, streams.frames // HELD_BACK_FRACTION)
+    keep = streams.frames - held
+    calib = FrameStreams([s[:keep] for s in streams.streams], streams.windows, streams.clip[:keep],
+                         streams.source, streams.kind, streams.frame_size)
+    return calib, {"clip": streams.clip[keep:], "first": keep, "count": held, "source": streams.source}
+
+
+def _checked_options(method, int8_high_precision, num, reference_batches, data_max,
+                     target="trt") -> tuple[int, float]:
     """(number of calibration frames, AutoCast data max), defaults filled in, after checking the options."""
+    from .cpu_quantize import METHODS
     from .precision import AUTOCAST_DATA_MAX
     from .quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION_FRAMES
-    if method not in CALIBRATION_METHODS:
-        raise CalibrationError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    methods = tuple(METHODS) if target == "cpu" else CALIBRATION_METHODS
+    if method not in methods:
+        raise CalibrationError(f"calibration method for the {target} target must be one of {methods}, got "
+                               f"{method!r}")
     if int8_high_precision not in ("fp16", "fp32"):
         raise CalibrationError(f"int8 high precision must be fp16 or fp32, got {int8_high_precision!r}")
     num = DEFAULT_CALIBRATION_FRAMES if num is None else num
@@ -163,7 +218,13 @@ def _convert_engines(src: Path, stage: Path, spec, streams, conversion: _Convers
     log.info("calibration data: %d frames x %d stream(s) from %s%s", streams.frames, len(streams.streams),
              streams.source, ", streamed through the fp32 frame graph" if need_head else "")
     samples = build_samples(src, spec, streams, work, with_head=need_head, progress=progress)
-    engines = {engine: _convert_engine(engine, src, stage, work, samples, conversion) for engine in ENGINES}
+    cpu_int8 = [e for e in ENGINES if conversion.target == "cpu" and conversion.precisions[e] == "int8"]
+    engines = {engine: _convert_engine(engine, src, stage, work, samples, conversion) for engine in ENGINES
+               if engine not in cpu_int8}
+    if cpu_int8:
+        from .cpu_quantize import quantize_cpu_engines
+        engines.update(quantize_cpu_engines(src, stage, work, samples, streams, cpu_int8, conversion, progress))
+        engines = {e: engines[e] for e in ENGINES}
     del samples  # its arrays may map files under work/
     shutil.rmtree(work)
     return engines
@@ -194,13 +255,15 @@ def _convert_engine(engine: str, src: Path, stage: Path, work: Path, samples, co
                          keep_modules=conversion.int8_keep[engine], workdir=work)
 
 
-def _calibrated_manifest(spec, src: Path, stage: Path, precisions: dict, streams, engines: dict) -> dict:
+def _calibrated_manifest(spec, src: Path, stage: Path, precisions: dict, streams, engines: dict,
+                         target: str) -> dict:
     """The source manifest with the new precisions and files, and how they were made (gate: not yet)."""
     from tmanet.export.manifest import file_entries
 
     from .precision import modelopt_version
     new = {k: v for k, v in spec.to_dict().items() if k not in ("check", "calibration")}
     new["precision"] = precisions
+    new["target"] = target
     new["files"] = file_entries(stage, [FRAME_ENCODER, MEMORY_HEAD])
     new["calibration"] = {
         "source_export": str(src.resolve()),
@@ -210,6 +273,7 @@ def _calibrated_manifest(spec, src: Path, stage: Path, precisions: dict, streams
         "precision": precisions,
         "io_types": "unchanged: uint8 frames, float32 encodings and logits, uint8 mask",
         "engines": engines,
+        "target": target,
         "modelopt": modelopt_version(),
         "versions": _versions(),
         "gate": None,
@@ -217,14 +281,19 @@ def _calibrated_manifest(spec, src: Path, stage: Path, precisions: dict, streams
     return new
 
 
-def _gate(src: Path, stage: Path, out: Path, streams, gate_frames, gate_num, threads, progress) -> dict:
-    """The staged export against the source on ``gate_frames`` (default: the calibration frames)."""
+def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, threads, progress) -> dict:
+    """The staged export against the source on ``gate_frames``, or on the frames held back from calibration."""
     from .compare import compare_exports
-    clip = gate_frames if gate_frames is not None else streams.clip
+    clip = gate_frames if gate_frames is not None else held_back["clip"]
     result = compare_exports(src, stage, clip, num=gate_num, threads=threads, progress=progress)
     result["b"]["directory"] = str(out)
     if gate_frames is None:
-        result["source"] = streams.source
+        first, count = held_back["first"], min(held_back["count"], gate_num or held_back["count"])
+        result["source"] = held_back["source"]
+        result["gate_frames"] = (f"frames {first}..{first + count - 1} of {held_back['source']}, held back from "
+                                 "calibration")
+    else:
+        result["gate_frames"] = f"--gate-frames {result['source']} (not calibrated on)"
     return result
 
 

@@ -20,15 +20,24 @@ def register(sub):
                         "export size (larger frames are cut into the runtime's slide windows)")
     p.add_argument("--num", type=int, metavar="N", help="calibration frames to use (default 64)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, help="precision of both engines")
+    p.add_argument("--target", choices=("trt", "cpu"), default="trt",
+                   help="whose INT8 kernels the Q/DQ placement is made for: trt (default; ModelOpt PTQ, what "
+                        "TensorRT fuses) or cpu (ONNX Runtime static quantization: uint8 activations, int8 "
+                        "per-channel weights, what its x86 VNNI / Arm dot-product kernels fuse; float32 layers "
+                        "chosen by a sensitivity sweep; `tmanet build` refuses it)")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="--target cpu: skip the per-layer sensitivity sweep (only --int8-keep modules and the "
+                        "attention read stay float32)")
     p.add_argument("--frame-precision", choices=PRECISION_CHOICES, help="frame engine precision (overrides)")
     p.add_argument("--head-precision", choices=PRECISION_CHOICES, help="memory-head precision (overrides)")
     p.add_argument("--keep-attention-fp32", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the memory read's MatMul/Softmax in fp32 (default: on; its unscaled q.k logits "
                         "can overflow fp16)")
-    p.add_argument("--method", choices=("entropy", "max"), default="entropy",
-                   help="INT8 range calibration (default entropy, ModelOpt's default)")
-    p.add_argument("--int8-high-precision", choices=("fp16", "fp32"), default="fp16",
-                   help="precision of the unquantized parts of INT8 graphs (default fp16)")
+    p.add_argument("--method", choices=("entropy", "max", "percentile"),
+                   help="INT8 range calibration (default: entropy, ModelOpt's default, for --target trt; "
+                        "percentile 99.99 for --target cpu)")
+    p.add_argument("--int8-high-precision", choices=("fp16", "fp32"),
+                   help="precision of the unquantized parts of INT8 graphs (default fp16; --target cpu: fp32)")
     p.add_argument("--quantize-residual", action="store_true",
                    help="INT8: quantize the residual shortcuts too (identity additions and downsample "
                         "convolutions: ModelOpt's default placement, lets TensorRT fuse the additions into INT8 "
@@ -40,8 +49,9 @@ def register(sub):
                    help="FP16: AutoCast keeps nodes whose fp32 values exceed X in fp32 (default 512)")
     p.add_argument("--reference-batches", type=int, default=8, metavar="K",
                    help="FP16: batches of real inputs for AutoCast's fp32 reference run (default 8)")
-    p.add_argument("--gate-frames", metavar="SRC", help="frames for the accuracy gate (default: the calibration "
-                                                        "frames)")
+    p.add_argument("--gate-frames", metavar="SRC",
+                   help="frames for the accuracy gate, not calibrated on (default: the last quarter of --frames, "
+                        "held back from calibration)")
     p.add_argument("--gate-num", type=int, metavar="N", help="gate frames to use (default: all)")
     p.add_argument("--no-gate", action="store_true", help="skip the accuracy gate")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for the gate (default: ORT's)")
@@ -93,17 +103,23 @@ def run_calibrate(args) -> int:
                              data_max=args.data_max,
                              reference_batches=args.reference_batches, gate=not args.no_gate,
                              gate_frames=args.gate_frames, gate_num=args.gate_num, overwrite=args.force,
-                             threads=args.threads, progress=not args.no_progress)
+                             threads=args.threads, progress=not args.no_progress, target=args.target,
+                             sweep=not args.no_sweep)
     except (CalibrationError, CalibrationDataError, CompareError, PrecisionError) as e:
         raise UserError(str(e)) from None
     prec = manifest["precision"]
+    target = f", {manifest['target']} target" if "int8" in prec.values() else ""
     print(f"wrote {manifest['directory']}/ (frame_encoder.onnx: {prec['frame_encoder']}, memory_head.onnx: "
-          f"{prec['memory_head']}, manifest.json)")
+          f"{prec['memory_head']}{target}, manifest.json)")
     gate = manifest["calibration"]["gate"]
     if gate is None:
         return 0
+    print(f"gate frames          {gate['gate_frames']}")
     print(format_table(gate))
-    if gate["passed"] is False and "int8" in prec.values():
+    if gate["passed"] is False and "int8" in prec.values() and manifest["target"] == "cpu":
+        print("INT8 below its target: try --int8-keep MODULE for sensitive modules (e.g. backbone.layer1), more "
+              "or more varied --frames, or --frame-precision fp32 --head-precision int8")
+    elif gate["passed"] is False and "int8" in prec.values():
         print("INT8 below its target: try --int8-high-precision fp32, --int8-keep MODULE for sensitive modules "
               "(e.g. backbone.layer1, reduce), more or more varied --frames, or an fp16 frame engine "
               "(--frame-precision fp16 --head-precision int8)")

@@ -247,3 +247,29 @@ def format_table(result: dict) -> str:
         lines.append(f"gate                 {verdict}: target >= {100 * result['target']:g} % agreement for "
                      f"{precision_label(b['precision'])}")
     return "\n".join(lines)
+
+
+def compare_clips(dir_a, dir_b, clips, threads: int | None = None, progress: bool = True) -> dict:
+    """The gate over several clips (``[(name, frames)]``, e.g. :func:`~.gate_clips.unseen_clips`): each
+    clip streamed on its own (fresh memory), judged by the **worst** clip's pixel agreement."""
+    if not clips:
+        raise CompareError("no clips to compare")
+    per_clip = []
+    for name, frames in clips:
+        r = compare_exports(dir_a, dir_b, frames, threads=threads, progress=progress)
+        per_clip.append({"clip": name, "frames": r["frames"], "pixel_agreement": r["pixel_agreement"],
+                         "worst_frame_agreement": r["worst_frame_agreement"]})
+    worst = min(per_clip, key=lambda c: c["pixel_agreement"])
+    target = r["target"]
+    return {"a": r["a"], "b": r["b"], "clips": per_clip, "worst_clip": worst["clip"],
+            "worst_clip_agreement": worst["pixel_agreement"], "target": target,
+            "passed": None if target is None else worst["pixel_agreement"] >= target}
+
+
+def format_clips(result: dict) -> str:
+    lines = [f"{c['clip']:<24} {100 * c['pixel_agreement']:.3f} %  (worst frame {100 * c['worst_frame_agreement']:.3f} %)"
+             for c in result["clips"]]
+    verdict = "" if result["target"] is None else (
+        f": {'PASS' if result['passed'] else 'FAIL'} (target >= {100 * result['target']:g} %)")
+    lines.append(f"worst clip               {100 * result['worst_clip_agreement']:.3f} % ({result['worst_clip']}){verdict}")
+    return "\n".join(lines)

@@ -260,6 +260,18 @@ def _load_onnx_manifest(onnx_dir):
         raise UserError(str(e)) from None
 
 
+def refuse_cpu_target(onnx_dir):
+    """A ``tmanet calibrate --target cpu`` export is ONNX Runtime's Q/DQ placement: refuse it in one sentence
+    (an unreadable manifest is left to the regular load, which says what is wrong)."""
+    try:
+        spec = load_manifest(onnx_dir, verify=False)
+    except ManifestError:
+        return
+    if spec.target == "cpu":
+        raise UserError(f"{onnx_dir} was quantized for ONNX Runtime's CPU kernels (tmanet calibrate --target cpu); "
+                        "TensorRT wants the ModelOpt Q/DQ placement: calibrate the fp32 export with --target trt")
+
+
 def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_cache=None, weak_precision=None,
                   progress=True, calib_frames=None, force=False) -> dict:
     """Build ``frame_encoder.engine`` and ``memory_head.engine`` from the export in ``onnx_dir``.
@@ -271,6 +283,7 @@ def build_engines(onnx_dir, out_dir=None, batch=None, workspace_gb=None, timing_
     An engine whose sidecar already matches the source, TensorRT, GPU and options is kept unless ``force``.
     Returns the engines manifest (also written to ``engines.json``).
     """
+    refuse_cpu_target(onnx_dir)  # before TensorRT: the answer does not depend on it
     trt = require_tensorrt()
     require_polygraphy()
     onnx_dir = Path(onnx_dir)

@@ -30,8 +30,9 @@ def register(sub):
 def run(args) -> int:
     from tmanet.errors import UserError
 
-    from .build import build_engines, parse_batch, require_tensorrt
-    require_tensorrt()  # first: without TensorRT nothing else here matters
+    from .build import build_engines, parse_batch, refuse_cpu_target, require_tensorrt
+    refuse_cpu_target(args.dir)  # a CPU INT8 export is never TensorRT's, installed or not
+    require_tensorrt()  # then: without TensorRT nothing else here matters
     if args.workspace is not None and args.workspace <= 0:
         raise UserError(f"--workspace must be a positive number of GiB, got {args.workspace}")
     weak = "fp16" if args.weak_fp16 else "int8" if args.weak_int8 else None

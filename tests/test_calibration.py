@@ -6,8 +6,10 @@ Exports are 64x128: a tiny ResNet-18 TMANet for the graph-structure checks, and 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import shutil
+import sys
 
 import numpy as np
 import onnx
@@ -367,9 +369,11 @@ def test_r50_int8_head_gate(modelopt, r50_export, r50_clips, tmp_path):
 
 
 def test_trained_demo_model_full_int8_gate(modelopt, tmp_path):
-    """Full INT8 of a trained model (the shipped demo model, 128x256) passes the 99 % gate with the default
-    recipe, and keeping the residual shortcuts high precision beats ModelOpt's own placement (README: 99.2 %
-    against 98.2 % at 256x512)."""
+    """Full INT8 of a trained model (the shipped demo model, 128x256) passes the 99 % gate on the worst of four
+    unseen clips with the default recipe, and keeping the residual shortcuts high precision beats ModelOpt's own
+    placement (README: 99.2 % against 98.2 % at 256x512)."""
+    from tmanet.calibration.compare import compare_clips
+    from tmanet.calibration.gate_clips import unseen_clips
     from tmanet.checkpoints import load_model
     from tmanet.demo import DEMO_MODEL
     from tmanet.training.synthetic import ClipSpec
@@ -377,13 +381,14 @@ def test_trained_demo_model_full_int8_gate(modelopt, tmp_path):
     size = (128, 256)
     src = export_onnx(load_model(DEMO_MODEL), tmp_path / "fp32", *size, check=False)
     calib, _ = make_street_clip(ClipSpec(frames=32, height=size[0], width=size[1], degradation=0.5, seed=11))
-    gate_frames, _ = make_street_clip(ClipSpec(frames=24, height=size[0], width=size[1], degradation=0.5, seed=2026))
-    agreement = {}
+    clips = unseen_clips(*size, frames=8)
+    worst = {}
     for quantize_residual in (False, True):
-        manifest = calibrate(src, tmp_path / f"int8_{quantize_residual}", calib, precision="int8",
-                             quantize_residual=quantize_residual, gate_frames=gate_frames, progress=False)
-        agreement[quantize_residual] = manifest["calibration"]["gate"]["pixel_agreement"]
-    assert agreement[False] >= 0.99 and agreement[False] > agreement[True], agreement
+        out = tmp_path / f"int8_{quantize_residual}"
+        calibrate(src, out, calib, precision="int8", quantize_residual=quantize_residual, gate=False,
+                  progress=False)
+        worst[quantize_residual] = compare_clips(src, out, clips, progress=False)["worst_clip_agreement"]
+    assert worst[False] >= 0.99 and worst[False] > worst[True], worst
 
 
 # -- compare ------------------------------------------------------------------------------------------------
@@ -510,3 +515,186 @@ def test_cli_calibrate_int8_gate_failure_says_what_to_try(modelopt, tiny_export,
     printed = capsys.readouterr().out
     assert "FAIL: target >= 99 %" in printed and "try --int8-high-precision fp32, --int8-keep MODULE" in printed
     assert load_manifest(out).to_dict()["calibration"]["gate"]["passed"] is False  # the result is still written
+
+
+# -- INT8 for ONNX Runtime's CPU kernels (--target cpu) --------------------------------------------------------
+def _optimized_ops(path, tmp_path):
+    """Op counts of the graph ONNX Runtime actually runs (after its QDQ fusions)."""
+    import collections
+
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / f"optimized_{path.name}")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in _load(opts.optimized_model_filepath).graph.node)
+
+
+def test_cpu_target_int8_is_fused_integer_kernels(tiny_export, clip_file, tmp_path):
+    """uint8 activations, int8 per-channel weights, fused by ONNX Runtime into integer convolutions; the
+    attention read, the output resize/argmax and the kept module stay float32; I/O and manifest as promised."""
+    from onnx import numpy_helper
+    out = tmp_path / "cpu"
+    manifest = calibrate(tiny_export, out, clip_file, precision="int8", target="cpu", sweep=False,
+                         int8_keep=["backbone.layer1"], progress=False)
+    assert manifest["target"] == "cpu" and load_manifest(out).target == "cpu"
+    assert load_manifest(tiny_export).target == "trt"  # older / fp32 manifests read as the default
+    for name in ("frame_encoder.onnx", "memory_head.onnx"):
+        src, q = _load(tiny_export / name), _load(out / name)
+        assert io_signature(src) == io_signature(q)
+        init = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+        producer = {o: n for n in q.graph.node for o in n.output}
+        quantizers = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+        assert quantizers and all(init[n.input[2]].dtype == np.uint8 for n in quantizers)  # uint8 activations
+        convs = [n for n in q.graph.node if n.op_type == "Conv" and n.input[1] in producer
+                 and producer[n.input[1]].op_type == "DequantizeLinear"]
+        assert convs
+        for c in convs:  # int8 weights, one scale per output channel
+            dq = producer[c.input[1]]
+            weight, scale = init[dq.input[0]], init[dq.input[1]]
+            assert weight.dtype == np.int8 and scale.shape == (weight.shape[0],)
+        reads_int8 = {n.name for n in q.graph.node
+                      if any(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input)}
+        info = manifest["calibration"]["engines"][name[:-5]]
+        assert not reads_int8 & set(attention_nodes(src)), "the attention read must stay float32"
+        assert not any(n.op_type in ("Resize", "ArgMax") and n.name in reads_int8 for n in q.graph.node)
+        assert info["tool"] == "onnxruntime.quantization.quantize_static" and info["sweep"] is None
+        ops = _optimized_ops(out / name, tmp_path)
+        assert ops["QLinearConv"] >= len(info["int8_nodes"]) > 0, ops  # ORT runs them as integer convolutions
+    kept = manifest["calibration"]["engines"]["frame_encoder"]["kept_modules"]["backbone.layer1"]
+    frame = _load(out / "frame_encoder.onnx")
+    producer = {o: n for n in frame.graph.node for o in n.output}
+    kept_convs = [n for n in frame.graph.node if n.name in kept and n.op_type == "Conv"]
+    floats = {t.name for t in frame.graph.initializer if t.data_type == FLOAT}
+    assert kept_convs and all(n.input[1] in floats for n in kept_convs)  # float32 weights, not dequantized int8
+    assert not set(kept) & set(manifest["calibration"]["engines"]["frame_encoder"]["int8_nodes"])
+
+
+def test_cpu_target_refuses_what_it_cannot_write(tiny_export, clip_file, tmp_path):
+    with pytest.raises(CalibrationError, match="--target cpu writes INT8"):
+        calibrate(tiny_export, tmp_path / "a", clip_file, precision="fp16", target="cpu")
+    with pytest.raises(CalibrationError, match="TensorRT-target options"):
+        calibrate(tiny_export, tmp_path / "a", clip_file, precision="int8", target="cpu", quantize_residual=True)
+    with pytest.raises(CalibrationError, match="target must be one of"):
+        calibrate(tiny_export, tmp_path / "a", clip_file, precision="int8", target="gpu")
+    assert not (tmp_path / "a").exists()
+
+
+def test_gate_never_uses_calibration_frames(tiny_export, tmp_path):
+    """Without --gate-frames the last quarter is held back: calibrated on frames 0..5, gated on 6..7."""
+    clip = make_noise_clip(8, H, W, seed=3)
+    manifest = calibrate(tiny_export, tmp_path / "held", clip, precision="int8", target="cpu", sweep=False,
+                         progress=False)
+    gate = manifest["calibration"]["gate"]
+    assert manifest["calibration"]["frames"]["frames"] == 6 and gate["frames"] == 2
+    assert gate["gate_frames"] == "frames 6..7 of <array>, held back from calibration"
+    direct = compare_exports(tiny_export, tmp_path / "held", clip[6:], progress=False)
+    assert direct["pixel_agreement"] == gate["pixel_agreement"]
+    with pytest.raises(CalibrationError, match="the gate needs frames the calibration did not see"):
+        calibrate(tiny_export, tmp_path / "one", clip[:1], precision="int8", target="cpu", sweep=False)
+    only = calibrate(tiny_export, tmp_path / "given", clip, precision="int8", target="cpu", sweep=False,
+                     gate_frames=clip[:3], progress=False)  # explicit gate frames: all frames calibrate
+    assert only["calibration"]["frames"]["frames"] == 8
+    assert only["calibration"]["gate"]["gate_frames"] == "--gate-frames <array> (not calibrated on)"
+
+
+def test_sensitivity_sweep_keeps_the_most_sensitive_layers(tiny_export, tmp_path):
+    """Each conv is measured alone; the kept layers are the most sensitive first, and the sweep's own
+    agreement is recorded after each."""
+    from tmanet.calibration.cpu_sweep import MAX_WORK
+    clip = make_noise_clip(4, H, W, seed=8)
+    manifest = calibrate(tiny_export, tmp_path / "swept", clip, precision="int8", target="cpu", progress=False,
+                         gate=False)
+    engines = manifest["calibration"]["engines"]
+    sweep = engines["frame_encoder"]["sweep"]
+    frame = _load(tiny_export / "frame_encoder.onnx")
+    frame_convs = [n.name for n in frame.graph.node if n.op_type == "Conv"]
+    sensitivity, work = sweep["sensitivity"], sweep["work"]
+    assert set(sensitivity["frame_encoder"]) == set(frame_convs)  # every conv of the frame engine measured
+    head = _load(tiny_export / "memory_head.onnx")
+    logits_conv = [n.name for n in head.graph.node if n.op_type == "Conv"][-1]
+    assert sensitivity["memory_head"] and logits_conv not in sensitivity["memory_head"]  # always float32
+    assert sensitivity["memory_head"] and abs(sum(w for e in work.values() for w in e.values()) - 1) < 1e-6
+    steps = sweep["steps"]
+    chosen = [(st["engine"], st["node"]) for st in steps[1:]]
+    ratios = [sensitivity[e][n] / work[e][n] for e, n in chosen]
+    assert all(sensitivity[e][n] > 0 for e, n in chosen) and ratios == sorted(ratios, reverse=True)
+    assert all(st["work_kept"] <= MAX_WORK for st in steps)
+    assert all(st["agreement"] < sweep["target"] for st in steps[:-1])  # stops once the target is reached
+    for e in ("frame_encoder", "memory_head"):
+        assert engines[e]["kept_nodes"] == sorted(sweep["kept"][e])
+        assert not set(sweep["kept"][e]) & set(engines[e]["int8_nodes"])
+
+
+def test_cli_calibrate_cpu_target_prints_gate_frames(tiny_export, clip_file, tmp_path, capsys):
+    from tmanet.cli import main
+    out = tmp_path / "cpu"
+    code = main(["calibrate", str(tiny_export), "--frames", str(clip_file), "--precision", "int8", "--target", "cpu",
+                 "--no-sweep", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code in (0, 1) and "cpu target" in printed
+    assert f"gate frames          frames 5..5 of {clip_file.resolve()}, held back from calibration" in printed
+    assert main(["calibrate", str(tiny_export), "--frames", str(clip_file), "--precision", "fp16", "--target",
+                 "cpu", "--out", str(tmp_path / "x")]) == 2
+    assert "--target cpu writes INT8" in capsys.readouterr().err
+
+
+def test_compare_clips_reports_the_worst(tiny_export, tmp_path):
+    from tmanet.calibration.compare import compare_clips, format_clips
+    from tmanet.calibration.gate_clips import GATE_SEEDS, unseen_clips
+    assert len(GATE_SEEDS) >= 4
+    clips = unseen_clips(H, W, frames=3)
+    assert [n for n, _ in clips] == [f"synthetic seed {s}" for s in GATE_SEEDS] and clips[0][1].shape == (3, H, W, 3)
+    out = tmp_path / "cpu"
+    calibrate(tiny_export, out, make_noise_clip(6, H, W, seed=1), precision="int8", target="cpu", sweep=False,
+              gate=False, progress=False)
+    result = compare_clips(tiny_export, out, clips, progress=False)
+    per = [c["pixel_agreement"] for c in result["clips"]]
+    assert len(per) == 4 and result["worst_clip_agreement"] == min(per) < 1.0
+    assert result["worst_clip"] == clips[per.index(min(per))][0]
+    assert result["passed"] == (min(per) >= 0.99) and "worst clip" in format_clips(result)
+    same = compare_clips(tiny_export, tiny_export, clips[:1], progress=False)
+    assert same["worst_clip_agreement"] == 1.0 and same["passed"] is None
+
+
+def test_cpu_bench_times_every_variant_in_one_run(tiny_export, tmp_path, monkeypatch, capsys):
+    """The benchmark script: ORT for each export, OpenVINO f32 and its default beside it when installed, and
+    a clear line (no crash) when OpenVINO is not."""
+    from tmanet.calibration import cpu_bench
+    cpu = tmp_path / "cpu"
+    calibrate(tiny_export, cpu, make_noise_clip(4, H, W, seed=1), precision="int8", target="cpu", sweep=False,
+              gate=False, progress=False)
+    out = tmp_path / "bench.json"
+    args = [str(tiny_export), "--cpu-int8", str(cpu), "--rounds", "1", "--repeats", "1", "--threads", "1"]
+    if importlib.util.find_spec("openvino") is not None:
+        assert cpu_bench.main([*args, "--json", str(out)]) == 0
+        times = json.loads(out.read_text())["times_ms"]
+        assert {"ort fp32", "ort cpu-int8", "openvino fp32 f32", "openvino cpu-int8 f32"} <= set(times)
+        assert len(times) == 6 and all(t[k] > 0 for t in times.values() for k in ("frame_encoder", "memory_head",
+                                                                                    "frame"))
+        # OpenVINO reads the same graphs: its f32 masks are the fp32 export's
+        core = cpu_bench.openvino_core()
+        run = cpu_bench.ov_runner(core, tiny_export / "frame_encoder.onnx", "f32", 1)
+        frame = make_noise_clip(1, H, W, seed=2)
+        ref = cpu_session(tiny_export / "frame_encoder.onnx").run(["query_key"], {"frames": frame})[0]
+        np.testing.assert_allclose(run({"frames": frame})["query_key"], ref, rtol=1e-3, atol=1e-3)
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    assert cpu_bench.main([*args, "--json", str(out)]) == 0
+    assert "OpenVINO: not installed (pip install openvino)" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["times_ms"]) == {"ort fp32", "ort cpu-int8"}
+
+
+def test_cpu_target_after_modelopt_in_one_process(modelopt, tiny_export, tmp_path):
+    """ModelOpt patches ONNX Runtime's calibrators for good once it ran; the cpu target still calibrates its
+    percentile ranges with ONNX Runtime's own code, and ModelOpt's patches are back for the next trt run."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+    clip = make_noise_clip(4, H, W, seed=6)
+    calibrate(tiny_export, tmp_path / "trt", clip, precision="int8", gate=False, progress=False)
+    patched = HistogramCalibrater.collect_data
+    assert patched.__module__.startswith("modelopt")  # what made the cpu target fail before
+    cpu = calibrate(tiny_export, tmp_path / "cpu", clip, precision="int8", target="cpu", sweep=False, gate=False,
+                    progress=False)
+    assert cpu["calibration"]["engines"]["frame_encoder"]["quantize_linear"] > 0
+    assert HistogramCalibrater.collect_data is patched
+    calibrate(tiny_export, tmp_path / "trt2", clip, precision="int8", gate=False, progress=False)

@@ -344,6 +344,30 @@ def test_cli_build_without_tensorrt(tiny_export, no_tensorrt, capsys):
     assert sorted(p.name for p in tiny_export.iterdir()) == before   # nothing written
 
 
+def test_build_refuses_a_cpu_target_export(tiny_export, tmp_path, capsys):
+    """A `tmanet calibrate --target cpu` export is ONNX Runtime's Q/DQ placement: refused in one sentence,
+    whether TensorRT is installed or not, nothing written."""
+    import json
+    import shutil
+    cpu = tmp_path / "cpu"
+    shutil.copytree(tiny_export, cpu)
+    manifest = json.loads((cpu / "manifest.json").read_text())
+    manifest.update(target="cpu", precision={"frame_encoder": "int8", "memory_head": "int8"})
+    (cpu / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(p.name for p in cpu.iterdir())
+    assert main(["build", str(cpu)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == (
+        f"tmanet build: error: {cpu} was quantized for ONNX Runtime's CPU kernels (tmanet calibrate --target cpu); "
+        "TensorRT wants the ModelOpt Q/DQ placement: calibrate the fp32 export with --target trt")
+    assert sorted(p.name for p in cpu.iterdir()) == before
+    manifest["target"] = "arm"
+    (cpu / "manifest.json").write_text(json.dumps(manifest))
+    from tmanet.manifest import ManifestError, load_manifest
+    with pytest.raises(ManifestError, match="field 'target' must be one of trt, cpu"):
+        load_manifest(cpu, verify=False)
+
+
 def test_build_api_without_tensorrt(tiny_export, no_tensorrt):
     with pytest.raises(TensorRTNotInstalled, match=f"^{TRT_SENTENCE}"):
         build_engines(tiny_export)

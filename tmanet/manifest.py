@@ -32,6 +32,7 @@ class ManifestError(ValueError):
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
+QUANT_TARGETS = ("trt", "cpu")  # whose kernels the INT8 Q/DQ placement is made for (tmanet calibrate --target)
 MAX_CLASSES = 256  # masks are uint8
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -200,6 +201,7 @@ class ExportSpec:
     checkpoint: str | None = None
     preset: str | None = None
     check: dict | None = None    # export's comparison with torch (onnx_export.check_against_torch)
+    target: str = "trt"          # INT8 placement: trt (ModelOpt, TensorRT) or cpu (ONNX Runtime); older: trt
     directory: Path | None = None  # where it was loaded from
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the manifest as written
 
@@ -253,12 +255,14 @@ class ExportSpec:
         f.optional("checkpoint", lambda v: isinstance(v, str), "a path")
         f.optional("preset", lambda v: isinstance(v, str), "a preset name")
         f.optional("check", lambda v: isinstance(v, dict), "an object")
+        f.optional("target", lambda v: v in QUANT_TARGETS, f"one of {', '.join(QUANT_TARGETS)}")
         return cls(f.integer("sequence_num"), f.integer("key_channels"), f.integer("value_channels"),
                    f.integer("num_classes", 1, MAX_CLASSES), size, feature, None if batch == "dynamic" else batch,
                    max_batch, dict(precision), dict(files), tuple(m.get("class_names") or ()),
                    tuple(tuple(c) for c in m.get("palette") or ()), _pair_or_none(m.get("slide_crop")),
                    _pair_or_none(m.get("slide_stride")), m.get("query_chunk"), bool(m.get("align_corners", False)),
-                   m.get("config"), m.get("checkpoint"), m.get("preset"), m.get("check"), raw=m)
+                   m.get("config"), m.get("checkpoint"), m.get("preset"), m.get("check"),
+                   m.get("target") or "trt", raw=m)
 
 
 def _pair_or_none(v):
