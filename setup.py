@@ -22,7 +22,7 @@ setup(
     python_requires=">=3.10",
     packages=["tmanet", "tmanet.io", "tmanet.model", "tmanet.runtime.backends"] + [f"tmanet.{p}" for p in SUBPACKAGES],
     package_dir={"tmanet": "tmanet", **{f"tmanet.{p}": p for p in SUBPACKAGES}},
-    package_data={"tmanet": ["data/*"]},
+    package_data={"tmanet": ["data/*"], "tmanet.runtime": ["ros2.launch.py"]},
     install_requires=[
         "torch>=2.4",  # CPU machines: requirements/cpu.txt pins 2.13.0 (make does it)
         "numpy>=1.24",

@@ -249,8 +249,11 @@ def _chunk_frames(chunk: Chunk):
 def _segment_frames(seg, chunk: Chunk) -> int:
     """Mask PNGs of frames ``start..stop-1`` named by their index in the input, as ``tmanet run --save-masks``."""
     from tmanet.io.threads import Prefetch
-    from tmanet.io.run_outputs import RunOutputs
-    outputs = RunOutputs(None, None, Path(chunk.stage) / "masks", seg.palette, 0.5, fps=25.0)
+    from tmanet.io.video import save_mask_png
+    # The chunks of one input write into one staged folder (swapped in whole when the input is complete), each
+    # PNG a whole file under its final name (save_mask_png writes atomically).
+    masks = Path(chunk.stage) / "masks"
+    masks.mkdir(parents=True, exist_ok=True)
     written = 0
     with Prefetch(_chunk_frames(chunk)) as frames:
         for index, (frame, timestamp) in enumerate(frames, start=chunk.warm):
@@ -259,9 +262,8 @@ def _segment_frames(seg, chunk: Chunk) -> int:
             except ValueError as e:
                 raise UserError(f"frame {index} of {chunk.item}: {e}") from None
             if index >= chunk.start:
-                outputs.render(index, frame, result)
+                save_mask_png(result.mask, masks / f"{index:06d}.png", seg.palette)
                 written += 1
-    outputs.close()
     if chunk.frames is not None and written != chunk.frames:
         raise UserError(f"{chunk.item}: {written} frames read from frame {chunk.start}, {chunk.frames} expected")
     if written == 0:
@@ -273,7 +275,7 @@ def _segment_log(seg, chunk: Chunk) -> int:
     """``<topic>/mask`` of the messages in the chunk's log-time range into a part MCAP, as ``tmanet run`` on a
     log: each camera its own stream, timed by its header stamps."""
     from tmanet.io.mcap import McapImageWriter
-    from tmanet.io.ros_images import image_to_rgb
+    from tmanet.io.ros_images import image_to_rgb, output_topic
 
     from .camera_streams import CameraStreams, segment_image_message
     from tmanet.io.threads import Prefetch
@@ -304,24 +306,24 @@ def _segment_log(seg, chunk: Chunk) -> int:
                 except ValueError as e:
                     raise UserError(f"{chunk.item}, {topic}, message at log time {log_time} ns: {e}") from None
                 if chunk.begin is None or log_time >= chunk.begin:
-                    writer.write(f"{topic}/mask", mask, log_time, publish_time)
+                    writer.write(output_topic(topic, "mask"), mask, log_time, publish_time)
                     written += 1
     except ValueError as e:  # the log turned unreadable part-way
         raise UserError(str(e)) from None
     return written
 
 
-def merge_parts(stage: Path) -> int:
+def merge_parts(stage: Path, class_names=()) -> int:
     """The part MCAPs of a log's chunks, in order, into ``masks.mcap`` (the parts are removed): the messages
     are already in log-time order across parts, so this is a concatenation."""
     import shutil
 
     from tmanet.io.mcap import McapImageWriter, image_topics, read_images
     parts = sorted((stage / "parts").glob("part-*.mcap"))
-    with McapImageWriter(stage / "masks.mcap") as writer:
+    with McapImageWriter(stage / "masks.mcap", class_names) as writer:  # each camera's label_info, once
         for part in parts:
             for topic, log_time, publish_time, msg in read_images(part, image_topics(part)):
-                writer.write(topic, msg, log_time, publish_time)
+                writer.write_mask(topic, msg, log_time, publish_time)
     shutil.rmtree(stage / "parts")
     return writer.count
 
@@ -524,7 +526,7 @@ def run_batch(config: BatchConfig) -> dict:
         def finalize(state: _InputState):
             stage = Path(state.plan.chunks[0].stage)
             if state.plan.kind == "log":
-                merge_parts(stage)
+                merge_parts(stage, spec.class_names)
             for leftover in stage.rglob(f"*{PARTIAL_MARK}*"):  # from an attempt whose worker was killed
                 leftover.unlink()
             _close_stage(state)  # the staging folder becomes OUT/<name>

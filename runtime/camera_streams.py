@@ -21,6 +21,7 @@ class CameraStreams:
     def __init__(self, open_segmenter: Callable):
         self.segmenter = open_segmenter()
         self.palette = self.segmenter.palette
+        self.class_names = self.segmenter.class_names
         self._streams: dict[Hashable, int] = {}  # camera -> stream id
 
     @property

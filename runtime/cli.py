@@ -27,7 +27,7 @@ def register(subparsers):
                    help="ROS bag input: an image topic to segment (repeat for several cameras); without it, "
                         "every image topic")
     p.add_argument("--color", action="store_true",
-                   help="ROS bag input: also write <topic>/color_mask (rgb8, the preset's palette)")
+                   help="ROS bag input: also write <camera>/color_mask (rgb8, the preset's palette)")
     p.add_argument("--resize", action="store_true",
                    help="whole mode, frames of another size: resize each frame to the export size and the "
                         "logits back to the frame size (bilinear) before the argmax")
@@ -260,8 +260,9 @@ def run_command(args) -> int:
 
 def run_log_command(args) -> int:
     """``tmanet run DIR --input X.mcap|X.db3|X.bag --topic T [...] --output OUT.mcap [--color]``: each topic
-    one camera stream; per topic ``<topic>/mask`` (and ``<topic>/color_mask``) with the input's header and
-    log time."""
+    one camera stream; per camera ``<camera>/mask`` (and ``<camera>/color_mask``) with the input's header and
+    log time, and once its ``<camera>/label_info`` (the class names); ``<camera>`` is the image topic without
+    a transport name (``/cam/image_raw/compressed`` -> ``/cam/image_raw``)."""
     import time
 
     from tqdm import tqdm
@@ -271,7 +272,7 @@ def run_log_command(args) -> int:
     from .camera_streams import CameraStreams
     from tmanet.io.driving_logs import log_reader
     from tmanet.io.mcap import McapImageWriter
-    from tmanet.io.ros_images import image_to_rgb
+    from tmanet.io.ros_images import image_to_rgb, output_topic
     from .camera_streams import segment_image_message
     from tmanet.io.threads import Prefetch
     _backend_options(args)
@@ -292,7 +293,7 @@ def run_log_command(args) -> int:
 
     try:
         images = reader.read_images(source, topics, skip_damaged=args.allow_truncated)
-        with McapImageWriter(output) as writer, Prefetch(decoded(images)) as ahead:
+        with McapImageWriter(output, streams.class_names) as writer, Prefetch(decoded(images)) as ahead:
             messages = tqdm(ahead, total=reader.count_messages(source, topics),
                             desc="tmanet run", unit="image", disable=args.no_progress)
             for topic, log_time, publish_time, msg, image in messages:
@@ -302,9 +303,9 @@ def run_log_command(args) -> int:
                     mask, color = segment_image_message(streams, topic, msg, palette, image=image)
                 except ValueError as e:
                     raise UserError(f"{source}, {topic}, message at log time {log_time} ns: {e}") from None
-                writer.write(f"{topic}/mask", mask, log_time, publish_time)
+                writer.write_mask(output_topic(topic, "mask"), mask, log_time, publish_time)
                 if color is not None:
-                    writer.write(f"{topic}/color_mask", color, log_time, publish_time)
+                    writer.write(output_topic(topic, "color_mask"), color, log_time, publish_time)
                 count += 1
             if count == 0:
                 raise UserError(f"{source}: no messages on {', '.join(topics)}")

@@ -2,7 +2,8 @@
 
 Subscribes ``~/in/image`` (``sensor_msgs/msg/Image``; ``sensor_msgs/msg/CompressedImage`` with the parameter
 ``compressed``), publishes ``~/out/mask`` (mono8 class ids) and ``~/out/color_mask`` (rgb8, the preset's
-palette), both with the input's header. Parameters: ``export_dir`` (required), ``backend`` (ort), ``device``
+palette), both with the input's header, and once, latched (transient local), ``~/out/label_info``
+(``vision_msgs/msg/LabelInfo``: the class names of the mask ids, where vision_msgs is installed). Parameters: ``export_dir`` (required), ``backend`` (ort), ``device``
 (cpu), ``max_gap`` (seconds, 0 disables), ``resize``, ``compressed``. Each camera (the header's frame_id) is
 its own stream, reset on a time gap.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from tmanet.io.ros_images import field
+from tmanet.io.ros_images import field, label_info_fields
 
 from .camera_streams import CameraStreams, segment_image_message
 
@@ -33,6 +34,11 @@ class SegmentationNodeCore:
             raise ValueError("the parameter export_dir is required (an export directory of `tmanet export`)")
         self.streams = CameraStreams(lambda: StreamingSegmenter.open(
             export_dir, backend=backend, device=device, max_gap=max_gap or None, resize=resize))
+
+    def label_info(self, stamp: dict | None = None) -> dict:
+        """The fields of the ``vision_msgs/msg/LabelInfo`` the node latches on ``~/out/label_info``."""
+        header = {"stamp": stamp or {"sec": 0, "nanosec": 0}, "frame_id": ""}
+        return label_info_fields(self.streams.class_names, header)
 
     def on_image(self, msg, color: bool = True) -> tuple[dict, dict | None]:
         camera = field(field(msg, "header"), "frame_id")
@@ -62,8 +68,24 @@ def build_node(parameters: dict | None = None):  # pragma: no cover - needs rclp
                                              p["resize"])
             self.mask_pub = self.create_publisher(Image, "~/out/mask", 10)
             self.color_pub = self.create_publisher(Image, "~/out/color_mask", 10)
+            self._latch_label_info()
             self.create_subscription(CompressedImage if p["compressed"] else Image, "~/in/image",
                                      self.on_image, 10)
+
+        def _latch_label_info(self):
+            """The class names, once, on a transient-local topic: late subscribers get them too."""
+            try:
+                from vision_msgs.msg import LabelInfo, VisionClass
+            except ImportError:
+                self.get_logger().warning("vision_msgs is not installed: no ~/out/label_info (class names)")
+                return
+            from rclpy.qos import DurabilityPolicy, QoSProfile
+            latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+            self.label_pub = self.create_publisher(LabelInfo, "~/out/label_info", latched)
+            fields = self.core.label_info()
+            msg = LabelInfo(class_map=[VisionClass(**c) for c in fields["class_map"]], threshold=fields["threshold"])
+            msg.header.stamp = self.get_clock().now().to_msg()
+            self.label_pub.publish(msg)
 
         def on_image(self, msg):
             try:  # colour masks only while someone listens

@@ -24,7 +24,7 @@ from tmanet.cli import main  # noqa: E402
 from tmanet.test_clips import make_noise_clip  # noqa: E402
 from tmanet.io.video import open_frames, video_index  # noqa: E402
 
-from test_mcap import FRONT, REAR, drive, read_mcap  # noqa: E402,F401  (drive: the two-camera MCAP fixture)
+from test_mcap import CAMERAS, FRONT, MASKS, REAR, drive, read_mcap  # noqa: E402,F401  (drive: the two-camera MCAP fixture)
 
 H, W = 64, 128
 GAP_AFTER = 10  # the video's timestamps jump by 2.1 s after this frame: sequential processing resets there
@@ -262,8 +262,12 @@ def test_ros_bags_with_two_cameras_equal_run(export_b1, drive, tmp_path):  # noq
                      "--resize", "--output", str(ref), "--threads", "1", "--no-progress"]) == 0
         assert json.loads((out / name / "done.json").read_text())["chunks"] == 4
         want, got = read_mcap(ref), read_mcap(out / name / "masks.mcap")
-        assert sorted(got) == sorted(want) == [f"{FRONT}/mask", f"{REAR}/mask"]
-        for topic in want:
+        assert sorted(got) == sorted(want) == MASKS
+        for camera in CAMERAS.values():  # one LabelInfo per camera, as tmanet run writes it
+            labels = [[(t, [(c.class_id, c.class_name) for c in m.class_map]) for t, m in found[f"{camera}/label_info"]]
+                      for found in (got, want)]
+            assert labels[0] == labels[1] and len(labels[0]) == 1
+        for topic in (f"{c}/mask" for c in CAMERAS.values()):
             assert len(got[topic]) == len(want[topic])
             for (t1, a), (t2, b) in zip(got[topic], want[topic]):
                 assert (t1, a.header.stamp.sec, a.header.stamp.nanosec, a.header.frame_id, a.encoding) == \

@@ -3,6 +3,7 @@ real CDR serialization (``mcap`` + ``mcap-ros2-support``); the rclpy glue itself
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ H, W = 64, 128           # the tiny export's size
 CAM_H, CAM_W = 80, 160   # the second camera's size (needs --resize)
 EPOCH = 1_700_000_000    # header stamps in seconds, as a real recording's
 FRONT, REAR = "/cam/front/image_raw", "/cam/rear/image_raw/compressed"
+# Where each camera's outputs go: the image topic without its transport name (image_transport's convention).
+CAMERAS = {FRONT: "/cam/front/image_raw", REAR: "/cam/rear/image_raw"}
+MASKS = sorted(f"{c}/{k}" for c in CAMERAS.values() for k in ("mask", "label_info"))
 
 
 # -- message helpers (what a recorder writes) -------------------------------------------------------------
@@ -177,13 +181,17 @@ def test_mcap_two_cameras_match_the_python_api(export_b1, drive, tmp_path, capsy
                  "--resize", "--color", "--output", str(out), "--no-progress"]) == 0
     assert "11 images from 2 topic(s)" in capsys.readouterr().out
     written = read_mcap(out)
-    assert sorted(written) == sorted(f"{t}/{k}" for t in (FRONT, REAR) for k in ("mask", "color_mask"))
-    palette = StreamingSegmenter.open(export_b1).palette
+    assert sorted(written) == sorted(f"{c}/{k}" for c in CAMERAS.values() for k in ("mask", "color_mask", "label_info"))
+    seg = StreamingSegmenter.open(export_b1)
+    palette = seg.palette
     for topic, camera, frame_id in ((FRONT, "front", "front_cam"), (REAR, "rear", "rear_cam")):
         frames, times = drive[camera]
         want, index = api_masks(export_b1, frames, times)
-        masks, colors = written[f"{topic}/mask"], written[f"{topic}/color_mask"]
+        masks, colors = written[f"{CAMERAS[topic]}/mask"], written[f"{CAMERAS[topic]}/color_mask"]
         assert len(masks) == len(colors) == len(frames)
+        (label_time, labels), = written[f"{CAMERAS[topic]}/label_info"]  # once, with the first mask
+        assert label_time == masks[0][0] and labels.header.frame_id == frame_id
+        assert [(c.class_id, c.class_name) for c in labels.class_map] == list(enumerate(seg.class_names))
         for (log_time, m), (_, c), mask, t in zip(masks, colors, want, times):
             assert (m.encoding, c.encoding, m.header.frame_id, c.header.frame_id) == ("mono8", "rgb8", frame_id,
                                                                                      frame_id)
@@ -219,8 +227,8 @@ def test_mcap_without_topic_segments_every_image_topic(export_b1, drive, tmp_pat
     assert main(["run", str(export_b1), "--input", str(drive["path"]), "--output", str(named), "--resize",
                  "--topic", FRONT, "--topic", REAR, "--no-progress"]) == 0
     got, want = read_mcap(every), read_mcap(named)
-    assert sorted(got) == sorted(want) == [f"{FRONT}/mask", f"{REAR}/mask"]
-    for topic in want:
+    assert sorted(got) == sorted(want) == MASKS
+    for topic in (f"{c}/mask" for c in CAMERAS.values()):
         assert [(t, image_to_rgb(m).tobytes()) for t, m in got[topic]] == [(t, image_to_rgb(m).tobytes())
                                                                           for t, m in want[topic]]
     capsys.readouterr()
@@ -438,7 +446,7 @@ def test_ros_bags_segment_like_mcap(export_b1, drive, tmp_path, capsys, ros1):
     written = read_mcap(out)
     for topic, frames, frame_times in ((FRONT, front, times), (REAR, rear, [0.05, 0.25])):
         want, _ = api_masks(export_b1, frames, frame_times)
-        got = written[f"{topic}/mask"]
+        got = written[f"{CAMERAS[topic]}/mask"]
         assert [stamp(m) for _, m in got] == pytest.approx(frame_times, abs=1e-9)
         assert all(np.array_equal(image_to_rgb(m)[..., 0], w) for (_, m), w in zip(got, want))
     (tmp_path / "broken.bag").write_bytes(b"#ROSBAG V2.0\n" + b"\0" * 64)
@@ -556,3 +564,26 @@ def test_damaged_ros_bags_are_one_line_or_skipped(tmp_path, caplog):
         kept = list(open_frames(f"{path}:{FRONT}", allow_truncated=True))
         assert 0 < len(kept) < 10 and all(np.array_equal(g, f) for (g, _), f in zip(kept, frames))
         assert f"stopped there, {10 - len(kept)} frames lost (--allow-truncated)" in caplog.text
+
+
+def test_outputs_of_a_compressed_topic_drop_the_transport_name():
+    from tmanet.io.ros_images import output_topic
+    assert output_topic("/cam/image_raw/compressed", "mask") == "/cam/image_raw/mask"
+    assert output_topic("/cam/image_raw/theora", "label_info") == "/cam/image_raw/label_info"
+    assert output_topic("/cam/image_raw", "mask") == "/cam/image_raw/mask"
+    assert output_topic("/compressed", "mask") == "/compressed/mask"  # a bare transport name is the camera
+
+
+def test_the_node_latches_the_class_names_and_its_launch_file_takes_every_parameter():
+    import ast
+
+    from tmanet.runtime import ros2
+    core = ros2.SegmentationNodeCore.__new__(ros2.SegmentationNodeCore)
+    core.streams = type("Streams", (), {"class_names": ["road", "car"]})()
+    assert core.label_info()["class_map"] == [{"class_id": 0, "class_name": "road"},
+                                              {"class_id": 1, "class_name": "car"}]
+    launch = Path(ros2.__file__).with_name("ros2.launch.py").read_text()
+    tree = ast.parse(launch)
+    (table,) = [n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "PARAMETERS"]
+    declared = ast.literal_eval(table)
+    assert declared == {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in ros2.PARAMETERS.items()}

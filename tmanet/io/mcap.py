@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .driving_logs import LogReadError
-from .ros_images import IMAGE, IMAGE_TYPES, MSGDEFS
+from .ros_images import IMAGE, IMAGE_TYPES, LABEL_INFO, MSGDEFS, label_info_fields
 from tmanet.safe_files import atomic_file
 
 log = logging.getLogger("tmanet")
@@ -273,19 +273,36 @@ def _binary_output(path):
 
 class McapImageWriter:
     """``sensor_msgs/msg/Image`` messages into a ROS 2 MCAP (profile ros2, CDR, zstd chunks, with a summary:
-    ``ros2 bag info/play`` read it). Use as a context manager: the file appears at ``path`` only on success."""
+    ``ros2 bag info/play`` read it). Use as a context manager: the file appears at ``path`` only on success.
+    With ``class_names``, :meth:`write_mask` puts a ``vision_msgs/msg/LabelInfo`` naming them beside each
+    camera's masks, once, before its first mask (vision_msgs' convention: ``<camera>/label_info``)."""
 
-    def __init__(self, path):
+    def __init__(self, path, class_names=()):
         self.path = Path(path)
+        self.class_names = tuple(class_names)
         self.count = 0
         self._output = None
+        self._labelled: set[str] = set()
 
     def __enter__(self):
         from mcap_ros2.writer import Writer
         self._output = _binary_output(self.path)
         self._writer = Writer(self._output.__enter__())
         self._schema = self._writer.register_msgdef(IMAGE, MSGDEFS[IMAGE])
+        self._labels = None
         return self
+
+    def write_mask(self, topic: str, fields, log_time: int, publish_time: int | None = None):
+        """A mask message on ``topic`` (``<camera>/mask``); the camera's LabelInfo first, once."""
+        if self.class_names and topic not in self._labelled:
+            self._labelled.add(topic)
+            if self._labels is None:
+                self._labels = self._writer.register_msgdef(LABEL_INFO, MSGDEFS[LABEL_INFO])
+            header = fields["header"] if isinstance(fields, dict) else fields.header
+            self._writer.write_message(f"{topic.rsplit('/', 1)[0]}/label_info", self._labels,
+                                       label_info_fields(self.class_names, header), log_time=log_time,
+                                       publish_time=log_time)
+        self.write(topic, fields, log_time, publish_time)
 
     def write(self, topic: str, fields: dict, log_time: int, publish_time: int | None = None):
         self._writer.write_message(topic, self._schema, fields, log_time=log_time,

@@ -27,11 +27,31 @@ MSG: builtin_interfaces/Time
 int32 sec
 uint32 nanosec
 """
+LABEL_INFO = "vision_msgs/msg/LabelInfo"
 MSGDEFS = {
     IMAGE: "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\n"
            "uint32 step\nuint8[] data" + _HEADER_DEFS,
     COMPRESSED_IMAGE: "std_msgs/Header header\nstring format\nuint8[] data" + _HEADER_DEFS,
+    # vision_msgs' class names of a segmentation, latched beside its masks (Foxglove and nodes read it).
+    LABEL_INFO: "std_msgs/Header header\nvision_msgs/VisionClass[] class_map\nfloat32 threshold\n"
+                "================================================================================\n"
+                "MSG: vision_msgs/VisionClass\nuint16 class_id\nstring class_name" + _HEADER_DEFS,
 }
+# image_transport's transport names: a topic ending in one is a camera's image under that transport.
+TRANSPORTS = ("compressed", "compressedDepth", "theora", "zstd", "ffmpeg")
+
+
+def output_topic(image_topic: str, name: str) -> str:
+    """Where an output of ``image_topic`` goes: ``<camera image topic>/<name>``, without the transport name of a
+    compressed input (``/cam/image_raw/compressed`` -> ``/cam/image_raw/mask``)."""
+    base, _, last = image_topic.rstrip("/").rpartition("/")
+    return f"{base if last in TRANSPORTS and base else image_topic.rstrip('/')}/{name}"
+
+
+def label_info_fields(class_names, header) -> dict:
+    """The fields of a ``vision_msgs/msg/LabelInfo`` naming each class id of the masks."""
+    return {"header": header, "class_map": [{"class_id": i, "class_name": str(n)} for i, n in enumerate(class_names)],
+            "threshold": 0.0}
 
 # Raw encodings: (channels, index of R, G, B in a pixel).
 RAW_ENCODINGS = {"rgb8": (3, [0, 1, 2]), "bgr8": (3, [2, 1, 0]), "rgba8": (4, [0, 1, 2]),
