@@ -131,16 +131,19 @@ def test_added_streams_keep_the_others_memory(exports, pool, export):
 
 
 def test_sequence_slots_map_sequences_to_streams():
-    """The Triton model's bookkeeping: START takes a free stream, else the least recently used one (Triton only
-    admits a new sequence once a held one has ended or timed out); a frame of an unknown sequence is refused."""
-    from tmanet.runtime.sequence_slots import SequenceSlots, UnknownSequence
-    slots = SequenceSlots(2)
+    """The Triton model's bookkeeping: START takes a free stream (again the same one for a held sequence, which
+    restarts); a START that finds every stream held is refused ("server full") instead of taking a stream from a
+    live sequence; a frame of an unknown sequence is refused."""
+    from tmanet.runtime.sequence_slots import SequenceSlots, ServerFull, UnknownSequence
+    slots = SequenceSlots(2, idle_timeout_s=60.0, clock=lambda: 0.0)
     assert slots.stream_for("a", start=True) == (0, True)
     assert slots.stream_for(9, start=True) == (1, True)
-    assert slots.stream_for("a", start=False) == (0, False)   # "a" is now the most recently used
+    assert slots.stream_for("a", start=False) == (0, False)
     assert slots.stream_for("a", start=True) == (0, True)     # START again: the same stream, restarted
-    assert slots.stream_for("c", start=True) == (1, True)     # reclaims 9's stream (least recently used)
+    with pytest.raises(ServerFull, match="server full"):
+        slots.stream_for("c", start=True)                     # 9 still holds its stream: refused, not taken
+    assert slots.stream_for(9, start=False) == (1, False)
     with pytest.raises(UnknownSequence, match="sequence_start"):
-        slots.stream_for(9, start=False)
-    assert slots.release("c") == 1 and len(slots) == 1
-    assert slots.stream_for(9, start=True) == (1, True)
+        slots.stream_for("c", start=False)
+    assert slots.release(9) == 1 and len(slots) == 1
+    assert slots.stream_for("c", start=True) == (1, True)
