@@ -61,13 +61,18 @@ def register(sub):
     p.set_defaults(func=run_calibrate)
 
     c = sub.add_parser(
-        "compare", help="compare two export directories on ONNX Runtime (pixel agreement, logits, mIoU)",
-        description="Stream the same frames through two export directories (A = reference, usually fp32) on "
-                    "ONNX Runtime CPU with the streaming runtime; report mask pixel agreement, the logits "
-                    "error and, with labels, each side's mIoU. Targets against fp32: FP16 >= 99.9 %, "
+        "compare", help="compare two exports, or one export on two backends (pixel agreement, logits, mIoU)",
+        description="Stream the same frames through two export directories (A = reference, usually fp32), or "
+                    "through one export on two backends (--backends A,B, as Polygraphy's run --onnxrt --trt), "
+                    "with the streaming runtime; report mask pixel agreement, the first frame whose masks differ, "
+                    "the logits error and, with labels, each side's mIoU. Targets against fp32: FP16 >= 99.9 %, "
                     "INT8 >= 99 % pixel agreement (exit status 1 when B misses its target).")
     c.add_argument("dir_a", metavar="DIR_A", help="reference export directory")
-    c.add_argument("dir_b", metavar="DIR_B", help="export directory to check")
+    c.add_argument("dir_b", metavar="DIR_B", nargs="?", help="export directory to check (default: DIR_A, with "
+                                                            "--backends)")
+    c.add_argument("--backends", metavar="A,B", default="ort,ort",
+                   help="the backends of A and B, each NAME or NAME:PRECISION (e.g. ort,openvino:bf16, "
+                        "ort,trt; default ort,ort)")
     c.add_argument("--frames", required=True, metavar="SRC", help="video, image folder or .npy uint8 clip")
     c.add_argument("--labels", metavar="SRC", help="label maps: .npy uint8 (F,H,W) or a folder of single-channel "
                                                    "PNGs, one per frame in order; 255 = ignore")
@@ -76,6 +81,30 @@ def register(sub):
     c.add_argument("--json", metavar="F", help="also write the result as JSON to F")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=run_compare)
+
+
+def _parse_backends(text: str) -> tuple:
+    """``A,B`` -> ``((name, options), (name, options))``; each side NAME or NAME:PRECISION, checked against the
+    backend registry (its names and precisions) in one line."""
+    from tmanet.errors import UserError
+    from tmanet.runtime.backends import backend_names, get_backend
+    sides = text.split(",")
+    if len(sides) != 2:
+        raise UserError(f"--backends takes two backends A,B, got {text!r}")
+    parsed = []
+    for side in sides:
+        name, _, precision = side.strip().partition(":")
+        if name not in backend_names():
+            raise UserError(f"--backends: unknown backend {name!r}; known: {', '.join(backend_names())}")
+        options = {}
+        if precision:
+            choices = [o.choices for o in get_backend(name).options if o.key == "precision"]
+            if not choices or precision not in choices[0]:
+                raise UserError(f"--backends: the {name} backend takes no precision {precision!r}"
+                                + (f" (it takes {', '.join(choices[0])})" if choices else ""))
+            options["precision"] = precision
+        parsed.append((name, options))
+    return tuple(parsed)
 
 
 def _positive(value, flag):
@@ -133,12 +162,16 @@ def run_compare(args) -> int:
     from .compare import CompareError, compare_exports, format_table
     _positive(args.num, "--num")
     _positive(args.threads, "--threads")
+    backends = _parse_backends(args.backends)
+    dir_b = args.dir_b or args.dir_a
+    if args.dir_b is None and backends[0] == backends[1]:
+        raise UserError("compare needs two exports (DIR_A DIR_B) or two backends (--backends A,B)")
     if args.json:
         check_output(args.json, "file", "--json")
-        refuse_overwriting_inputs([args.json], [args.dir_a, args.dir_b, args.frames, args.labels])
+        refuse_overwriting_inputs([args.json], [args.dir_a, dir_b, args.frames, args.labels])
     try:
-        result = compare_exports(args.dir_a, args.dir_b, args.frames, labels=args.labels, num=args.num,
-                                 threads=args.threads, progress=not args.no_progress)
+        result = compare_exports(args.dir_a, dir_b, args.frames, labels=args.labels, num=args.num,
+                                 threads=args.threads, progress=not args.no_progress, backends=backends)
     except (CompareError, ValueError) as e:
         raise UserError(str(e)) from None
     print(format_table(result))

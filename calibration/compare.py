@@ -106,19 +106,25 @@ def _frame_iter(frames, num):
 
 
 class _Segmenter:
-    """One export on ORT through the streaming runtime; a fixed batch B > 1 is fed B copies of the stream."""
+    """One export on a backend (ORT unless told) through the streaming runtime; a fixed batch B > 1 is fed B
+    copies of the stream."""
 
-    def __init__(self, directory, threads):
+    def __init__(self, directory, threads, backend: str = "ort", options: dict | None = None):
         self.directory = directory
         self.threads = threads
+        self.backend, self.options = backend, dict(options or {})
         self.seg = None
         self.copies = 1
 
     def open(self, mode):
         from tmanet.runtime import StreamingSegmenter
-        opts = {"threads": self.threads} if self.threads else {}
-        self.seg = StreamingSegmenter.open(self.directory, backend="ort", mode=mode, return_logits=True,
-                                           max_gap=None, **opts)
+        from tmanet.runtime.backends import get_backend
+        opts = dict(self.options)
+        if self.threads and "threads" in {o.key for o in get_backend(self.backend).options}:
+            opts["threads"] = self.threads
+        device = "cuda" if "cpu" not in get_backend(self.backend).devices else "cpu"
+        self.seg = StreamingSegmenter.open(self.directory, backend=self.backend, device=device, mode=mode,
+                                           return_logits=True, max_gap=None, **opts)
         b = self.seg.backend.batch
         self.copies = b if b and b > 1 and mode == "whole" else 1
         return self
@@ -134,9 +140,11 @@ class _Segmenter:
 
 
 def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, threads: int | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, backends: tuple = (("ort", {}), ("ort", {}))) -> dict:
     """Stream ``frames`` (a video / image folder / ``.npy`` clip, or a uint8 ``(F, H, W, 3)`` array; the
-    first ``num``) through the exports ``dir_a`` (the reference) and ``dir_b``; returns the metrics."""
+    first ``num``) through the exports ``dir_a`` (the reference) and ``dir_b``, each on its backend
+    (``backends``: ``(name, options)`` for A and B; the same export on two backends is Polygraphy's
+    cross-backend check); returns the metrics."""
     from tqdm import tqdm
 
     ma, mb = load_manifest(dir_a), load_manifest(dir_b)
@@ -158,7 +166,8 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
     n_logits = 0
     s1 = s2 = 0.0
     conf_a = conf_b = None
-    seg_a, seg_b = _Segmenter(dir_a, threads), _Segmenter(dir_b, threads)
+    (backend_a, options_a), (backend_b, options_b) = backends
+    seg_a, seg_b = _Segmenter(dir_a, threads, backend_a, options_a), _Segmenter(dir_b, threads, backend_b, options_b)
     mode = None
     try:
         for i, frame in enumerate(tqdm(frame_iter, total=count, desc="compare", unit="frame", disable=not progress)):
@@ -205,12 +214,14 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
     scale = max(std, 1e-12)
     target = target_agreement(mb.precision)
     agreement = equal / total
+    differing = [i for i, a in enumerate(per_frame) if a < 1.0]
     result = {
-        "a": {"directory": str(dir_a), "precision": ma.precision},
-        "b": {"directory": str(dir_b), "precision": mb.precision},
+        "a": {"directory": str(dir_a), "precision": ma.precision, "backend": backend_a, "options": options_a},
+        "b": {"directory": str(dir_b), "precision": mb.precision, "backend": backend_b, "options": options_b},
         "frames": len(per_frame), "source": source, "mode": mode,
         "pixel_agreement": agreement,
         "worst_frame_agreement": min(per_frame), "worst_frame": int(np.argmin(per_frame)),
+        "first_differing_frame": differing[0] if differing else None,
         "logits_max_abs": max_abs, "logits_mean_abs": sum_abs / n_logits, "logits_std": std,
         "logits_max_rel": max_abs / scale, "logits_mean_rel": sum_abs / n_logits / scale,
         "target": target, "passed": None if target is None else agreement >= target,
@@ -227,8 +238,12 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
 def format_table(result: dict) -> str:
     """The comparison as a small text table."""
     a, b = result["a"], result["b"]
+    def backend(side):
+        options = ", ".join(f"{k} {v}" for k, v in (side.get("options") or {}).items())
+        return side.get("backend", "ort") + (f" ({options})" if options else "")
     rows = [("", "A", "B"),
             ("export", a["directory"], b["directory"]),
+            ("backend", backend(a), backend(b)),
             ("precision", precision_label(a["precision"]), precision_label(b["precision"]))]
     if result["labels"]:
         lab = result["labels"]
@@ -237,8 +252,10 @@ def format_table(result: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
     lines.append("")
     lines.append(f"frames               {result['frames']} ({result['mode']}, {result['source']})")
+    first = result.get("first_differing_frame")
     lines.append(f"pixel agreement      {100 * result['pixel_agreement']:.4f} %  (worst frame "
-                 f"{result['worst_frame']}: {100 * result['worst_frame_agreement']:.4f} %)")
+                 f"{result['worst_frame']}: {100 * result['worst_frame_agreement']:.4f} %; "
+                 + ("masks equal on every frame)" if first is None else f"first frame that differs: {first})"))
     lines.append(f"logits |A-B|         max {result['logits_max_abs']:.4g}, mean {result['logits_mean_abs']:.4g}"
                  f"  (A's logit std {result['logits_std']:.4g}: max {result['logits_max_rel']:.3g}, mean "
                  f"{result['logits_mean_rel']:.3g} of it)")

@@ -96,7 +96,10 @@ def _export_into(out: Path, model, height, width, batch, dynamic_batch, preset, 
         qk, qv, mk, mv = encoder(frames)
         T = cfg.memory_frames
         head_args = (qk, qv, *[mk[:, i] for i in range(T)], *[mv[:, i] for i in range(T)])
+        log.info("[1/3] tracing the frame encoder to %s (torch.onnx.export: tens of seconds for a ResNet-50)",
+                 FRAME_ENCODER)
         _export(encoder, (frames,), out / FRAME_ENCODER, ["frames"], ENCODER_OUTPUTS, dynamic_batch)
+        log.info("[2/3] tracing the memory head to %s", MEMORY_HEAD)
         _export(head, tuple(a.contiguous() for a in head_args), out / MEMORY_HEAD, head_input_names(T),
                 HEAD_OUTPUTS, dynamic_batch, varargs_from=2)
     log.info("exported %s and %s in %.1f s", FRAME_ENCODER, MEMORY_HEAD, time.perf_counter() - started)
@@ -125,6 +128,7 @@ def _export_into(out: Path, model, height, width, batch, dynamic_batch, preset, 
         "versions": library_versions(),
     }
     if check:
+        log.info("[3/3] checking ONNX Runtime against torch")
         manifest["check"] = check_against_torch(out, encoder, head, T, check_frames, batch if not dynamic_batch else 1,
                                                 tolerance)
     manifest["files"] = file_entries(out, [FRAME_ENCODER, MEMORY_HEAD])

@@ -83,18 +83,19 @@ def bench_triton(url: str, model: str, clips, warmup: int, first_id: int = 1) ->
 def bench_serving(export_dir, url: str, model: str, streams: int, frames: int, warmup: int,
                   threads=None, rounds: int = 3) -> dict:
     H, W = load_manifest(export_dir).input_size
-    per_round = max(1, frames // rounds)
+    # Every frame asked for is timed: the rounds share them (the first rounds take one more where they don't divide).
+    per_round = [frames // rounds + (r < frames % rounds) for r in range(rounds)]
     measured = {"triton": [0.0, []], "in_process": [0.0, []]}
     for r in range(rounds):
-        clips = sequence_clips(streams, warmup + per_round, H, W, seed=r * streams)
+        clips = sequence_clips(streams, warmup + per_round[r], H, W, seed=r * streams)
         for name, (wall, lat) in (("triton", bench_triton(url, model, clips, warmup, first_id=1 + r * streams)),
                                   ("in_process", bench_in_process(export_dir, clips, warmup, threads))):
             measured[name][0] += wall
             measured[name][1] += lat
-    out = {name: {"fps": streams * per_round * rounds / wall, "latency_ms": summarize(np.asarray(lat) * 1e3)}
+    out = {name: {"fps": streams * frames / wall, "latency_ms": summarize(np.asarray(lat) * 1e3)}
            for name, (wall, lat) in measured.items()}
     served = out["triton"]
-    return {"streams": streams, "frames_per_stream": per_round * rounds, "warmup": warmup, "rounds": rounds,
+    return {"streams": streams, "frames_per_stream": frames, "warmup": warmup, "rounds": rounds,
             "input_size": [H, W], **out, "throughput_ratio": served["fps"] / out["in_process"]["fps"],
             "triton_p99_over_p50": served["latency_ms"]["p99"] / served["latency_ms"]["p50"]}
 

@@ -316,8 +316,8 @@ def test_serve_command_starts_prints_and_stops_on_sigint(export, tmp_path):
 
 def test_serve_bench_reports_both_paths(server, export):
     from tmanet.runtime.serve_bench import bench_serving, format_report
-    report = bench_serving(export, server.grpc_url, "tmanet", streams=2, frames=4, warmup=1, threads=1, rounds=2)
-    assert report["frames_per_stream"] == 4 and report["input_size"] == [H, W]
+    report = bench_serving(export, server.grpc_url, "tmanet", streams=2, frames=5, warmup=1, threads=1, rounds=2)
+    assert report["frames_per_stream"] == 5 and report["input_size"] == [H, W]  # every frame asked for, 3 + 2
     for path in ("triton", "in_process"):
         assert report[path]["fps"] > 0 and report[path]["latency_ms"]["p50"] > 0
     assert report["throughput_ratio"] == report["triton"]["fps"] / report["in_process"]["fps"]
