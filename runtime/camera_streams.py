@@ -13,6 +13,8 @@ from typing import Callable, Hashable
 from tmanet.io.ros_images import field, image_fields, image_to_rgb, stamp_seconds
 from tmanet.pictures import colorize
 
+from .segmenter import FrameSizeError
+
 
 class CameraStreams:
     """``open_segmenter()`` makes the segmenter (opened here, so a bad export fails before any input is
@@ -54,6 +56,9 @@ def segment_image_message(streams, camera, msg, palette=None, image=None) -> tup
     ``image``: the message's pixels when already decoded (``image_to_rgb``, e.g. by a reading thread).
     Returns the mask Image fields (mono8 class ids) and, when ``palette`` is given, the colour mask's (rgb8)."""
     header = field(msg, "header")
-    result = streams.push(camera, image_to_rgb(msg) if image is None else image, stamp_seconds(header))
+    try:
+        result = streams.push(camera, image_to_rgb(msg) if image is None else image, stamp_seconds(header))
+    except FrameSizeError as e:  # a camera stream runs whole frames: slide mode is no way out here
+        raise ValueError(e.describe(slide=False)) from None
     color = image_fields(colorize(result.mask, palette), header) if palette is not None else None
     return image_fields(result.mask, header), color

@@ -90,6 +90,22 @@ def rescale_logits(logits: np.ndarray, size, align_corners: bool) -> np.ndarray:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners).numpy()
 
 
+class FrameSizeError(ValueError):
+    """A whole-mode frame of another size than the export's, without ``resize``. The message names the ways
+    out; ``slide`` says whether slide mode is one of them (frames at least the export size, and a caller that
+    offers it: a camera stream of a ROS bag does not)."""
+
+    def __init__(self, size, export_size, slide: bool):
+        self.size, self.export_size = size, export_size
+        super().__init__(self.describe(slide))
+
+    def describe(self, slide: bool) -> str:
+        (H, W), (eh, ew) = self.size, self.export_size
+        hint = "use slide mode (mode='slide', `--mode slide`) to run crops of the export size, " if slide else ""
+        return (f"frame size {H}x{W} differs from the export size {eh}x{ew}: {hint}resize them with `--resize` "
+                f"(resize=True), or export at {H}x{W}")
+
+
 class StreamingSegmenter:
     def __init__(self, backend: Backend, spec: ExportSpec, mode: str = "whole", stride=None,
                  return_logits: bool = False, max_gap: float | None = DEFAULT_MAX_GAP,
@@ -250,10 +266,7 @@ class StreamingSegmenter:
             raise ValueError(f"empty {what}: {H}x{W} pixels")
         if self.mode == "whole":
             if (H, W) != (eh, ew) and not self.resize:
-                hint = ("use slide mode (mode='slide', `--mode slide`) to run crops of the export size, "
-                        if H >= eh and W >= ew else "")
-                raise ValueError(f"frame size {H}x{W} differs from the export size {eh}x{ew}: {hint}resize "
-                                 f"them with `--resize` (resize=True), or export at {H}x{W}")
+                raise FrameSizeError((H, W), (eh, ew), slide=H >= eh and W >= ew)
         else:
             if H < eh or W < ew:
                 raise ValueError(f"frame size {H}x{W} is smaller than the export size {eh}x{ew}: slide mode "

@@ -168,6 +168,15 @@ def test_mismatched_size_names_resize(export_b1, tmp_path, capsys):
     assert np.load(tmp_path / "l.npy").shape == (2, 19, 48, 96)
 
 
+def test_a_bag_camera_of_another_size_names_resize_not_slide(export_b1, drive, tmp_path, capsys):
+    """A bag's cameras run whole frames (slide mode is refused for bags), so the hint names --resize only."""
+    assert main(["run", str(export_b1), "--input", str(drive["path"]), "--topic", REAR, "--output",
+                 str(tmp_path / "o.mcap"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "differs from the export size 64x128" in err, err
+    assert "`--resize`" in err and "slide" not in err
+
+
 # -- tmanet run on an MCAP ----------------------------------------------------------------------------------
 def api_masks(export_dir, frames, times):
     seg = StreamingSegmenter.open(export_dir, resize=True, max_gap=1.0)
