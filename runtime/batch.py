@@ -275,36 +275,20 @@ def _segment_log(seg, chunk: Chunk) -> int:
     """``<topic>/mask`` of the messages in the chunk's log-time range into a part MCAP, as ``tmanet run`` on a
     log: each camera its own stream, timed by its header stamps."""
     from tmanet.io.mcap import McapImageWriter
-    from tmanet.io.ros_images import image_to_rgb, output_topic
+    from tmanet.io.ros_images import output_topic
 
-    from .camera_streams import CameraStreams, segment_image_message
-    from tmanet.io.threads import Prefetch
+    from .camera_streams import CameraStreams, segment_messages
     warm_from = chunk.warm_from or {}
     start = min(warm_from.values(), default=chunk.begin)
     messages = log_reader(chunk.item).read_images(Path(chunk.item), chunk.topics, start=start, end=chunk.end)
-
-    def decoded():  # in the reading thread, as tmanet run; a camera's messages before its warm-up are skipped
-        for topic, log_time, publish_time, msg in messages:
-            if log_time < warm_from.get(topic, chunk.begin or log_time):
-                continue
-            try:
-                image = image_to_rgb(msg)
-            except ValueError as e:
-                image = e
-            yield topic, log_time, publish_time, msg, image
-
+    # a camera's messages before its warm-up are skipped
+    messages = (m for m in messages if m[1] >= warm_from.get(m[0], chunk.begin or m[1]))
     streams = CameraStreams(lambda: seg)  # not closed here: the segmenter is the worker's
     part = Path(chunk.stage) / "parts" / f"part-{chunk.number:06d}.mcap"
     written = 0
     try:
-        with McapImageWriter(part) as writer, Prefetch(decoded()) as ahead:
-            for topic, log_time, publish_time, msg, image in ahead:
-                try:
-                    if isinstance(image, ValueError):
-                        raise image
-                    mask, _ = segment_image_message(streams, topic, msg, image=image)
-                except ValueError as e:
-                    raise UserError(f"{chunk.item}, {topic}, message at log time {log_time} ns: {e}") from None
+        with McapImageWriter(part) as writer:
+            for topic, log_time, publish_time, mask, _ in segment_messages(streams, messages, chunk.item):
                 if chunk.begin is None or log_time >= chunk.begin:
                     writer.write(output_topic(topic, "mask"), mask, log_time, publish_time)
                     written += 1

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Callable, Hashable
 
+from tmanet.errors import UserError
+from tmanet.io import ros_images
 from tmanet.io.ros_images import field, image_fields, image_to_rgb, stamp_seconds
+from tmanet.io.threads import Prefetch
 from tmanet.pictures import colorize
 
 from .segmenter import FrameSizeError
@@ -62,3 +65,27 @@ def segment_image_message(streams, camera, msg, palette=None, image=None) -> tup
         raise ValueError(e.describe(slide=False)) from None
     color = image_fields(colorize(result.mask, palette), header) if palette is not None else None
     return image_fields(result.mask, header), color
+
+
+def segment_messages(streams, messages, source, palette=None):
+    """Segment a log's image messages ``(topic, log_time, publish_time, message)`` in order, each topic a
+    camera of ``streams``; yields ``(topic, log_time, publish_time, mask fields, colour fields or None)``.
+    Parsing and pixel conversion run in a reading thread, ahead of the engines; a message that does not
+    decode or segment is one :class:`UserError` naming ``source``, its topic and log time."""
+    def decoded():
+        for topic, log_time, publish_time, msg in messages:
+            try:
+                image = ros_images.image_to_rgb(msg)
+            except ValueError as e:  # raised by the consumer, in order
+                image = e
+            yield topic, log_time, publish_time, msg, image
+
+    with Prefetch(decoded()) as ahead:
+        for topic, log_time, publish_time, msg, image in ahead:
+            try:
+                if isinstance(image, ValueError):
+                    raise image
+                mask, color = segment_image_message(streams, topic, msg, palette, image=image)
+            except ValueError as e:
+                raise UserError(f"{source}, {topic}, message at log time {log_time} ns: {e}") from None
+            yield topic, log_time, publish_time, mask, color

@@ -268,13 +268,11 @@ def run_log_command(args) -> int:
     from tqdm import tqdm
 
     from tmanet.errors import UserError
-
-    from .camera_streams import CameraStreams
     from tmanet.io.driving_logs import log_reader
     from tmanet.io.mcap import McapImageWriter
-    from tmanet.io.ros_images import image_to_rgb, output_topic
-    from .camera_streams import segment_image_message
-    from tmanet.io.threads import Prefetch
+    from tmanet.io.ros_images import output_topic
+
+    from .camera_streams import CameraStreams, segment_messages
     _backend_options(args)
     source, topics, output = _log_arguments(args)
     reader = log_reader(source)
@@ -282,27 +280,13 @@ def run_log_command(args) -> int:
     described = streams.describe()
     palette = streams.palette if args.color else None
     count, started = 0, time.perf_counter()
-
-    def decoded(messages):  # in the reading thread: parsing and pixel conversion run ahead of the engines
-        for topic, log_time, publish_time, msg in messages:
-            try:
-                image = image_to_rgb(msg)
-            except ValueError as e:  # reported by the consumer, which knows the output to discard
-                image = e
-            yield topic, log_time, publish_time, msg, image
-
     try:
         images = reader.read_images(source, topics, skip_damaged=args.allow_truncated)
-        with McapImageWriter(output, streams.class_names) as writer, Prefetch(decoded(images)) as ahead:
-            messages = tqdm(ahead, total=reader.count_messages(source, topics),
-                            desc="tmanet run", unit="image", disable=args.no_progress)
-            for topic, log_time, publish_time, msg, image in messages:
-                try:
-                    if isinstance(image, ValueError):
-                        raise image
-                    mask, color = segment_image_message(streams, topic, msg, palette, image=image)
-                except ValueError as e:
-                    raise UserError(f"{source}, {topic}, message at log time {log_time} ns: {e}") from None
+        with McapImageWriter(output, streams.class_names) as writer:
+            masks = tqdm(segment_messages(streams, images, source, palette),
+                         total=reader.count_messages(source, topics), desc="tmanet run", unit="image",
+                         disable=args.no_progress)
+            for topic, log_time, publish_time, mask, color in masks:
                 writer.write_mask(output_topic(topic, "mask"), mask, log_time, publish_time)
                 if color is not None:
                     writer.write(output_topic(topic, "color_mask"), color, log_time, publish_time)
