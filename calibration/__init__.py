@@ -98,10 +98,10 @@ class _Conversion:
 def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str | None = None,
               frame_precision: str | None = None, head_precision: str | None = None,
               keep_attention_fp32: bool = True, method: str | None = None, int8_high_precision: str | None = None,
-              quantize_residual: bool = False, int8_keep=(), data_max: float | None = None,
+              quantize_residual: bool = False, int8_keep=None, data_max: float | None = None,
               reference_batches: int = 8, gate: bool = True, gate_frames=None, gate_num: int | None = None,
               overwrite: bool = False, threads: int | None = None, progress: bool = True, target: str = "trt",
-              sweep: bool = True) -> dict:
+              sweep: bool = True, gate_clips: int | None = None) -> dict:
     """Write the float32 export ``src_dir`` at new per-engine precisions into ``out_dir`` and return its
     manifest (``manifest["calibration"]["gate"]`` holds the comparison with ``src_dir`` when ``gate``).
 
@@ -114,16 +114,24 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     INT8 range calibration, 'entropy' (trt default) or 'max'; the cpu target also 'percentile' (its default). ``int8_high_precision``: what INT8 graphs run unquantized
     parts in ('fp16' or 'fp32'). ``quantize_residual``: quantize the residual shortcuts (identity additions,
     downsample convolutions) too, ModelOpt's default placement; off: they stay high precision.
-    ``int8_keep``: torch module paths (e.g. 'backbone.layer1') left unquantized in the INT8 graphs.
-    ``data_max``: AutoCast keeps nodes with larger float32 values in float32.
+    ``int8_keep``: torch module paths (e.g. 'backbone.layer1') left unquantized in the INT8 graphs (default:
+    for the trt target, those of ``TRT_DEFAULT_KEEP`` the graphs hold; for the cpu target, none: its sweep
+    chooses). ``data_max``: AutoCast keeps nodes with larger float32 values in float32.
     ``reference_batches``: batches for AutoCast's float32 reference run. The gate streams ``gate_frames``
-    (default: the held-back frames) through both exports. On error nothing is left behind in ``out_dir``.
+    (default: the held-back frames) through both exports, then ``gate_clips`` unseen synthetic driving clips
+    (default 4, :mod:`.gate_clips`) one by one; it passes when the gate frames and the worst clip reach the
+    target. On error nothing is left behind in ``out_dir``.
     """
     from tmanet.export.manifest import write_manifest
 
     from .precision import require_modelopt
+    from .gate_clips import GATE_CLIPS, gate_seeds
     from .quantize import engine_batch, frame_streams
     precisions = resolve_precisions(precision, frame_precision, head_precision)
+    try:
+        seeds = gate_seeds(GATE_CLIPS if gate_clips is None else gate_clips)
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
     int8_high_precision = _checked_target(target, precisions, int8_high_precision, quantize_residual)
     method = method or ("percentile" if target == "cpu" else "entropy")
     num, data_max = _checked_options(method, int8_high_precision, num, reference_batches, data_max, target)
@@ -133,7 +141,7 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     if target == "trt" or "fp16" in precisions.values():
         require_modelopt()
     conversion = _Conversion(precisions, keep_attention_fp32, method, int8_high_precision, quantize_residual,
-                             _check_int8_keep(src, precisions, tuple(int8_keep)), data_max, reference_batches,
+                             _int8_keep(src, precisions, target, int8_keep), data_max, reference_batches,
                              engine_batch(spec), target, sweep, threads)
     streams = frame_streams(frames, spec.input_size, spec, num)
     held_back = None
@@ -144,8 +152,8 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
         new = _calibrated_manifest(spec, src, stage, precisions, streams, engines, target)
         write_manifest(stage, new)
         if gate:
-            new["calibration"]["gate"] = _gate(src, stage, out, held_back, gate_frames, gate_num, threads,
-                                               progress)
+            new["calibration"]["gate"] = _gate(src, stage, out, held_back, gate_frames, gate_num, seeds,
+                                               spec.input_size, threads, progress)
             write_manifest(stage, new)
     new["directory"] = str(out)
     return new
@@ -281,9 +289,13 @@ def _calibrated_manifest(spec, src: Path, stage: Path, precisions: dict, streams
     return new
 
 
-def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, threads, progress) -> dict:
-    """The staged export against the source on ``gate_frames``, or on the frames held back from calibration."""
-    from .compare import compare_exports
+def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, seeds, size, threads,
+          progress) -> dict:
+    """The staged export against the source on ``gate_frames`` (or the frames held back from calibration),
+    then on the unseen clips of ``seeds`` at the export ``size``: ``passed`` when both reach the target
+    (``frames_passed``: the gate frames alone; ``clips``: each clip and the worst)."""
+    from .compare import compare_clips, compare_exports
+    from .gate_clips import unseen_clips
     clip = gate_frames if gate_frames is not None else held_back["clip"]
     result = compare_exports(src, stage, clip, num=gate_num, threads=threads, progress=progress)
     result["b"]["directory"] = str(out)
@@ -294,14 +306,26 @@ def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, t
                                  "calibration")
     else:
         result["gate_frames"] = f"--gate-frames {result['source']} (not calibrated on)"
+    result["frames_passed"] = result["passed"]
+    result["clips"] = None
+    if seeds:
+        clips = compare_clips(src, stage, unseen_clips(*size, seeds=seeds), threads=threads, progress=progress)
+        clips["b"]["directory"] = str(out)
+        result["clips"] = clips
+        if result["passed"] is not None:
+            result["passed"] = bool(result["passed"] and clips["passed"])
     return result
 
 
-def _check_int8_keep(src: Path, precisions: dict, keep: tuple) -> dict:
-    """Per INT8 engine, the ``keep`` modules its graph holds, in order; every module must be in one of them."""
+def _int8_keep(src: Path, precisions: dict, target: str, keep) -> dict:
+    """Per INT8 engine, the modules ``keep`` names that its graph holds, in order; every module must be in one
+    of them. ``keep`` None: the target's default (trt: the modules of ``TRT_DEFAULT_KEEP`` the graphs hold)."""
     from .precision import module_names
+    from .quantize import TRT_DEFAULT_KEEP
     int8 = {e: _graph_file(e) for e in ENGINES if precisions[e] == "int8"}
-    if not keep:
+    default = keep is None
+    keep = (TRT_DEFAULT_KEEP if target == "trt" else ()) if default else tuple(keep)
+    if not keep or (default and not int8):
         return {e: [] for e in int8}
     if not int8:
         raise CalibrationError(f"modules to keep unquantized ({', '.join(keep)}) apply to INT8 engines only; "
@@ -310,7 +334,7 @@ def _check_int8_keep(src: Path, precisions: dict, keep: tuple) -> dict:
     modules = {e: set(module_names(onnx.load(str(src / f), load_external_data=False))) for e, f in int8.items()}
     found = {e: [m for m in keep if m in names] for e, names in modules.items()}
     missing = [m for m in keep if not any(m in f for f in found.values())]
-    if missing:
+    if missing and not default:
         known = sorted({m for names in modules.values() for m in names if m.count(".") <= 1})
         if not known:
             raise CalibrationError(f"{src}: the graphs record no module names (exported by an older tmanet "

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from .gate_clips import GATE_CLIPS, GATE_FRAMES
+from .quantize import TRT_DEFAULT_KEEP
+
 PRECISION_CHOICES = ("fp32", "fp16", "int8")
 
 
@@ -42,9 +45,11 @@ def register(sub):
                    help="INT8: quantize the residual shortcuts too (identity additions and downsample "
                         "convolutions: ModelOpt's default placement, lets TensorRT fuse the additions into INT8 "
                         "convolutions, less accurate). Default: the shortcuts stay fp16/fp32")
-    p.add_argument("--int8-keep", action="append", default=[], metavar="MODULE",
+    p.add_argument("--int8-keep", action="append", metavar="MODULE",
                    help="INT8: leave this torch module and its submodules unquantized, by its path in the "
-                        "model (e.g. backbone.layer1, backbone.layer2.0.downsample, key_conv); repeatable")
+                        "model (e.g. backbone.layer1, backbone.layer2.0.downsample, key_conv); repeatable. "
+                        f"Default for --target trt: {' '.join(TRT_DEFAULT_KEEP)} (where the model has them); "
+                        "'none': quantize them too")
     p.add_argument("--data-max", type=float, metavar="X",
                    help="FP16: AutoCast keeps nodes whose fp32 values exceed X in fp32 (default 512)")
     p.add_argument("--reference-batches", type=int, default=8, metavar="K",
@@ -53,6 +58,9 @@ def register(sub):
                    help="frames for the accuracy gate, not calibrated on (default: the last quarter of --frames, "
                         "held back from calibration)")
     p.add_argument("--gate-num", type=int, metavar="N", help="gate frames to use (default: all)")
+    p.add_argument("--gate-clips", type=int, default=GATE_CLIPS, metavar="N",
+                   help=f"the gate also streams N unseen synthetic driving clips ({GATE_FRAMES} frames each, at the "
+                        f"export size) and judges the worst (default {GATE_CLIPS}; 0: the gate frames only)")
     p.add_argument("--no-gate", action="store_true", help="skip the accuracy gate")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for the gate (default: ORT's)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -117,7 +125,7 @@ def run_calibrate(args) -> int:
     from tmanet.errors import UserError
 
     from . import CalibrationError, calibrate
-    from .compare import CompareError, format_table
+    from .compare import CompareError, format_clips, format_table
     from .precision import PrecisionError
     from .quantize import CalibrationDataError
     for value, flag in ((args.num, "--num"), (args.gate_num, "--gate-num"), (args.threads, "--threads"),
@@ -128,12 +136,13 @@ def run_calibrate(args) -> int:
                              frame_precision=args.frame_precision, head_precision=args.head_precision,
                              keep_attention_fp32=args.keep_attention_fp32, method=args.method,
                              int8_high_precision=args.int8_high_precision,
-                             quantize_residual=args.quantize_residual, int8_keep=args.int8_keep,
+                             quantize_residual=args.quantize_residual,
+                             int8_keep=None if args.int8_keep is None else [m for m in args.int8_keep if m != "none"],
                              data_max=args.data_max,
                              reference_batches=args.reference_batches, gate=not args.no_gate,
                              gate_frames=args.gate_frames, gate_num=args.gate_num, overwrite=args.force,
                              threads=args.threads, progress=not args.no_progress, target=args.target,
-                             sweep=not args.no_sweep)
+                             sweep=not args.no_sweep, gate_clips=args.gate_clips)
     except (CalibrationError, CalibrationDataError, CompareError, PrecisionError) as e:
         raise UserError(str(e)) from None
     prec = manifest["precision"]
@@ -144,7 +153,14 @@ def run_calibrate(args) -> int:
     if gate is None:
         return 0
     print(f"gate frames          {gate['gate_frames']}")
-    print(format_table(gate))
+    print(format_table({**gate, "passed": gate["frames_passed"]}, verdict="gate frames"))
+    if gate["clips"]:
+        clips = gate["clips"]
+        print(f"\nunseen clips         {len(clips['clips'])} synthetic driving clips, not calibrated on")
+        print(format_clips(clips))
+        if gate["passed"] is not None:
+            print(f"gate                 {'PASS' if gate['passed'] else 'FAIL'}: the gate frames and the worst "
+                  f"clip >= {100 * gate['target']:g} %")
     if gate["passed"] is False and "int8" in prec.values() and manifest["target"] == "cpu":
         print("INT8 below its target: try --int8-keep MODULE for sensitive modules (e.g. backbone.layer1), more "
               "or more varied --frames, or --frame-precision fp32 --head-precision int8")

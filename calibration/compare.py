@@ -235,8 +235,8 @@ def compare_exports(dir_a, dir_b, frames, labels=None, num: int | None = None, t
     return result
 
 
-def format_table(result: dict) -> str:
-    """The comparison as a small text table."""
+def format_table(result: dict, verdict: str = "gate") -> str:
+    """The comparison as a small text table; its last line, named ``verdict``, says whether B met its target."""
     a, b = result["a"], result["b"]
     def backend(side):
         options = ", ".join(f"{k} {v}" for k, v in (side.get("options") or {}).items())
@@ -260,8 +260,8 @@ def format_table(result: dict) -> str:
                  f"  (A's logit std {result['logits_std']:.4g}: max {result['logits_max_rel']:.3g}, mean "
                  f"{result['logits_mean_rel']:.3g} of it)")
     if result["target"] is not None:
-        verdict = "PASS" if result["passed"] else "FAIL"
-        lines.append(f"gate                 {verdict}: target >= {100 * result['target']:g} % agreement for "
+        label, verdict = verdict, "PASS" if result["passed"] else "FAIL"
+        lines.append(f"{label:<20} {verdict}: target >= {100 * result['target']:g} % agreement for "
                      f"{precision_label(b['precision'])}")
     return "\n".join(lines)
 

@@ -174,11 +174,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-openvino", action="store_true", help="ONNX Runtime only")
     p.add_argument("--json", metavar="F", help="write the results as JSON")
     a = p.parse_args(argv)
-    if a.rounds < 1 or a.repeats < 1 or a.clips < 0:
-        p.error("--rounds and --repeats must be >= 1, --clips >= 0")
+    from .gate_clips import MAX_GATE_CLIPS, gate_seeds, unseen_clips
+    if a.rounds < 1 or a.repeats < 1 or not 0 <= a.clips <= MAX_GATE_CLIPS:
+        p.error(f"--rounds and --repeats must be >= 1, --clips in 0..{MAX_GATE_CLIPS}")
     exports = {"fp32": a.fp32, **({"cpu-int8": a.cpu_int8} if a.cpu_int8 else {}),
                **({"trt-int8": a.trt_int8} if a.trt_int8 else {})}
-    from .gate_clips import unseen_clips
     spec = load_manifest(a.fp32)
     H, W = spec.input_size
     frames = unseen_clips(H, W, seeds=(2026,), frames=8)[0][1]
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     out = {"input_size": [H, W], "times_ms": times, "openvino": note, "gates": {}}
     if a.clips:
         from .compare import compare_clips, format_clips
-        clips = unseen_clips(H, W, seeds=tuple(9101 + i for i in range(a.clips)))
+        clips = unseen_clips(H, W, seeds=gate_seeds(a.clips))
         for kind in [k for k in ("cpu-int8", "trt-int8") if k in exports]:
             g = compare_clips(a.fp32, exports[kind], clips, threads=a.threads, progress=False)
             print(f"\n{kind} against fp32 on {a.clips} unseen clips:\n{format_clips(g)}")

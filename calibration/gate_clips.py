@@ -8,9 +8,21 @@ imports no calibration), cheaper than moving the renderer into the core.
 """
 from __future__ import annotations
 
-GATE_SEEDS = (9101, 9102, 9103, 9104)  # no calibration, test or demo clip uses these seeds
+FIRST_GATE_SEED = 9101                    # no calibration, test or demo clip uses seeds from here on
+GATE_CLIPS = 4                            # clips per gate: one clip says little, the worst of four says more
+MAX_GATE_CLIPS = 32
 GATE_FRAMES = 16
 GATE_DEGRADATION = 0.5
+
+
+def gate_seeds(count: int = GATE_CLIPS) -> tuple:
+    """The seeds of the first ``count`` unseen clips (``0 <= count <= MAX_GATE_CLIPS``)."""
+    if not 0 <= count <= MAX_GATE_CLIPS:
+        raise ValueError(f"the number of unseen gate clips must lie in 0..{MAX_GATE_CLIPS}, got {count}")
+    return tuple(FIRST_GATE_SEED + i for i in range(count))
+
+
+GATE_SEEDS = gate_seeds()
 
 
 def unseen_clips(height: int, width: int, seeds=GATE_SEEDS, frames: int = GATE_FRAMES,
@@ -22,4 +34,5 @@ def unseen_clips(height: int, width: int, seeds=GATE_SEEDS, frames: int = GATE_F
             for s in seeds]
 
 
-__all__ = ["unseen_clips", "GATE_SEEDS", "GATE_FRAMES", "GATE_DEGRADATION"]
+__all__ = ["unseen_clips", "gate_seeds", "GATE_CLIPS", "GATE_SEEDS", "MAX_GATE_CLIPS", "GATE_FRAMES",
+           "GATE_DEGRADATION"]

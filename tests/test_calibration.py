@@ -327,6 +327,28 @@ def test_int8_keep_modules_unquantized(modelopt, tiny_export, clip_file, tmp_pat
     assert not any(w.startswith(("backbone.layer1.", "key_conv.")) for w in quantized_weights)
 
 
+def test_trt_target_keeps_stem_and_first_stage_by_default(modelopt, tiny_export, clip_file, tmp_path):
+    """The trt recipe leaves backbone.stem and backbone.layer1 (those the model has) at the high precision unless
+    told otherwise; int8_keep=() (CLI: --int8-keep none) quantizes them too; the cpu target keeps none (its sweep
+    chooses)."""
+    from tmanet.calibration.precision import module_names
+    from tmanet.calibration.quantize import TRT_DEFAULT_KEEP
+    from tmanet.cli import main
+    source = _load(tiny_export / "frame_encoder.onnx")
+    layer1 = {n.name for n in source.graph.node if n.op_type == "Conv" and in_module(module_of(n), "backbone.layer1")}
+    default = calibrate(tiny_export, tmp_path / "d", clip_file, precision="int8", gate=False, progress=False)
+    engine = default["calibration"]["engines"]["frame_encoder"]
+    assert set(engine["kept_modules"]) == set(TRT_DEFAULT_KEEP) & set(module_names(source))
+    assert layer1 and not layer1 & set(engine["quantized_nodes"])
+    assert main(["calibrate", str(tiny_export), "--frames", str(clip_file), "--precision", "int8", "--int8-keep",
+                 "none", "--no-gate", "--no-progress", "--out", str(tmp_path / "none")]) == 0
+    engine = load_manifest(tmp_path / "none").to_dict()["calibration"]["engines"]["frame_encoder"]
+    assert engine["kept_modules"] == {} and layer1 <= set(engine["quantized_nodes"])
+    cpu = calibrate(tiny_export, tmp_path / "cpu", clip_file, precision="int8", target="cpu", sweep=False,
+                    gate=False, progress=False)
+    assert cpu["calibration"]["engines"]["frame_encoder"]["kept_modules"] == {}
+
+
 def test_int8_keep_errors_leave_nothing(modelopt, tiny_export, clip_file, tmp_path):
     with pytest.raises(CalibrationError, match=r"no module 'backbone\.layer9'.*modules include: backbone, "
                                                 r"backbone\.layer1"):
@@ -596,6 +618,42 @@ def test_gate_never_uses_calibration_frames(tiny_export, tmp_path):
                      gate_frames=clip[:3], progress=False)  # explicit gate frames: all frames calibrate
     assert only["calibration"]["frames"]["frames"] == 8
     assert only["calibration"]["gate"]["gate_frames"] == "--gate-frames <array> (not calibrated on)"
+
+
+def test_calibrate_gate_judges_the_worst_unseen_clip(tiny_export, tmp_path, capsys):
+    """The gate streams the held-back frames and then unseen synthetic clips (seeds 9101.., at the export
+    size), one by one: it passes only when both reach the target; --gate-clips 0 keeps the frames alone."""
+    from tmanet.calibration.compare import compare_clips
+    from tmanet.calibration.gate_clips import unseen_clips
+    from tmanet.cli import main
+    clip = make_noise_clip(8, H, W, seed=3)
+    manifest = calibrate(tiny_export, tmp_path / "q", clip, precision="int8", target="cpu", sweep=False,
+                         gate_clips=2, progress=False)
+    gate = manifest["calibration"]["gate"]
+    clips = gate["clips"]
+    assert [c["clip"] for c in clips["clips"]] == ["synthetic seed 9101", "synthetic seed 9102"]
+    assert all(c["frames"] == 16 for c in clips["clips"])
+    direct = compare_clips(tiny_export, tmp_path / "q", unseen_clips(H, W, seeds=(9101, 9102)), progress=False)
+    assert clips["worst_clip_agreement"] == direct["worst_clip_agreement"] < 1  # really int8, really those clips
+    assert gate["frames_passed"] == (gate["pixel_agreement"] >= 0.99)
+    assert gate["passed"] == (gate["frames_passed"] and clips["worst_clip_agreement"] >= 0.99)
+    assert load_manifest(tmp_path / "q").to_dict()["calibration"]["gate"]["clips"]["worst_clip"] == clips["worst_clip"]
+    frames_only = calibrate(tiny_export, tmp_path / "f", clip, precision="int8", target="cpu", sweep=False,
+                            gate_clips=0, progress=False)["calibration"]["gate"]
+    assert frames_only["clips"] is None and frames_only["passed"] == frames_only["frames_passed"]
+    with pytest.raises(CalibrationError, match="unseen gate clips must lie in 0..32"):
+        calibrate(tiny_export, tmp_path / "bad", clip, precision="int8", target="cpu", gate_clips=-1)
+    assert not (tmp_path / "bad").exists()
+    np.save(tmp_path / "clip.npy", clip)
+    code = main(["calibrate", str(tiny_export), "--frames", str(tmp_path / "clip.npy"), "--precision", "int8",
+                 "--target", "cpu", "--no-sweep", "--gate-clips", "1", "--out", str(tmp_path / "cli"),
+                 "--no-progress"])
+    printed = capsys.readouterr().out
+    gate = load_manifest(tmp_path / "cli").to_dict()["calibration"]["gate"]
+    assert code == (0 if gate["passed"] else 1)
+    assert "unseen clips         1 synthetic driving clips, not calibrated on" in printed
+    assert "synthetic seed 9101" in printed and "worst clip" in printed and "gate frames          " in printed
+    assert f"gate                 {'PASS' if gate['passed'] else 'FAIL'}: the gate frames and the worst clip" in printed
 
 
 def test_sensitivity_sweep_keeps_the_most_sensitive_layers(tiny_export, tmp_path):
