@@ -266,14 +266,16 @@ def format_table(result: dict, verdict: str = "gate") -> str:
     return "\n".join(lines)
 
 
-def compare_clips(dir_a, dir_b, clips, threads: int | None = None, progress: bool = True) -> dict:
+def compare_clips(dir_a, dir_b, clips, threads: int | None = None, progress: bool = True,
+                  backends: tuple = (("ort", {}), ("ort", {}))) -> dict:
     """The gate over several clips (``[(name, frames)]``, e.g. :func:`~.gate_clips.unseen_clips`): each
-    clip streamed on its own (fresh memory), judged by the **worst** clip's pixel agreement."""
+    clip streamed on its own (fresh memory), judged by the **worst** clip's pixel agreement. ``backends``: as
+    for :func:`compare_exports`."""
     if not clips:
         raise CompareError("no clips to compare")
     per_clip = []
     for name, frames in clips:
-        r = compare_exports(dir_a, dir_b, frames, threads=threads, progress=progress)
+        r = compare_exports(dir_a, dir_b, frames, threads=threads, progress=progress, backends=backends)
         per_clip.append({"clip": name, "frames": r["frames"], "pixel_agreement": r["pixel_agreement"],
                          "worst_frame_agreement": r["worst_frame_agreement"]})
     worst = min(per_clip, key=lambda c: c["pixel_agreement"])

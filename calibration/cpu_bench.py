@@ -145,7 +145,8 @@ def _variants(exports: dict, threads, with_openvino: bool):
     default = ov_default_precision(core)
     note = f"OpenVINO {__import__('openvino').__version__}: default CPU inference precision {default}"
     for kind in [k for k in ("fp32", "cpu-int8") if k in exports]:
-        for precision, label in (("f32", "f32"), (None, default)):
+        # its default is a second variant only where it is not f32 (bf16 on CPUs with AVX-512 BF16 / AMX)
+        for precision, label in (("f32", "f32"), *(((None, default),) if default != "f32" else ())):
             variants.append(Variant(f"openvino {kind} {label}",
                                     {e: ov_runner(core, Path(exports[kind]) / f, precision, threads)
                                      for e, f in ENGINES}, specs[kind].memory_frames))
@@ -195,6 +196,12 @@ def main(argv=None) -> int:
             g = compare_clips(a.fp32, exports[kind], clips, threads=a.threads, progress=False)
             print(f"\n{kind} against fp32 on {a.clips} unseen clips:\n{format_clips(g)}")
             out["gates"][kind] = g
+        # OpenVINO's bf16 is a lower precision too: judged on the same clips against ORT fp32
+        for kind in [k for k in ("fp32", "cpu-int8") if f"openvino {k} bf16" in times]:
+            g = compare_clips(a.fp32, exports[kind], clips, threads=a.threads, progress=False,
+                              backends=(("ort", {}), ("openvino", {"precision": "bf16"})))
+            print(f"\nopenvino {kind} bf16 against ORT fp32 on {a.clips} unseen clips:\n{format_clips(g)}")
+            out["gates"][f"openvino {kind} bf16"] = g
     if a.json:
         from tmanet.safe_files import write_json
         write_json(a.json, out)

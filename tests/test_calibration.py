@@ -725,11 +725,16 @@ def test_cpu_bench_times_every_variant_in_one_run(tiny_export, tmp_path, monkeyp
     out = tmp_path / "bench.json"
     args = [str(tiny_export), "--cpu-int8", str(cpu), "--rounds", "1", "--repeats", "1", "--threads", "1"]
     if importlib.util.find_spec("openvino") is not None:
-        assert cpu_bench.main([*args, "--json", str(out)]) == 0
-        times = json.loads(out.read_text())["times_ms"]
+        assert cpu_bench.main([*args, "--clips", "1", "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        times = result["times_ms"]
         assert {"ort fp32", "ort cpu-int8", "openvino fp32 f32", "openvino cpu-int8 f32"} <= set(times)
-        assert len(times) == 6 and all(t[k] > 0 for t in times.values() for k in ("frame_encoder", "memory_head",
-                                                                                    "frame"))
+        bf16 = [k for k in ("fp32", "cpu-int8") if f"openvino {k} bf16" in times]  # where the CPU has BF16
+        assert len(times) == 4 + len(bf16) and all(t[k] > 0 for t in times.values()
+                                                   for k in ("frame_encoder", "memory_head", "frame"))
+        # every lower precision judged on the unseen clip: the INT8 export, and OpenVINO's bf16
+        assert set(result["gates"]) == {"cpu-int8", *(f"openvino {k} bf16" for k in bf16)}
+        assert all(len(g["clips"]) == 1 and 0 < g["worst_clip_agreement"] <= 1 for g in result["gates"].values())
         # OpenVINO reads the same graphs: its f32 masks are the fp32 export's
         core = cpu_bench.openvino_core()
         run = cpu_bench.ov_runner(core, tiny_export / "frame_encoder.onnx", "f32", 1)
