@@ -30,8 +30,10 @@ PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 LANGUAGES = {"bash": "bash", "sh": "bash", "shell": "bash", "console": "bash", "python": "python", "py": "python"}
 NOT_RUN = "# not run by tests/test_docs.py:"
 # (as written, as run): export and clip sizes, frame counts.
-SMALLER = [("--height 128 --width 256", "--height 64 --width 128"),
-           ("height=128, width=256", "height=64, width=128"),
+# 96x192, not smaller: the quick start's INT8 gate judges 4 unseen clips, which an export of 64x128 misses
+# (98.8 % worst clip, against 99.3 % at 96x192 and 99.5 % at the README's 128x256).
+SMALLER = [("--height 128 --width 256", "--height 96 --width 192"),
+           ("height=128, width=256", "height=96, width=192"),
            ("frames=24", "frames=8"),
            ("--frames 20", "--frames 5")]
 BLOCK_SECONDS = 300  # a hung command fails its block instead of the whole suite
