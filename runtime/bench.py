@@ -265,6 +265,12 @@ def run_bench(export_dir, backend: str = "ort", device: str = "cpu", frames: int
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
     }
+    if device == "cpu":
+        import importlib.util
+
+        from tmanet.cpu_features import cpu_flags, cpu_hints
+        report["hints"] = cpu_hints(backend, spec.precision, spec.target, cpu_flags(),
+                                    openvino=importlib.util.find_spec("openvino") is not None)
     report.update(_latency_report(measured, streams))
     report.update(_pipeline_report(measured.alone, report["latency_ms"]))
     if bare is not None:
@@ -461,6 +467,7 @@ def format_report(r: dict) -> str:
         lines.append("device        " + ", ".join(f"{k} p50 {v['p50']:.3f}" for k, v in r["device_timing_ms"].items()))
     if r.get("roofline"):
         lines += format_roofline(r["roofline"])
+    lines += [f"hint          {h}" for h in r.get("hints") or ()]
     return "\n".join(lines)
 
 

@@ -304,3 +304,41 @@ def test_bench_profile_writes_traces_and_tables(export_b1, tmp_path, capsys):
     assert main(["bench", str(export_b1), "--frames", "1", "--warmup", "0", "--no-roofline", "--no-progress",
                  "--profile", str(out)]) == 0
     assert json.loads((out / "ops.json").read_text())["head"]["runs"] == 1
+
+
+def test_cpu_hints_follow_the_cpu_and_the_export():
+    """What bench says about the CPU path: a TensorRT-placed INT8 export on ONNX Runtime, INT8 on a CPU without
+    integer dot products, and OpenVINO's bf16 where the CPU has it; nothing when nothing is known."""
+    from tmanet.cpu_features import cpu_hints, parse_flags
+    spr = parse_flags("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_int8\n")
+    avx2 = parse_flags("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    arm = parse_flags("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert "avx512_vnni" in spr and "asimddp" in arm and parse_flags("no flags here") == frozenset()
+    fp32, int8 = {"frame_encoder": "fp32", "memory_head": "fp32"}, {"frame_encoder": "int8", "memory_head": "int8"}
+    assert cpu_hints("ort", fp32, "trt", avx2, openvino=True) == []
+    trt = cpu_hints("ort", int8, "trt", spr, openvino=False)
+    assert len(trt) == 1 and "placed for TensorRT" in trt[0] and "--target cpu" in trt[0]
+    assert cpu_hints("ort", int8, "cpu", spr, openvino=False) == []     # VNNI: INT8 pays
+    assert cpu_hints("ort", int8, "cpu", arm, openvino=False) == []     # Arm dot-product too
+    no_dot = cpu_hints("ort", int8, "cpu", avx2, openvino=False)
+    assert len(no_dot) == 1 and "no VNNI" in no_dot[0]
+    bf16 = cpu_hints("ort", fp32, "trt", spr, openvino=True)
+    assert len(bf16) == 1 and "--backend openvino --precision bf16" in bf16[0]
+    assert cpu_hints("ort", fp32, "trt", spr, openvino=False) == []     # not installed: not offered
+    assert cpu_hints("openvino", int8, "trt", spr, openvino=True) == []  # other backends: their own business
+    assert cpu_hints("ort", int8, "trt", frozenset(), openvino=True) == []  # flags unknown: say nothing
+
+
+def test_bench_report_carries_the_cpu_hints(export_b1, monkeypatch):
+    import importlib.util
+
+    from tmanet import cpu_features
+    from tmanet.runtime.bench import format_report
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2"}))
+    report = run_bench(export_b1, frames=2, warmup=1, progress=False, roofline=False)
+    assert report["hints"] == [] and "hint" not in format_report(report)  # fp32, no BF16: nothing to say
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    report = run_bench(export_b1, frames=2, warmup=1, progress=False, roofline=False)
+    with_openvino = importlib.util.find_spec("openvino") is not None
+    assert len(report["hints"]) == int(with_openvino)
+    assert ("hint          this CPU has AVX-512 BF16 / AMX" in format_report(report)) == with_openvino
