@@ -81,7 +81,12 @@ def register(sub):
     c.add_argument("--backends", metavar="A,B", default="ort,ort",
                    help="the backends of A and B, each NAME or NAME:PRECISION (e.g. ort,openvino:bf16, "
                         "ort,trt; default ort,ort)")
-    c.add_argument("--frames", required=True, metavar="SRC", help="video, image folder or .npy uint8 clip")
+    source = c.add_mutually_exclusive_group(required=True)
+    source.add_argument("--frames", metavar="SRC", help="video, image folder or .npy uint8 clip")
+    source.add_argument("--clips", type=int, metavar="N",
+                        help=f"instead of --frames: N unseen synthetic driving clips at the export size, each "
+                             f"streamed with fresh memory, judged by the worst (tmanet calibrate's gate uses "
+                             f"{GATE_CLIPS})")
     c.add_argument("--labels", metavar="SRC", help="label maps: .npy uint8 (F,H,W) or a folder of single-channel "
                                                    "PNGs, one per frame in order; 255 = ignore")
     c.add_argument("--num", type=int, metavar="N", help="frames to compare (default: all)")
@@ -165,9 +170,10 @@ def run_calibrate(args) -> int:
         print("INT8 below its target: try --int8-keep MODULE for sensitive modules (e.g. backbone.layer1), more "
               "or more varied --frames, or --frame-precision fp32 --head-precision int8")
     elif gate["passed"] is False and "int8" in prec.values():
-        print("INT8 below its target: try --int8-high-precision fp32, --int8-keep MODULE for sensitive modules "
-              "(e.g. backbone.layer1, reduce), more or more varied --frames, or an fp16 frame engine "
-              "(--frame-precision fp16 --head-precision int8)")
+        print("INT8 below its target: calibrate on more varied --frames first (several clips: at 256x512 the "
+              "demo model passes only so); then try --int8-high-precision fp32, --int8-keep MODULE for sensitive "
+              "modules (e.g. backbone.layer2, reduce), or an fp16 frame engine (--frame-precision fp16 "
+              "--head-precision int8)")
     return 0 if gate["passed"] in (True, None) else 1
 
 
@@ -175,22 +181,40 @@ def run_compare(args) -> int:
     from tmanet.errors import UserError
     from tmanet.safe_files import check_output, refuse_overwriting_inputs, write_json
 
-    from .compare import CompareError, compare_exports, format_table
+    from .compare import CompareError, compare_exports, format_clips, format_table
     _positive(args.num, "--num")
+    _positive(args.clips, "--clips")
     _positive(args.threads, "--threads")
     backends = _parse_backends(args.backends)
     dir_b = args.dir_b or args.dir_a
     if args.dir_b is None and backends[0] == backends[1]:
         raise UserError("compare needs two exports (DIR_A DIR_B) or two backends (--backends A,B)")
+    if args.clips is not None and (args.labels or args.num):
+        raise UserError("--labels and --num go with --frames; --clips streams synthetic clips of its own")
     if args.json:
         check_output(args.json, "file", "--json")
         refuse_overwriting_inputs([args.json], [args.dir_a, dir_b, args.frames, args.labels])
     try:
-        result = compare_exports(args.dir_a, dir_b, args.frames, labels=args.labels, num=args.num,
-                                 threads=args.threads, progress=not args.no_progress, backends=backends)
+        if args.clips is not None:
+            result = _compare_unseen_clips(args.dir_a, dir_b, args.clips, args.threads, not args.no_progress,
+                                           backends)
+        else:
+            result = compare_exports(args.dir_a, dir_b, args.frames, labels=args.labels, num=args.num,
+                                     threads=args.threads, progress=not args.no_progress, backends=backends)
     except (CompareError, ValueError) as e:
         raise UserError(str(e)) from None
-    print(format_table(result))
+    print(format_clips(result) if args.clips is not None else format_table(result))
     if args.json:
         write_json(args.json, result)
     return 0 if result["passed"] in (True, None) else 1
+
+
+def _compare_unseen_clips(dir_a, dir_b, count: int, threads, progress: bool, backends) -> dict:
+    """``compare_clips`` on ``count`` unseen synthetic clips at the exports' size (the calibrate gate's clips)."""
+    from tmanet.manifest import load_manifest
+
+    from .compare import compare_clips
+    from .gate_clips import gate_seeds, unseen_clips
+    seeds = gate_seeds(count)  # ValueError beyond MAX_GATE_CLIPS
+    return compare_clips(dir_a, dir_b, unseen_clips(*load_manifest(dir_a).input_size, seeds=seeds),
+                         threads=threads, progress=progress, backends=backends)

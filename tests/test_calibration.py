@@ -715,6 +715,31 @@ def test_compare_clips_reports_the_worst(tiny_export, tmp_path):
     assert same["worst_clip_agreement"] == 1.0 and same["passed"] is None
 
 
+def test_cli_compare_on_unseen_clips(tiny_export, tmp_path, capsys):
+    """tmanet compare --clips N: the calibrate gate's clips for any two exports (or backends), worst clip judged."""
+    from tmanet.calibration.compare import compare_clips
+    from tmanet.calibration.gate_clips import unseen_clips
+    from tmanet.cli import main
+    cpu = tmp_path / "cpu"
+    calibrate(tiny_export, cpu, make_noise_clip(6, H, W, seed=1), precision="int8", target="cpu", sweep=False,
+              gate=False, progress=False)
+    report = tmp_path / "clips.json"
+    code = main(["compare", str(tiny_export), str(cpu), "--clips", "2", "--json", str(report), "--no-progress"])
+    result = json.loads(report.read_text())
+    assert [c["clip"] for c in result["clips"]] == ["synthetic seed 9101", "synthetic seed 9102"]
+    direct = compare_clips(tiny_export, cpu, unseen_clips(H, W, seeds=(9101, 9102)), progress=False)
+    assert result["worst_clip_agreement"] == direct["worst_clip_agreement"] < 1
+    assert code == (0 if result["passed"] else 1) and "worst clip" in capsys.readouterr().out
+    assert main(["compare", str(tiny_export), str(tiny_export), "--clips", "1", "--no-progress"]) == 0
+    assert "100.000 % (synthetic seed 9101)" in capsys.readouterr().out  # fp32 against itself: no target
+    for bad in (["--clips", "0"], ["--clips", "1", "--num", "3"], ["--clips", "99"]):
+        assert main(["compare", str(tiny_export), str(cpu), *bad, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--clips must be >= 1" in err and "--labels and --num go with --frames" in err and "0..32" in err
+    with pytest.raises(SystemExit):  # --frames and --clips are one or the other
+        main(["compare", str(tiny_export), str(cpu), "--clips", "1", "--frames", "x.npy"])
+
+
 def test_cpu_bench_times_every_variant_in_one_run(tiny_export, tmp_path, monkeypatch, capsys):
     """The benchmark script: ORT for each export, OpenVINO f32 and its default beside it when installed, and
     a clear line (no crash) when OpenVINO is not."""
