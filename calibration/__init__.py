@@ -9,7 +9,7 @@ runtime backend reads it as is) and checks it against the float32 export on ONNX
 Two INT8 targets: ``trt`` (ModelOpt's Q/DQ placement, what TensorRT fuses) and ``cpu`` (ONNX Runtime's own
 static quantization, what its CPU integer kernels fuse, with a per-layer sensitivity sweep: :mod:`.cpu_quantize`,
 :mod:`.cpu_sweep`). The gate never runs on calibration frames: it takes ``gate_frames`` or holds back the last
-quarter of the frames given.
+quarter of the frames given, then judges the worst of several unseen synthetic clips (:mod:`.gate_clips`).
 
 The ``trt`` target and FP16 need the ``quant`` extra (nvidia-modelopt, onnx-graphsurgeon, onnxconverter-common,
 ml_dtypes, lief, onnxslim); imports stay lazy so the rest of the toolkit works without it.
@@ -124,8 +124,8 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
     """
     from tmanet.export.manifest import write_manifest
 
-    from .precision import require_modelopt
     from .gate_clips import GATE_CLIPS, gate_seeds
+    from .precision import require_modelopt
     from .quantize import engine_batch, frame_streams
     precisions = resolve_precisions(precision, frame_precision, head_precision)
     try:
