@@ -295,7 +295,7 @@ def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, s
     then on the unseen clips of ``seeds`` at the export ``size``: ``passed`` when both reach the target
     (``frames_passed``: the gate frames alone; ``clips``: each clip and the worst)."""
     from .compare import compare_clips, compare_exports
-    from .gate_clips import unseen_clips
+    from .gate_clips import iter_unseen_clips
     clip = gate_frames if gate_frames is not None else held_back["clip"]
     result = compare_exports(src, stage, clip, num=gate_num, threads=threads, progress=progress)
     result["b"]["directory"] = str(out)
@@ -309,7 +309,10 @@ def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, s
     result["frames_passed"] = result["passed"]
     result["clips"] = None
     if seeds:
-        clips = compare_clips(src, stage, unseen_clips(*size, seeds=seeds), threads=threads, progress=progress)
+        log.info("gate: %d unseen synthetic clips at %dx%d (seeds %d..%d), each rendered, then streamed through "
+                 "both exports", len(seeds), *size, seeds[0], seeds[-1])
+        clips = compare_clips(src, stage, iter_unseen_clips(*size, seeds=seeds), threads=threads,
+                              progress=progress)
         clips["b"]["directory"] = str(out)
         result["clips"] = clips
         if result["passed"] is not None:

@@ -214,7 +214,7 @@ def _compare_unseen_clips(dir_a, dir_b, count: int, threads, progress: bool, bac
     from tmanet.manifest import load_manifest
 
     from .compare import compare_clips
-    from .gate_clips import gate_seeds, unseen_clips
+    from .gate_clips import gate_seeds, iter_unseen_clips
     seeds = gate_seeds(count)  # ValueError beyond MAX_GATE_CLIPS
-    return compare_clips(dir_a, dir_b, unseen_clips(*load_manifest(dir_a).input_size, seeds=seeds),
+    return compare_clips(dir_a, dir_b, iter_unseen_clips(*load_manifest(dir_a).input_size, seeds=seeds),
                          threads=threads, progress=progress, backends=backends)

@@ -268,16 +268,16 @@ def format_table(result: dict, verdict: str = "gate") -> str:
 
 def compare_clips(dir_a, dir_b, clips, threads: int | None = None, progress: bool = True,
                   backends: tuple = (("ort", {}), ("ort", {}))) -> dict:
-    """The gate over several clips (``[(name, frames)]``, e.g. :func:`~.gate_clips.unseen_clips`): each
-    clip streamed on its own (fresh memory), judged by the **worst** clip's pixel agreement. ``backends``: as
-    for :func:`compare_exports`."""
-    if not clips:
-        raise CompareError("no clips to compare")
+    """The gate over several clips (an iterable of ``(name, frames)``, e.g. :func:`~.gate_clips.unseen_clips`):
+    each clip streamed on its own (fresh memory), judged by the **worst** clip's pixel agreement. ``backends``:
+    as for :func:`compare_exports`."""
     per_clip = []
     for name, frames in clips:
         r = compare_exports(dir_a, dir_b, frames, threads=threads, progress=progress, backends=backends)
         per_clip.append({"clip": name, "frames": r["frames"], "pixel_agreement": r["pixel_agreement"],
                          "worst_frame_agreement": r["worst_frame_agreement"]})
+    if not per_clip:
+        raise CompareError("no clips to compare")
     worst = min(per_clip, key=lambda c: c["pixel_agreement"])
     target = r["target"]
     return {"a": r["a"], "b": r["b"], "clips": per_clip, "worst_clip": worst["clip"],

@@ -25,14 +25,21 @@ def gate_seeds(count: int = GATE_CLIPS) -> tuple:
 GATE_SEEDS = gate_seeds()
 
 
+def iter_unseen_clips(height: int, width: int, seeds=GATE_SEEDS, frames: int = GATE_FRAMES,
+                      degradation: float = GATE_DEGRADATION):
+    """``(name, clip)`` pairs, one degraded synthetic driving clip ``(frames, height, width, 3)`` uint8 per seed,
+    each rendered when asked for: at 1024x2048 a clip is 100 MB and ~20 s of rendering, so a gate holds one."""
+    from tmanet.training.synthetic import ClipSpec, make_street_clip
+    for s in seeds:
+        yield f"synthetic seed {s}", make_street_clip(ClipSpec(frames=frames, height=height, width=width,
+                                                               degradation=degradation, seed=s))[0]
+
+
 def unseen_clips(height: int, width: int, seeds=GATE_SEEDS, frames: int = GATE_FRAMES,
                  degradation: float = GATE_DEGRADATION) -> list[tuple[str, object]]:
-    """``[(name, clip)]``: one degraded synthetic driving clip ``(frames, height, width, 3)`` uint8 per seed."""
-    from tmanet.training.synthetic import ClipSpec, make_street_clip
-    return [(f"synthetic seed {s}", make_street_clip(ClipSpec(frames=frames, height=height, width=width,
-                                                              degradation=degradation, seed=s))[0])
-            for s in seeds]
+    """:func:`iter_unseen_clips` as a list (to stream the same clips more than once)."""
+    return list(iter_unseen_clips(height, width, seeds, frames, degradation))
 
 
-__all__ = ["unseen_clips", "gate_seeds", "GATE_CLIPS", "GATE_SEEDS", "MAX_GATE_CLIPS", "GATE_FRAMES",
+__all__ = ["unseen_clips", "iter_unseen_clips", "gate_seeds", "GATE_CLIPS", "GATE_SEEDS", "MAX_GATE_CLIPS", "GATE_FRAMES",
            "GATE_DEGRADATION"]

@@ -699,7 +699,7 @@ def test_cli_calibrate_cpu_target_prints_gate_frames(tiny_export, clip_file, tmp
 
 def test_compare_clips_reports_the_worst(tiny_export, tmp_path):
     from tmanet.calibration.compare import compare_clips, format_clips
-    from tmanet.calibration.gate_clips import GATE_SEEDS, unseen_clips
+    from tmanet.calibration.gate_clips import GATE_SEEDS, iter_unseen_clips, unseen_clips
     assert len(GATE_SEEDS) >= 4
     clips = unseen_clips(H, W, frames=3)
     assert [n for n, _ in clips] == [f"synthetic seed {s}" for s in GATE_SEEDS] and clips[0][1].shape == (3, H, W, 3)
@@ -713,6 +713,10 @@ def test_compare_clips_reports_the_worst(tiny_export, tmp_path):
     assert result["passed"] == (min(per) >= 0.99) and "worst clip" in format_clips(result)
     same = compare_clips(tiny_export, tiny_export, clips[:1], progress=False)
     assert same["worst_clip_agreement"] == 1.0 and same["passed"] is None
+    lazy = compare_clips(tiny_export, out, iter_unseen_clips(H, W, frames=3), progress=False)  # one clip at a time
+    assert lazy["clips"] == result["clips"]
+    with pytest.raises(CompareError, match="no clips to compare"):
+        compare_clips(tiny_export, out, iter([]), progress=False)
 
 
 def test_cli_compare_on_unseen_clips(tiny_export, tmp_path, capsys):
