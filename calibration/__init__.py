@@ -153,7 +153,7 @@ def calibrate(src_dir, out_dir, frames, num: int | None = None, precision: str |
         write_manifest(stage, new)
         if gate:
             new["calibration"]["gate"] = _gate(src, stage, out, held_back, gate_frames, gate_num, seeds,
-                                               spec.input_size, threads, progress)
+                                               threads, progress)
             write_manifest(stage, new)
     new["directory"] = str(out)
     return new
@@ -289,13 +289,11 @@ def _calibrated_manifest(spec, src: Path, stage: Path, precisions: dict, streams
     return new
 
 
-def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, seeds, size, threads,
-          progress) -> dict:
+def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, seeds, threads, progress) -> dict:
     """The staged export against the source on ``gate_frames`` (or the frames held back from calibration),
-    then on the unseen clips of ``seeds`` at the export ``size``: ``passed`` when both reach the target
+    then on the unseen clips of ``seeds`` at the export size: ``passed`` when both reach the target
     (``frames_passed``: the gate frames alone; ``clips``: each clip and the worst)."""
-    from .compare import compare_clips, compare_exports
-    from .gate_clips import iter_unseen_clips
+    from .compare import compare_exports, compare_unseen_clips
     clip = gate_frames if gate_frames is not None else held_back["clip"]
     result = compare_exports(src, stage, clip, num=gate_num, threads=threads, progress=progress)
     result["b"]["directory"] = str(out)
@@ -309,10 +307,7 @@ def _gate(src: Path, stage: Path, out: Path, held_back, gate_frames, gate_num, s
     result["frames_passed"] = result["passed"]
     result["clips"] = None
     if seeds:
-        log.info("gate: %d unseen synthetic clips at %dx%d (seeds %d..%d), each rendered, then streamed through "
-                 "both exports", len(seeds), *size, seeds[0], seeds[-1])
-        clips = compare_clips(src, stage, iter_unseen_clips(*size, seeds=seeds), threads=threads,
-                              progress=progress)
+        clips = compare_unseen_clips(src, stage, seeds, threads=threads, progress=progress)
         clips["b"]["directory"] = str(out)
         result["clips"] = clips
         if result["passed"] is not None:

@@ -181,7 +181,8 @@ def run_compare(args) -> int:
     from tmanet.errors import UserError
     from tmanet.safe_files import check_output, refuse_overwriting_inputs, write_json
 
-    from .compare import CompareError, compare_exports, format_clips, format_table
+    from .compare import CompareError, compare_exports, compare_unseen_clips, format_clips, format_table
+    from .gate_clips import gate_seeds
     _positive(args.num, "--num")
     _positive(args.clips, "--clips")
     _positive(args.threads, "--threads")
@@ -196,8 +197,8 @@ def run_compare(args) -> int:
         refuse_overwriting_inputs([args.json], [args.dir_a, dir_b, args.frames, args.labels])
     try:
         if args.clips is not None:
-            result = _compare_unseen_clips(args.dir_a, dir_b, args.clips, args.threads, not args.no_progress,
-                                           backends)
+            result = compare_unseen_clips(args.dir_a, dir_b, gate_seeds(args.clips), threads=args.threads,
+                                          progress=not args.no_progress, backends=backends)
         else:
             result = compare_exports(args.dir_a, dir_b, args.frames, labels=args.labels, num=args.num,
                                      threads=args.threads, progress=not args.no_progress, backends=backends)
@@ -208,13 +209,3 @@ def run_compare(args) -> int:
         write_json(args.json, result)
     return 0 if result["passed"] in (True, None) else 1
 
-
-def _compare_unseen_clips(dir_a, dir_b, count: int, threads, progress: bool, backends) -> dict:
-    """``compare_clips`` on ``count`` unseen synthetic clips at the exports' size (the calibrate gate's clips)."""
-    from tmanet.manifest import load_manifest
-
-    from .compare import compare_clips
-    from .gate_clips import gate_seeds, iter_unseen_clips
-    seeds = gate_seeds(count)  # ValueError beyond MAX_GATE_CLIPS
-    return compare_clips(dir_a, dir_b, iter_unseen_clips(*load_manifest(dir_a).input_size, seeds=seeds),
-                         threads=threads, progress=progress, backends=backends)

@@ -285,6 +285,18 @@ def compare_clips(dir_a, dir_b, clips, threads: int | None = None, progress: boo
             "passed": None if target is None else worst["pixel_agreement"] >= target}
 
 
+def compare_unseen_clips(dir_a, dir_b, seeds, threads: int | None = None, progress: bool = True,
+                         backends: tuple = (("ort", {}), ("ort", {}))) -> dict:
+    """:func:`compare_clips` on the unseen synthetic clips of ``seeds`` (:mod:`.gate_clips`), rendered one at a
+    time at ``dir_a``'s export size: the calibrate gate's clips, for any two exports or backends."""
+    from .gate_clips import iter_unseen_clips
+    size = load_manifest(dir_a).input_size
+    log.info("%d unseen synthetic clips at %dx%d (seeds %d..%d), each rendered, then streamed through both sides",
+             len(seeds), *size, seeds[0], seeds[-1])
+    return compare_clips(dir_a, dir_b, iter_unseen_clips(*size, seeds=seeds), threads=threads, progress=progress,
+                         backends=backends)
+
+
 def format_clips(result: dict) -> str:
     lines = [f"{c['clip']:<24} {100 * c['pixel_agreement']:.3f} %  (worst frame {100 * c['worst_frame_agreement']:.3f} %)"
              for c in result["clips"]]
