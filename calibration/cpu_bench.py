@@ -6,7 +6,8 @@ For every export given (the fp32 export, ``tmanet calibrate --target cpu`` and `
 exports of it): each engine's milliseconds on ONNX Runtime, and the whole frame's frames/s (a bare loop of the
 two graphs through the memory ring, one frame at a time); with OpenVINO installed (``pip install openvino``,
 imported lazily; the table says when it is not), the fp32 and cpu-int8 graphs on OpenVINO too, at f32 and at
-its default precision on this CPU (bf16 where the CPU has AVX-512 BF16 / AMX). Every number comes from one
+its default precision on this CPU (bf16 where the CPU has AVX-512 BF16 / AMX; an engine whose calibration kept
+float32 layers stays f32, as in the openvino backend). Every number comes from one
 process run, the variants interleaved round by round (this machine's timings swing): compare the ratios. With
 ``--clips N`` each INT8 export is also checked on N unseen synthetic clips (worst clip reported).
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, load_manifest
 from tmanet.memory import MemoryStepper
+from tmanet.runtime.backends.openvino import kept_float
 
 ENGINES = (("frame_encoder", FRAME_ENCODER), ("memory_head", MEMORY_HEAD))
 
@@ -145,10 +147,12 @@ def _variants(exports: dict, threads, with_openvino: bool):
     default = ov_default_precision(core)
     note = f"OpenVINO {__import__('openvino').__version__}: default CPU inference precision {default}"
     for kind in [k for k in ("fp32", "cpu-int8") if k in exports]:
-        # its default is a second variant only where it is not f32 (bf16 on CPUs with AVX-512 BF16 / AMX)
+        # its default is a second variant only where it is not f32 (bf16 on CPUs with AVX-512 BF16 / AMX); as
+        # in the openvino backend, an engine whose calibration kept float32 layers stays f32 there
         for precision, label in (("f32", "f32"), *(((None, default),) if default != "f32" else ())):
+            hint = {e: "f32" if precision or kept_float(specs[kind], e) else None for e, _ in ENGINES}
             variants.append(Variant(f"openvino {kind} {label}",
-                                    {e: ov_runner(core, Path(exports[kind]) / f, precision, threads)
+                                    {e: ov_runner(core, Path(exports[kind]) / f, hint[e], threads)
                                      for e, f in ENGINES}, specs[kind].memory_frames))
     return variants, note
 
