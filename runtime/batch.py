@@ -246,6 +246,23 @@ def _chunk_frames(chunk: Chunk):
     return iter(source) if chunk.kind == "frames" else source.range(chunk.warm, chunk.stop)
 
 
+# Fault injection for the tests (a real worker death at a known point, instead of a killer thread that polls for
+# a worker inside a chunk): while this names a file that does not exist yet, the first worker to write a mask of
+# a chunk creates the file and SIGKILLs itself. Embedded Ray's workers inherit the driver's environment.
+KILL_ONCE_ENV = "TMANET_BATCH_KILL_ONCE"
+
+
+def _maybe_die_once():
+    marker = os.environ.get(KILL_ONCE_ENV)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _segment_frames(seg, chunk: Chunk) -> int:
     """Mask PNGs of frames ``start..stop-1`` named by their index in the input, as ``tmanet run --save-masks``."""
     from tmanet.io.threads import Prefetch
@@ -264,6 +281,8 @@ def _segment_frames(seg, chunk: Chunk) -> int:
             if index >= chunk.start:
                 save_mask_png(result.mask, masks / f"{index:06d}.png", seg.palette)
                 written += 1
+                if written == 1:
+                    _maybe_die_once()
     if chunk.frames is not None and written != chunk.frames:
         raise UserError(f"{chunk.item}: {written} frames read from frame {chunk.start}, {chunk.frames} expected")
     if written == 0:

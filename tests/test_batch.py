@@ -137,46 +137,18 @@ def test_chunked_batch_equals_run_then_skips_and_a_bad_input_fails_alone(export_
     assert sorted(p.name for p in out.iterdir()) == sorted(c.name for c in clips)  # nothing for the bad one
 
 
-def worker_pids() -> list[int]:
-    """The Ray worker processes of this test process's embedded Ray that are running a chunk right now."""
-    import psutil
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            command = child.cmdline()  # once: a worker between tasks renames itself (the old test read it twice)
-        except psutil.Error:
-            continue
-        if command and command[0].startswith("ray::SegmentWorker.run"):
-            found.append(child.pid)
-    return found
-
-
-def test_a_worker_killed_mid_chunk_is_retried_and_the_result_is_identical(export_b1, tmp_path):
+def test_a_worker_killed_mid_chunk_is_retried_and_the_result_is_identical(export_b1, tmp_path, monkeypatch):
+    """A worker SIGKILLs itself right after writing the first mask of a chunk (runtime.batch's fault hook, once
+    per marker file): the chunk is retried on a new worker and the output equals `tmanet run`'s."""
+    from tmanet.runtime.batch import KILL_ONCE_ENV
     clip = tmp_path / "long.npy"
-    np.save(clip, make_noise_clip(96, H, W, seed=41))  # 16 chunks of 6 frames: many chances to be seen in one
+    np.save(clip, make_noise_clip(24, H, W, seed=41))
     want = run_masks(export_b1, clip, tmp_path / "want")
-    killed, finished = [], threading.Event()
-
-    def killer():  # SIGKILL the first worker seen inside a chunk
-        while not finished.is_set() and not killed:
-            for pid in worker_pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:  # it ended between the look and the kill: wait for the next one
-                    continue
-                killed.append(pid)
-                break
-            finished.wait(0.002)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
-        code, summary = batch(export_b1, [clip], tmp_path / "out", "--chunk-frames", "6", "--workers", "2")
-    finally:
-        finished.set()
-        thread.join()
-    assert killed, "no worker was seen running a chunk"
-    assert code == 0 and summary["retries"] >= 1 and summary["done"] == 1 and summary["frames"] == 96
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
+    code, summary = batch(export_b1, [clip], tmp_path / "out", "--chunk-frames", "6", "--workers", "2")
+    assert marker.exists(), "no worker reached the fault hook"
+    assert code == 0 and summary["retries"] >= 1 and summary["done"] == 1 and summary["frames"] == 24
     same_files(tmp_path / "out" / "long.npy" / "masks", want)
     assert not any(p.name.startswith(".") for p in (tmp_path / "out" / "long.npy" / "masks").iterdir())
 
