@@ -25,11 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, load_manifest
+from tmanet.manifest import ENGINE_FILES, load_manifest
 from tmanet.memory import MemoryStepper
 from tmanet.runtime.backends.openvino import kept_float
-
-ENGINES = (("frame_encoder", FRAME_ENCODER), ("memory_head", MEMORY_HEAD))
 
 
 def ort_runner(path: Path, threads: int | None):
@@ -137,7 +135,7 @@ def _variants(exports: dict, threads, with_openvino: bool):
     variants, note = [], None
     specs = {k: load_manifest(d) for k, d in exports.items()}
     for kind, d in exports.items():
-        variants.append(Variant(f"ort {kind}", {e: ort_runner(Path(d) / f, threads) for e, f in ENGINES},
+        variants.append(Variant(f"ort {kind}", {e: ort_runner(Path(d) / f, threads) for e, f in ENGINE_FILES},
                                 specs[kind].memory_frames))
     if not with_openvino:
         return variants, "OpenVINO: skipped (--no-openvino)"
@@ -150,10 +148,10 @@ def _variants(exports: dict, threads, with_openvino: bool):
         # its default is a second variant only where it is not f32 (bf16 on CPUs with AVX-512 BF16 / AMX); as
         # in the openvino backend, an engine whose calibration kept float32 layers stays f32 there
         for precision, label in (("f32", "f32"), *(((None, default),) if default != "f32" else ())):
-            hint = {e: "f32" if precision or kept_float(specs[kind], e) else None for e, _ in ENGINES}
+            hint = {e: "f32" if precision or kept_float(specs[kind], e) else None for e, _ in ENGINE_FILES}
             variants.append(Variant(f"openvino {kind} {label}",
                                     {e: ov_runner(core, Path(exports[kind]) / f, hint[e], threads)
-                                     for e, f in ENGINES}, specs[kind].memory_frames))
+                                     for e, f in ENGINE_FILES}, specs[kind].memory_frames))
     return variants, note
 
 

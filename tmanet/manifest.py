@@ -17,6 +17,7 @@ MANIFEST = "manifest.json"
 FORMAT = "tmanet-trt-onnx/1"
 FRAME_ENCODER = "frame_encoder.onnx"
 MEMORY_HEAD = "memory_head.onnx"
+ENGINE_FILES = (("frame_encoder", FRAME_ENCODER), ("memory_head", MEMORY_HEAD))  # engine name, its ONNX file
 # The graphs' I/O names: the contract between export, the runtime backends, calibration and TensorRT.
 ENCODER_OUTPUTS = ["query_key", "query_value", "memory_key", "memory_value"]
 HEAD_OUTPUTS = ["mask", "logits"]

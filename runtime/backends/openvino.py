@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from tmanet.manifest import FRAME_ENCODER, MEMORY_HEAD, head_input_names
+from tmanet.manifest import ENGINE_FILES, MEMORY_HEAD, head_input_names
 
 from .base import THREADS, Backend, BackendUnavailable, GemmKernel, Option
 
 PRECISIONS = ("fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
-ENGINES = (("frame_encoder", FRAME_ENCODER), ("memory_head", MEMORY_HEAD))
 
 
 def kept_float(spec, engine: str) -> bool:
@@ -32,7 +31,7 @@ def engine_hints(spec, precision: str) -> dict:
     98.77 % on the worst of 4 unseen clips; its frame engine f32, 99.15 %, as fast as OpenVINO bf16 on the fp32
     graphs (docs/CPU_INT8.md)."""
     return {engine: "f32" if precision == "fp32" or kept_float(spec, engine) else _HINT[precision]
-            for engine, _ in ENGINES}
+            for engine, _ in ENGINE_FILES}
 
 
 def _openvino():
@@ -74,7 +73,7 @@ class OpenVinoBackend(Backend):
         self.encoder, self.memory_head = (
             self.core.compile_model(str(self.export_dir / file), "CPU",
                                     {**self.config, "INFERENCE_PRECISION_HINT": self.hints[engine]})
-            for engine, file in ENGINES)
+            for engine, file in ENGINE_FILES)
         self.head_inputs = head_input_names(self.memory_frames)
         got = [i.get_any_name() for i in self.memory_head.inputs]
         if got != self.head_inputs:
